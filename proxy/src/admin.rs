@@ -1,0 +1,121 @@
+//! The admin server: liveness and readiness for the kubelet, metrics for Prometheus,
+//! the effective configuration, and `/shutdown` so that a Job's last container can end
+//! the proxy.
+
+use crate::State;
+use bytes::Bytes;
+use gofe_telemetry::prom::Exposition;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(error) => {
+                warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, peer, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(error) = conn.await {
+                debug!(%peer, %error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match (req.uri().path(), get) {
+        ("/live", true) => text(StatusCode::OK, "live\n"),
+        ("/ready", true) => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else if state.shutdown.is_triggered() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
+            }
+        }
+        ("/metrics", true) => {
+            let mut e = Exposition::new();
+            state.metrics.render(&mut e);
+            gofe_telemetry::process::render(&mut e);
+            let mut rsp = Response::new(Full::new(Bytes::from(e.finish())));
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            rsp
+        }
+        ("/config", true) => {
+            let map: serde_json::Map<String, serde_json::Value> = state
+                .config
+                .effective()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                .collect();
+            let mut body = serde_json::to_vec_pretty(&map).unwrap_or_default();
+            body.push(b'\n');
+            let mut rsp = Response::new(Full::new(Bytes::from(body)));
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        ("/shutdown", _) if req.method() == Method::POST => {
+            if !is_loopback(peer) {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "shutdown is only accepted from loopback\n",
+                );
+            }
+            info!(%peer, "shutdown requested through the admin server");
+            state.shutdown.trigger();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        ("/live" | "/ready" | "/metrics" | "/config", false) | ("/shutdown", _) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer {
+        SocketAddr::V4(a) => a.ip().is_loopback(),
+        SocketAddr::V6(a) => {
+            a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}

@@ -1,0 +1,509 @@
+//! The proxy's settings: every `GOFE_*` variable is declared once here (name, default,
+//! why), read in one pass into typed values, and every bad value is reported together
+//! before start-up. `gofe init`, the injector and the docs read the same declarations.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use gofe_telemetry::logs::LogFormat;
+
+/// One environment variable: its name, its default (as a user would type it) and what
+/// it does.
+#[derive(Debug)]
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! vars {
+    ($($id:ident = $name:literal, $default:literal, $help:literal;)*) => {
+        $(pub const $id: Var = Var { name: $name, default: $default, help: $help };)*
+    };
+}
+
+vars! {
+    OUTBOUND_LISTEN = "GOFE_OUTBOUND_LISTEN", "127.0.0.1:4140",
+        "Outbound listener; iptables' OUTPUT chain redirects the application's connections here. Loopback only: nothing outside the pod should reach it.";
+    INBOUND_LISTEN = "GOFE_INBOUND_LISTEN", "0.0.0.0:4143",
+        "Inbound listener; iptables' PREROUTING chain redirects connections to the pod here.";
+    ADMIN_LISTEN = "GOFE_ADMIN_LISTEN", "0.0.0.0:4191",
+        "Admin server (probes, metrics); never intercepted, so the kubelet and Prometheus reach it.";
+    INBOUND_DIRECT_TARGET = "GOFE_INBOUND_DIRECT_TARGET", "",
+        "Where the inbound listener forwards connections that reached it without an iptables redirect (running without iptables, as the demo does). Empty: such connections are refused.";
+    DETECT_TIMEOUT = "GOFE_DETECT_TIMEOUT", "10s",
+        "How long to wait for a client's first bytes before treating the connection as opaque TCP. Long enough for slow clients, short enough that a server-speaks-first protocol on a port not listed as opaque still works.";
+    OPAQUE_PORTS = "GOFE_OPAQUE_PORTS", "25,587,3306,4444,5432,6379,9300,11211",
+        "Ports whose connections skip protocol detection: server-speaks-first protocols (SMTP, MySQL, PostgreSQL, Redis, memcached...) would otherwise wait for the detection timeout.";
+    CONNECT_TIMEOUT = "GOFE_CONNECT_TIMEOUT", "1s",
+        "TCP connect to an endpoint. Inside a cluster a healthy connect takes well under a millisecond; a second means the endpoint is gone.";
+    IDLE_TIMEOUT = "GOFE_IDLE_TIMEOUT", "60s",
+        "How long an unused pooled upstream connection is kept. Below the usual 75-120s server keep-alive so that the proxy closes first and never reuses a connection the server is closing.";
+    SHUTDOWN_GRACE_PERIOD = "GOFE_SHUTDOWN_GRACE_PERIOD", "30s",
+        "After SIGTERM, how long in-flight requests and connections may run before the proxy exits. Matches Kubernetes' default terminationGracePeriodSeconds.";
+    WORKER_THREADS = "GOFE_WORKER_THREADS", "0",
+        "Runtime worker threads; 0 uses the CPUs this process may run on. One thread runs a single-threaded runtime, which is the cheapest per request.";
+    LOG = "GOFE_LOG", "info",
+        "Log filter (tracing-subscriber EnvFilter syntax, e.g. info,gofe_proxy=debug).";
+    LOG_FORMAT = "GOFE_LOG_FORMAT", "plain",
+        "Log line format: plain or json.";
+    PROXY_UID = "GOFE_PROXY_UID", "2102",
+        "User id the proxy runs as; `gofe init` exempts its traffic from redirection so it cannot loop.";
+    SKIP_INBOUND_PORTS = "GOFE_SKIP_INBOUND_PORTS", "",
+        "Inbound ports not redirected to the proxy (list and ranges: 25,8000-8100).";
+    SKIP_OUTBOUND_PORTS = "GOFE_SKIP_OUTBOUND_PORTS", "",
+        "Outbound destination ports not redirected to the proxy (list and ranges).";
+    SKIP_OUTBOUND_CIDRS = "GOFE_SKIP_OUTBOUND_CIDRS", "",
+        "Outbound destination networks not redirected to the proxy (10.0.0.0/8,fd00::/8).";
+    IPV6 = "GOFE_IPV6", "auto",
+        "Install ip6tables rules too: auto (when the namespace has IPv6), true or false.";
+    IPTABLES_MODE = "GOFE_IPTABLES_MODE", "auto",
+        "iptables backend for `gofe init`: auto (the one already holding rules, else nft), nft or legacy.";
+}
+
+/// The variables `gofe proxy` reads.
+pub const PROXY_VARS: &[&Var] = &[
+    &OUTBOUND_LISTEN,
+    &INBOUND_LISTEN,
+    &ADMIN_LISTEN,
+    &INBOUND_DIRECT_TARGET,
+    &DETECT_TIMEOUT,
+    &OPAQUE_PORTS,
+    &CONNECT_TIMEOUT,
+    &IDLE_TIMEOUT,
+    &SHUTDOWN_GRACE_PERIOD,
+    &WORKER_THREADS,
+    &LOG,
+    &LOG_FORMAT,
+];
+
+/// The variables `gofe init` reads besides the listener ports.
+pub const INIT_VARS: &[&Var] = &[
+    &PROXY_UID,
+    &SKIP_INBOUND_PORTS,
+    &SKIP_OUTBOUND_PORTS,
+    &SKIP_OUTBOUND_CIDRS,
+    &IPV6,
+    &IPTABLES_MODE,
+];
+
+/// One variable whose value could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadVar {
+    pub name: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for BadVar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={:?}: {}", self.name, self.value, self.expected)
+    }
+}
+
+/// Every bad variable found in one read of the environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<BadVar>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, bad) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "invalid configuration: {bad}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads variables from a source (the process environment, or a map the injector built
+/// from annotations), collecting errors instead of stopping at the first.
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
+pub struct Env<'a> {
+    lookup: Lookup<'a>,
+    errors: Vec<BadVar>,
+}
+
+impl<'a> Env<'a> {
+    pub fn from_process() -> Env<'static> {
+        Env {
+            lookup: Box::new(|name| std::env::var(name).ok()),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn from_map(map: &'a HashMap<String, String>) -> Env<'a> {
+        Env {
+            lookup: Box::new(move |name| map.get(name).cloned()),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The value of `var` parsed with `parse`, or its default when unset. A bad value
+    /// is recorded and the default is returned so that reading can go on and report
+    /// every bad variable at once.
+    pub fn get<T>(&mut self, var: &Var, parse: impl Fn(&str) -> Result<T, String>) -> T {
+        if let Some(value) = (self.lookup)(var.name) {
+            match parse(&value) {
+                Ok(v) => return v,
+                Err(expected) => self.errors.push(BadVar {
+                    name: var.name,
+                    value,
+                    expected,
+                }),
+            }
+        }
+        match parse(var.default) {
+            Ok(v) => v,
+            Err(e) => panic!("default of {} does not parse: {e}", var.name),
+        }
+    }
+
+    /// Records a problem found by a check across several variables.
+    pub fn reject(&mut self, var: &Var, value: impl ToString, expected: impl ToString) {
+        self.errors.push(BadVar {
+            name: var.name,
+            value: value.to_string(),
+            expected: expected.to_string(),
+        });
+    }
+
+    pub fn finish(self) -> Result<(), ConfigError> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(self.errors))
+        }
+    }
+}
+
+/// The proxy's typed settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub outbound_listen: SocketAddr,
+    pub inbound_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub inbound_direct_target: Option<SocketAddr>,
+    pub detect_timeout: Duration,
+    pub opaque_ports: PortSet,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace_period: Duration,
+    pub worker_threads: usize,
+    pub log: String,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads the proxy's variables from `env`.
+    pub fn read(env: &mut Env<'_>) -> Config {
+        let cfg = Config {
+            outbound_listen: env.get(&OUTBOUND_LISTEN, parse_socket_addr),
+            inbound_listen: env.get(&INBOUND_LISTEN, parse_socket_addr),
+            admin_listen: env.get(&ADMIN_LISTEN, parse_socket_addr),
+            inbound_direct_target: env.get(&INBOUND_DIRECT_TARGET, |s| {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    parse_socket_addr(s).map(Some)
+                }
+            }),
+            detect_timeout: env.get(&DETECT_TIMEOUT, parse_nonzero_duration),
+            opaque_ports: env.get(&OPAQUE_PORTS, PortSet::parse),
+            connect_timeout: env.get(&CONNECT_TIMEOUT, parse_nonzero_duration),
+            idle_timeout: env.get(&IDLE_TIMEOUT, parse_nonzero_duration),
+            shutdown_grace_period: env.get(&SHUTDOWN_GRACE_PERIOD, parse_duration),
+            worker_threads: env.get(&WORKER_THREADS, |s| {
+                s.parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= 1024)
+                    .ok_or_else(|| "expected a number of threads from 0 (automatic) to 1024".into())
+            }),
+            log: env.get(&LOG, |s| {
+                gofe_telemetry::logs::parse_filter(s)
+                    .map(|_| s.to_string())
+                    .map_err(|e| e.to_string())
+            }),
+            log_format: env.get(&LOG_FORMAT, |s| s.parse::<LogFormat>()),
+        };
+        let ports = [
+            (&OUTBOUND_LISTEN, cfg.outbound_listen),
+            (&INBOUND_LISTEN, cfg.inbound_listen),
+            (&ADMIN_LISTEN, cfg.admin_listen),
+        ];
+        for (i, (var, addr)) in ports.iter().enumerate() {
+            for (other, other_addr) in &ports[..i] {
+                if addr.port() != 0 && addr.port() == other_addr.port() {
+                    env.reject(
+                        var,
+                        addr,
+                        format!("a port other than {}'s ({})", other.name, other_addr),
+                    );
+                }
+            }
+        }
+        cfg
+    }
+
+    /// Reads the process environment.
+    pub fn from_process_env() -> Result<Config, ConfigError> {
+        let mut env = Env::from_process();
+        let cfg = Config::read(&mut env);
+        env.finish().map(|()| cfg)
+    }
+
+    /// Reads a map of variables, as the injector does with annotations.
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut env = Env::from_map(map);
+        let cfg = Config::read(&mut env);
+        env.finish().map(|()| cfg)
+    }
+
+    /// The effective settings under the names users type, for `/config`.
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        fn d(v: Duration) -> String {
+            humantime::format_duration(v).to_string()
+        }
+        vec![
+            (OUTBOUND_LISTEN.name, self.outbound_listen.to_string()),
+            (INBOUND_LISTEN.name, self.inbound_listen.to_string()),
+            (ADMIN_LISTEN.name, self.admin_listen.to_string()),
+            (
+                INBOUND_DIRECT_TARGET.name,
+                self.inbound_direct_target
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            (DETECT_TIMEOUT.name, d(self.detect_timeout)),
+            (OPAQUE_PORTS.name, self.opaque_ports.to_string()),
+            (CONNECT_TIMEOUT.name, d(self.connect_timeout)),
+            (IDLE_TIMEOUT.name, d(self.idle_timeout)),
+            (SHUTDOWN_GRACE_PERIOD.name, d(self.shutdown_grace_period)),
+            (WORKER_THREADS.name, self.worker_threads.to_string()),
+            (LOG.name, self.log.clone()),
+            (LOG_FORMAT.name, self.log_format.to_string()),
+        ]
+    }
+}
+
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| "expected an address and port such as 0.0.0.0:4143 or [::]:4143".into())
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|_| "expected a duration such as 10s, 250ms or 1m (0 for none)".into())
+}
+
+pub fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("expected a duration above zero such as 10s or 250ms".into()),
+        other => other,
+    }
+}
+
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// A set of TCP ports written as a list of ports and ranges: `25,8000-8100`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<RangeInclusive<u16>>);
+
+impl PortSet {
+    pub fn parse(s: &str) -> Result<PortSet, String> {
+        const EXPECTED: &str = "expected ports and ranges such as 25,8000-8100 (1-65535)";
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (lo.trim(), hi.trim()),
+                None => (part, part),
+            };
+            let lo: u16 = lo.parse().map_err(|_| EXPECTED.to_string())?;
+            let hi: u16 = hi.parse().map_err(|_| EXPECTED.to_string())?;
+            if lo == 0 || hi < lo {
+                return Err(EXPECTED.into());
+            }
+            ranges.push(lo..=hi);
+        }
+        Ok(PortSet(ranges))
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|r| r.contains(&port))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn ranges(&self) -> &[RangeInclusive<u16>] {
+        &self.0
+    }
+
+    pub fn with(mut self, port: u16) -> PortSet {
+        if !self.contains(port) {
+            self.0.push(port..=port);
+        }
+        self
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if r.start() == r.end() {
+                write!(f, "{}", r.start())?;
+            } else {
+                write!(f, "{}-{}", r.start(), r.end())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An IP network: `10.0.0.0/8`, `fd00::/8`, or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        const EXPECTED: &str = "expected networks such as 10.0.0.0/8,fd00::/8";
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| EXPECTED.to_string())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| EXPECTED.to_string())?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(Cidr::from_str)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cfg = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(cfg.outbound_listen, "127.0.0.1:4140".parse().unwrap());
+        assert_eq!(cfg.detect_timeout, Duration::from_secs(10));
+        assert!(cfg.opaque_ports.contains(3306));
+        assert!(!cfg.opaque_ports.contains(80));
+        assert_eq!(cfg.inbound_direct_target, None);
+        for var in PROXY_VARS.iter().chain(INIT_VARS) {
+            assert!(var.name.starts_with("GOFE_"), "{}", var.name);
+            assert!(!var.help.is_empty(), "{}", var.name);
+        }
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_with_name_and_value() {
+        let err = Config::from_map(&env(&[
+            ("GOFE_DETECT_TIMEOUT", "ten"),
+            ("GOFE_OPAQUE_PORTS", "25,70000"),
+            ("GOFE_INBOUND_LISTEN", "4143"),
+        ]))
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("GOFE_DETECT_TIMEOUT=\"ten\""), "{text}");
+        assert!(text.contains("GOFE_OPAQUE_PORTS=\"25,70000\""), "{text}");
+        assert!(text.contains("GOFE_INBOUND_LISTEN=\"4143\""), "{text}");
+    }
+
+    #[test]
+    fn listeners_must_not_share_a_port() {
+        let err = Config::from_map(&env(&[("GOFE_ADMIN_LISTEN", "0.0.0.0:4143")])).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_ADMIN_LISTEN");
+        assert!(err.0[0].expected.contains("GOFE_INBOUND_LISTEN"));
+    }
+
+    #[test]
+    fn zero_is_not_a_connect_timeout() {
+        let err = Config::from_map(&env(&[("GOFE_CONNECT_TIMEOUT", "0")])).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_CONNECT_TIMEOUT");
+    }
+
+    #[test]
+    fn port_sets_parse_lists_and_ranges() {
+        let p = PortSet::parse("25, 8000-8100,9090").unwrap();
+        assert!(p.contains(25) && p.contains(8050) && p.contains(9090));
+        assert!(!p.contains(8101));
+        assert_eq!(p.to_string(), "25,8000-8100,9090");
+        assert!(PortSet::parse("").unwrap().is_empty());
+        for bad in ["0", "100-50", "http", "1-", "65536"] {
+            assert!(PortSet::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_both_families() {
+        let c = parse_cidrs("10.0.0.0/8, fd00::/8,192.168.1.1").unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[2].to_string(), "192.168.1.1/32");
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert!(parse_cidrs("ten/8").is_err());
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_the_parser() {
+        let cfg = Config::from_map(&env(&[("GOFE_IDLE_TIMEOUT", "90s")])).unwrap();
+        let map: HashMap<String, String> = cfg
+            .effective()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let again = Config::from_map(&map).unwrap();
+        assert_eq!(again.idle_timeout, Duration::from_secs(90));
+        assert_eq!(again.effective(), cfg.effective());
+    }
+}

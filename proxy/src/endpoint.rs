@@ -1,0 +1,530 @@
+//! Endpoint connections: connecting (with the connect timeout, and refusing to connect
+//! to the proxy's own listeners), and the pools of HTTP connections to each endpoint
+//! that requests reuse: idle HTTP/1 connections, one multiplexed HTTP/2 connection.
+
+use crate::addrs::EndpointAddr;
+use crate::http::body::RequestBody;
+use crate::socket::{SocketFactory, is_local_ip};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// HTTP/2 pings on an idle pooled connection find a dead peer before a request does.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection to {addr} refused")]
+    Refused { addr: EndpointAddr },
+    #[error("connection to {addr} timed out after {timeout:?}")]
+    Timeout {
+        addr: EndpointAddr,
+        timeout: Duration,
+    },
+    #[error("{addr} is one of this proxy's own listeners; refusing to connect to itself")]
+    Loop { addr: EndpointAddr },
+    #[error("connection to {addr} failed: {source}")]
+    Io {
+        addr: EndpointAddr,
+        source: io::Error,
+    },
+}
+
+impl ConnectError {
+    /// The `reason` label of `gofe_tcp_connect_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Refused { .. } => "refused",
+            ConnectError::Timeout { .. } => "timeout",
+            ConnectError::Loop { .. } => "loop",
+            ConnectError::Io { .. } => "error",
+        }
+    }
+}
+
+/// The addresses the proxy's own listeners are bound to.
+#[derive(Clone, Debug, Default)]
+pub struct OwnListeners(Arc<Vec<SocketAddr>>);
+
+impl OwnListeners {
+    pub fn new(addrs: Vec<SocketAddr>) -> Self {
+        Self(Arc::new(addrs))
+    }
+
+    /// Whether a connection to `addr` would reach one of the proxy's own listeners.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.0.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && l.is_ipv4() == addr.is_ipv4()
+                        && is_local_ip(addr.ip())))
+        })
+    }
+}
+
+/// Opens TCP connections to endpoints.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    sockets: SocketFactory,
+    timeout: Duration,
+    own: OwnListeners,
+}
+
+impl Connector {
+    pub fn new(sockets: SocketFactory, timeout: Duration, own: OwnListeners) -> Self {
+        Self {
+            sockets,
+            timeout,
+            own,
+        }
+    }
+
+    pub async fn connect(&self, addr: EndpointAddr) -> Result<TcpStream, ConnectError> {
+        if self.own.contains(addr.0) {
+            return Err(ConnectError::Loop { addr });
+        }
+        match tokio::time::timeout(self.timeout, self.sockets.connect(addr.0)).await {
+            Err(_) => Err(ConnectError::Timeout {
+                addr,
+                timeout: self.timeout,
+            }),
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Err(ConnectError::Refused { addr })
+            }
+            Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
+        }
+    }
+}
+
+/// The HTTP version spoken to an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: EndpointAddr,
+        source: hyper::Error,
+    },
+    #[error("request to {addr} failed: {source}")]
+    Http {
+        addr: EndpointAddr,
+        source: hyper::Error,
+    },
+}
+
+/// An HTTP/1 connection lent to one request; `release` gives it back to its pool once
+/// the response body has been read to the end.
+pub struct Checkin {
+    pool: Arc<Pool>,
+    tx: http1::SendRequest<RequestBody>,
+}
+
+impl Checkin {
+    pub fn release(self) {
+        if !self.tx.is_closed() {
+            self.pool.h1_idle.lock().push(IdleH1 {
+                tx: self.tx,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+struct IdleH1 {
+    tx: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// The connections to one endpoint at one HTTP version.
+struct Pool {
+    addr: EndpointAddr,
+    h1_idle: Mutex<Vec<IdleH1>>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Held while an HTTP/2 connection is being made, so concurrent requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// Milliseconds since `EPOCH` of the last request: an atomic, as every request
+    /// stores it.
+    last_used: AtomicU64,
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+impl Pool {
+    fn new(addr: EndpointAddr) -> Self {
+        Self {
+            addr,
+            h1_idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// The most recently used idle connection that is still open and fresh. LIFO keeps
+    /// a few connections hot and lets the rest age out.
+    fn take_idle(&self, idle_timeout: Duration) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.h1_idle.lock();
+        while let Some(conn) = idle.pop() {
+            if !conn.tx.is_closed() && conn.since.elapsed() < idle_timeout {
+                return Some(conn.tx);
+            }
+        }
+        None
+    }
+
+    fn cached_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let mut h2 = self.h2.lock();
+        match h2.as_ref() {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// Every endpoint's connection pools.
+pub struct HttpEndpoints {
+    connector: Connector,
+    idle_timeout: Duration,
+    pools: RwLock<HashMap<(EndpointAddr, HttpVersion), Arc<Pool>>>,
+}
+
+impl HttpEndpoints {
+    pub fn new(connector: Connector, idle_timeout: Duration) -> Self {
+        Self {
+            connector,
+            idle_timeout,
+            pools: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    fn pool(&self, addr: EndpointAddr, version: HttpVersion) -> Arc<Pool> {
+        if let Some(p) = self.pools.read().get(&(addr, version)) {
+            return p.clone();
+        }
+        self.pools
+            .write()
+            .entry((addr, version))
+            .or_insert_with(|| Arc::new(Pool::new(addr)))
+            .clone()
+    }
+
+    /// Sends `req` to `addr` on a pooled connection. For HTTP/1 the connection comes
+    /// back with the response, to be released when its body is done.
+    pub async fn send(
+        &self,
+        addr: EndpointAddr,
+        version: HttpVersion,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+        let pool = self.pool(addr, version);
+        pool.last_used.store(now_ms(), Ordering::Relaxed);
+        match version {
+            HttpVersion::Http1 => self.send_h1(pool, req).await,
+            HttpVersion::Http2 => self.send_h2(&pool, req).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        pool: Arc<Pool>,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+        loop {
+            let (mut tx, reused) = match pool.take_idle(self.idle_timeout) {
+                Some(tx) => (tx, true),
+                None => (self.connect_h1(pool.addr).await?, false),
+            };
+            if reused && tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(rsp) => return Ok((rsp, Some(Checkin { pool, tx }))),
+                Err(mut e) => match e.take_message() {
+                    // A pooled connection the server closed while it sat idle: the
+                    // request was never written, so it goes out on another.
+                    Some(unsent) if reused => {
+                        debug!(endpoint = %pool.addr, "pooled connection closed; sending on another");
+                        req = unsent;
+                    }
+                    _ => {
+                        return Err(SendError::Http {
+                            addr: pool.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        pool: &Pool,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut fresh = false;
+        loop {
+            let mut tx = match pool.cached_h2() {
+                Some(tx) => tx,
+                None => {
+                    fresh = true;
+                    self.connect_h2(pool).await?
+                }
+            };
+            match tx.try_send_request(req).await {
+                Ok(rsp) => return Ok(rsp),
+                Err(mut e) => match e.take_message() {
+                    // The connection went away (GOAWAY, closed) before the stream
+                    // opened: the request was not sent.
+                    Some(unsent) if !fresh => {
+                        let mut h2 = pool.h2.lock();
+                        if h2.as_ref().is_some_and(|cur| cur.is_closed()) {
+                            *h2 = None;
+                        }
+                        req = unsent;
+                    }
+                    _ => {
+                        return Err(SendError::Http {
+                            addr: pool.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    async fn connect_h2(&self, pool: &Pool) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        let _connecting = pool.h2_connecting.lock().await;
+        if let Some(tx) = pool.cached_h2() {
+            return Ok(tx);
+        }
+        let stream = self.connector.connect(pool.addr).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .adaptive_window(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| SendError::Handshake {
+                addr: pool.addr,
+                source,
+            })?;
+        let addr = pool.addr;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                debug!(endpoint = %addr, %error, "HTTP/2 connection ended");
+            }
+        });
+        *pool.h2.lock() = Some(tx.clone());
+        Ok(tx)
+    }
+
+    async fn connect_h1(
+        &self,
+        addr: EndpointAddr,
+    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
+        let stream = self.connector.connect(addr).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| SendError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                debug!(endpoint = %addr, %error, "HTTP/1 connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// A new HTTP/1 connection of its own, for a request that will take the connection
+    /// over (an upgrade or CONNECT).
+    pub async fn connect_dedicated(
+        &self,
+        addr: EndpointAddr,
+    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
+        self.connect_h1(addr).await
+    }
+
+    /// Closes idle connections past the idle timeout and forgets pools unused for as
+    /// long.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let idle_ms = self.idle_timeout.as_millis() as u64;
+        self.pools.write().retain(|_, pool| {
+            pool.h1_idle
+                .lock()
+                .retain(|c| !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+            let unused = now_ms().saturating_sub(pool.last_used.load(Ordering::Relaxed)) >= idle_ms;
+            if unused {
+                // Requests still streaming keep their connection; no new ones will come.
+                pool.h2.lock().take();
+            }
+            !(unused && pool.h1_idle.lock().is_empty())
+        });
+    }
+
+    /// How often `sweep` should run.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15))
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self, addr: EndpointAddr) -> usize {
+        self.pools
+            .read()
+            .get(&(addr, HttpVersion::Http1))
+            .map(|p| p.h1_idle.lock().len())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::convert::Infallible;
+
+    async fn origin() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(s),
+                    hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }),
+                ));
+            }
+        });
+        (addr, conns)
+    }
+
+    fn endpoints(idle: Duration) -> HttpEndpoints {
+        HttpEndpoints::new(
+            Connector::new(
+                SocketFactory::new(),
+                Duration::from_secs(1),
+                OwnListeners::default(),
+            ),
+            idle,
+        )
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .body(RequestBody::Empty)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_after_release() {
+        let (addr, conns) = origin().await;
+        let eps = endpoints(Duration::from_secs(60));
+        for _ in 0..5 {
+            let (rsp, checkin) = eps
+                .send(EndpointAddr(addr), HttpVersion::Http1, get())
+                .await
+                .unwrap();
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            checkin.unwrap().release();
+        }
+        assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(eps.idle_count(EndpointAddr(addr)), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_connect_is_reported_as_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let eps = endpoints(Duration::from_secs(60));
+        let err = eps
+            .send(EndpointAddr(addr), HttpVersion::Http1, get())
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, SendError::Connect(ConnectError::Refused { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn own_listeners_match_unspecified_binds() {
+        let own = OwnListeners::new(vec![
+            "0.0.0.0:4143".parse().unwrap(),
+            "127.0.0.1:4140".parse().unwrap(),
+        ]);
+        assert!(own.contains("127.0.0.1:4143".parse().unwrap()));
+        assert!(own.contains("127.0.0.1:4140".parse().unwrap()));
+        assert!(!own.contains("127.0.0.1:8080".parse().unwrap()));
+        // Somebody else's inbound port is not ours.
+        assert!(!own.contains("192.0.2.10:4143".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_swept() {
+        let (addr, _) = origin().await;
+        let eps = endpoints(Duration::from_millis(100));
+        let (rsp, checkin) = eps
+            .send(EndpointAddr(addr), HttpVersion::Http1, get())
+            .await
+            .unwrap();
+        rsp.into_body().collect().await.unwrap();
+        checkin.unwrap().release();
+        assert_eq!(eps.idle_count(EndpointAddr(addr)), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            eps.sweep();
+            if eps.idle_count(EndpointAddr(addr)) == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "idle connection was never swept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The bodies the proxy passes on. Requests go upstream as the client's own streaming
+//! body. Responses come back wrapped so that, when the body ends (or is dropped), the
+//! request is counted with its final status, a gRPC status read from the trailers, and
+//! the HTTP/1 connection goes back to its pool if the body was read to the end.
+
+use crate::endpoint::Checkin;
+use crate::metrics::RequestStats;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+/// A request body on its way upstream.
+pub enum RequestBody {
+    Empty,
+    Incoming(Incoming),
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(b: Incoming) -> Self {
+        RequestBody::Incoming(b)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Incoming(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Incoming(b) => b.size_hint(),
+        }
+    }
+}
+
+/// What happens when a response body ends: the request is counted, and the connection
+/// it came on is released.
+pub struct OnEnd {
+    stats: Arc<RequestStats>,
+    status: StatusCode,
+    grpc: bool,
+    grpc_status: Option<u16>,
+    checkin: Option<Checkin>,
+}
+
+impl OnEnd {
+    pub fn new(
+        stats: Arc<RequestStats>,
+        status: StatusCode,
+        grpc: bool,
+        headers: &HeaderMap,
+    ) -> Self {
+        Self {
+            stats,
+            status,
+            grpc,
+            // A trailers-only gRPC response carries its status in the headers.
+            grpc_status: if grpc { grpc_status(headers) } else { None },
+            checkin: None,
+        }
+    }
+
+    pub fn with_checkin(mut self, checkin: Option<Checkin>) -> Self {
+        self.checkin = checkin;
+        self
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if self.grpc
+            && let Some(s) = grpc_status(trailers)
+        {
+            self.grpc_status = Some(s);
+        }
+    }
+
+    fn finish(self, read_to_end: bool) {
+        self.stats.record(self.status, self.grpc_status);
+        if read_to_end && let Some(c) = self.checkin {
+            c.release();
+        }
+    }
+}
+
+pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+enum Inner {
+    Upstream(Incoming),
+    /// A response the proxy wrote itself.
+    Full(Option<Bytes>),
+}
+
+/// A response body on its way to the client.
+pub struct ResponseBody {
+    inner: Inner,
+    on_end: Option<OnEnd>,
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, on_end: OnEnd) -> Self {
+        let mut b = Self {
+            inner: Inner::Upstream(body),
+            on_end: Some(on_end),
+        };
+        // An empty body (204, HEAD, Content-Length: 0) may never be polled.
+        if b.inner_is_end() {
+            b.finish(true);
+        }
+        b
+    }
+
+    pub fn full(bytes: impl Into<Bytes>, on_end: Option<OnEnd>) -> Self {
+        let bytes = bytes.into();
+        Self {
+            inner: Inner::Full((!bytes.is_empty()).then_some(bytes)),
+            on_end,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::full(Bytes::new(), None)
+    }
+
+    fn inner_is_end(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_none(),
+        }
+    }
+
+    fn finish(&mut self, read_to_end: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.finish(read_to_end);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let ended = self.inner_is_end();
+        self.finish(ended);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.inner {
+            Inner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
+            Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)),
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(t), Some(on_end)) = (f.trailers_ref(), this.on_end.as_mut()) {
+                    on_end.trailers(t);
+                }
+                if this.inner_is_end() {
+                    this.finish(true);
+                }
+            }
+            Some(Err(_)) => this.finish(false),
+            None => this.finish(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner_is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn full_body_is_counted_once_at_its_end() {
+        let stats = Arc::new(RequestStats::default());
+        let on_end = OnEnd::new(
+            stats.clone(),
+            StatusCode::BAD_GATEWAY,
+            false,
+            &HeaderMap::new(),
+        );
+        let body = ResponseBody::full("oops", Some(on_end));
+        assert_eq!(stats.total(), 0);
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"oops");
+        assert_eq!(stats.counts(), vec![(502, None, 1)]);
+    }
+
+    #[test]
+    fn trailers_only_grpc_status_comes_from_headers() {
+        let stats = Arc::new(RequestStats::default());
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", "14".parse().unwrap());
+        drop(ResponseBody::full(
+            Bytes::new(),
+            Some(OnEnd::new(stats.clone(), StatusCode::OK, true, &h)),
+        ));
+        assert_eq!(stats.counts(), vec![(200, Some(14), 1)]);
+    }
+}

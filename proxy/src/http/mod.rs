@@ -1,0 +1,134 @@
+//! HTTP: an accepted connection served with hyper (HTTP/1.x with upgrades, or HTTP/2),
+//! each request forwarded by `forward`, and the connection drained gracefully when the
+//! proxy shuts down.
+
+pub mod body;
+mod errors;
+mod forward;
+pub mod headers;
+mod upgrade;
+
+use crate::State;
+use crate::addrs::{ClientAddr, Direction};
+use crate::destination::ConnTarget;
+use crate::endpoint::HttpVersion;
+use crate::io::Io;
+use crate::metrics::{RequestLabels, RequestStats};
+use http::uri::Authority;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// One accepted HTTP connection: where its requests go and the metrics they count in.
+pub(crate) struct HttpConn {
+    pub state: Arc<State>,
+    pub direction: Direction,
+    pub client: ClientAddr,
+    pub target: ConnTarget,
+    /// The stats of the last authority seen: a connection's requests nearly always
+    /// share one, so the metrics family is crossed once per connection.
+    last_stats: Mutex<Option<(Arc<str>, Arc<RequestStats>)>>,
+}
+
+impl HttpConn {
+    pub fn new(
+        state: Arc<State>,
+        direction: Direction,
+        client: ClientAddr,
+        target: ConnTarget,
+    ) -> Self {
+        Self {
+            state,
+            direction,
+            client,
+            target,
+            last_stats: Mutex::new(None),
+        }
+    }
+
+    /// The request counters for a request to `authority` (the original destination
+    /// when the request has none).
+    fn stats(&self, authority: Option<&Authority>) -> Arc<RequestStats> {
+        let fallback;
+        let label = match authority {
+            Some(a) => a.as_str(),
+            None => {
+                fallback = self
+                    .target
+                    .orig_dst()
+                    .map(|o| o.to_string())
+                    .unwrap_or_default();
+                fallback.as_str()
+            }
+        };
+        let mut last = self.last_stats.lock();
+        if let Some((a, s)) = last.as_ref()
+            && a.as_ref() == label
+        {
+            return s.clone();
+        }
+        let label: Arc<str> = label.into();
+        let stats = self.state.metrics.requests.get(&RequestLabels {
+            direction: self.direction,
+            authority: label.clone(),
+            tls: false,
+            peer_identity: Arc::from(""),
+        });
+        *last = Some((label, stats.clone()));
+        stats
+    }
+}
+
+/// Serves HTTP on `io` until the client closes it or the proxy drains.
+pub(crate) async fn serve<I: Io>(io: I, version: HttpVersion, conn: Arc<HttpConn>) {
+    let drain = conn.state.drain.clone();
+    let client = conn.client;
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(forward::forward(conn, req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match version {
+        HttpVersion::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                // A proxy passes the origin's Date on; it does not invent one.
+                .auto_date_header(false)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            drive(pin!(conn), &drain, |c| c.graceful_shutdown()).await
+        }
+        HttpVersion::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .auto_date_header(false)
+                .serve_connection(io, svc);
+            drive(pin!(conn), &drain, |c| c.graceful_shutdown()).await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%client, %error, "HTTP connection ended with an error");
+    }
+}
+
+/// Runs a hyper connection; when the proxy drains, asks it to finish what is in flight
+/// and stop (HTTP/1: close after the current response; HTTP/2: GOAWAY).
+async fn drive<F: Future<Output = hyper::Result<()>>>(
+    mut conn: Pin<&mut F>,
+    drain: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut F>),
+) -> hyper::Result<()> {
+    tokio::select! {
+        res = conn.as_mut() => res,
+        _ = drain.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
+    }
+}

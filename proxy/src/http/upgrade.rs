@@ -1,0 +1,124 @@
+//! Requests that take their connection over: an HTTP/1.1 upgrade (WebSocket) or a
+//! CONNECT. Each gets a connection of its own; once both sides have switched, the two
+//! connections are joined byte for byte, half-closes included.
+
+use super::body::{OnEnd, RequestBody, ResponseBody};
+use super::errors::{ProxyError, error_response};
+use super::{HttpConn, headers};
+use crate::addrs::EndpointAddr;
+use crate::endpoint::SendError;
+use crate::metrics::RequestStats;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+const HTTPS_PORT: u16 = 443;
+
+/// Forwards an upgrade or CONNECT request to `endpoint` (the application, or the
+/// proxy an application was talking to) and, if it agrees to switch, tunnels.
+pub(crate) async fn forward(
+    conn: &HttpConn,
+    mut req: Request<Incoming>,
+    endpoint: EndpointAddr,
+    stats: Arc<RequestStats>,
+    grpc: bool,
+) -> Response<ResponseBody> {
+    let client_side = hyper::upgrade::on(&mut req);
+    let connect = req.method() == Method::CONNECT;
+    headers::strip_hop_by_hop(req.headers_mut(), !connect);
+    *req.uri_mut() = headers::origin_form(req.uri(), req.method());
+
+    let mut tx = match conn.state.http.connect_dedicated(endpoint).await {
+        Ok(tx) => tx,
+        Err(e) => return fail(conn, e, grpc, stats),
+    };
+    let mut rsp = match tx.send_request(req.map(RequestBody::from)).await {
+        Ok(rsp) => rsp,
+        Err(source) => {
+            return fail(
+                conn,
+                SendError::Http {
+                    addr: endpoint,
+                    source,
+                },
+                grpc,
+                stats,
+            );
+        }
+    };
+    let switched = if connect {
+        rsp.status().is_success()
+    } else {
+        rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+    };
+    headers::strip_hop_by_hop(rsp.headers_mut(), switched && !connect);
+    if switched {
+        let server_side = hyper::upgrade::on(&mut rsp);
+        let client = conn.client;
+        conn.state.tasks.spawn(async move {
+            match tokio::try_join!(client_side, server_side) {
+                Ok((c, s)) => join(TokioIo::new(c), TokioIo::new(s)).await,
+                Err(error) => debug!(%client, %error, "upgrade did not complete"),
+            }
+        });
+    }
+    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers());
+    rsp.map(|body| ResponseBody::upstream(body, on_end))
+}
+
+/// An explicit proxy client's CONNECT: the proxy itself opens the tunnel to the
+/// authority and answers 200.
+pub(crate) async fn connect_explicit(
+    conn: &HttpConn,
+    mut req: Request<Incoming>,
+    stats: Arc<RequestStats>,
+    grpc: bool,
+) -> Response<ResponseBody> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return error_response(&ProxyError::NoAuthority, grpc, stats);
+    };
+    let endpoint = match conn.state.resolver.resolve(&authority, HTTPS_PORT).await {
+        Ok(ep) => ep,
+        Err(e) => return error_response(&e.into(), grpc, stats),
+    };
+    let server = match conn.state.http.connector().connect(endpoint).await {
+        Ok(s) => s,
+        Err(e) => return fail(conn, SendError::Connect(e), grpc, stats),
+    };
+    let client_side = hyper::upgrade::on(&mut req);
+    let client = conn.client;
+    conn.state.tasks.spawn(async move {
+        match client_side.await {
+            Ok(c) => join(TokioIo::new(c), server).await,
+            Err(error) => debug!(%client, %error, "CONNECT tunnel did not open"),
+        }
+    });
+    let on_end = OnEnd::new(stats, StatusCode::OK, grpc, &Default::default());
+    Response::new(ResponseBody::full(bytes::Bytes::new(), Some(on_end)))
+}
+
+fn fail(
+    conn: &HttpConn,
+    error: SendError,
+    grpc: bool,
+    stats: Arc<RequestStats>,
+) -> Response<ResponseBody> {
+    if let SendError::Connect(e) = &error {
+        conn.state.metrics.connect_error(conn.direction, e.reason());
+    }
+    debug!(client = %conn.client, %error, "upgrade request failed");
+    error_response(&ProxyError::Send(error), grpc, stats)
+}
+
+async fn join<A, B>(mut a: A, mut b: B)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(error) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        debug!(%error, "tunnel ended with an error");
+    }
+}

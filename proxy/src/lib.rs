@@ -1,0 +1,234 @@
+//! gofe's data path. A connection is followed from top to bottom through one module per
+//! stage: `accept` → `orig_dst` → `detect` → `destination` → `endpoint` → forwarded by
+//! `http` or `tcp`. `Proxy` binds the listeners, runs them, and drains on shutdown.
+#![forbid(unsafe_code)]
+
+mod accept;
+pub mod addrs;
+mod admin;
+pub mod config;
+pub mod destination;
+pub mod detect;
+pub mod endpoint;
+pub mod http;
+pub mod io;
+pub mod metrics;
+pub mod orig_dst;
+pub mod socket;
+mod tcp;
+
+use addrs::Direction;
+use config::Config;
+use destination::Resolver;
+use endpoint::{Connector, HttpEndpoints, OwnListeners};
+use metrics::Metrics;
+use socket::SocketFactory;
+use std::io as stdio;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// A request to stop: set by SIGTERM or `POST /shutdown`, after which the proxy stops
+/// accepting, lets what is in flight finish within the grace period, and returns.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown(CancellationToken);
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.0.cancel();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    pub async fn requested(&self) {
+        self.0.cancelled().await
+    }
+}
+
+/// What every connection of one proxy shares.
+pub(crate) struct State {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub sockets: SocketFactory,
+    pub own: OwnListeners,
+    pub http: HttpEndpoints,
+    pub resolver: Resolver,
+    /// Cancelled when draining starts: listeners stop, HTTP connections wind down.
+    pub drain: CancellationToken,
+    /// Every connection and tunnel, so that draining can wait for them.
+    pub tasks: TaskTracker,
+    pub ready: AtomicBool,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({var}): {source}")]
+pub struct BindError {
+    pub var: &'static str,
+    pub addr: SocketAddr,
+    pub source: stdio::Error,
+}
+
+/// The addresses the proxy listens on (the first of each, when a listener also has
+/// an IPv6 twin).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+pub struct Proxy {
+    state: Arc<State>,
+    outbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
+    admin: Vec<TcpListener>,
+}
+
+impl Proxy {
+    /// Binds every listener. Must be called within a Tokio runtime.
+    pub fn bind(config: Config) -> Result<Proxy, BindError> {
+        let sockets = SocketFactory::new();
+        let outbound = bind_with_twin(
+            &sockets,
+            config::OUTBOUND_LISTEN.name,
+            config.outbound_listen,
+        )?;
+        let inbound = bind_with_twin(&sockets, config::INBOUND_LISTEN.name, config.inbound_listen)?;
+        let admin = bind_with_twin(&sockets, config::ADMIN_LISTEN.name, config.admin_listen)?;
+        let own = OwnListeners::new(
+            outbound
+                .iter()
+                .chain(&inbound)
+                .chain(&admin)
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
+        );
+        let connector = Connector::new(sockets.clone(), config.connect_timeout, own.clone());
+        let http = HttpEndpoints::new(connector, config.idle_timeout);
+        let state = Arc::new(State {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            sockets,
+            own,
+            http,
+            resolver: Resolver::default(),
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: AtomicBool::new(false),
+            shutdown: Shutdown::default(),
+        });
+        Ok(Proxy {
+            state,
+            outbound,
+            inbound,
+            admin,
+        })
+    }
+
+    pub fn addrs(&self) -> ProxyAddrs {
+        let first = |ls: &[TcpListener]| ls[0].local_addr().expect("bound listener has an address");
+        ProxyAddrs {
+            outbound: first(&self.outbound),
+            inbound: first(&self.inbound),
+            admin: first(&self.admin),
+        }
+    }
+
+    /// The handle that starts draining.
+    pub fn shutdown(&self) -> Shutdown {
+        self.state.shutdown.clone()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+
+    /// Serves until shutdown is requested, then drains: stops accepting, lets in-flight
+    /// requests and connections finish within the grace period, and returns.
+    pub async fn run(self) {
+        let state = self.state;
+        for l in self.admin {
+            tokio::spawn(admin::serve(l, state.clone()));
+        }
+        let mut accepting = Vec::new();
+        for (listeners, direction) in [
+            (self.outbound, Direction::Outbound),
+            (self.inbound, Direction::Inbound),
+        ] {
+            for l in listeners {
+                info!(%direction, addr = ?l.local_addr().ok(), "listening");
+                accepting.push(tokio::spawn(accept::accept_loop(
+                    l,
+                    direction,
+                    state.clone(),
+                )));
+            }
+        }
+        let sweeper = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(state.http.sweep_interval());
+                loop {
+                    tick.tick().await;
+                    state.http.sweep();
+                }
+            })
+        };
+        state.ready.store(true, Ordering::Release);
+        info!("ready");
+
+        state.shutdown.requested().await;
+        let grace = state.config.shutdown_grace_period;
+        info!(grace = ?grace, "draining");
+        state.ready.store(false, Ordering::Release);
+        state.drain.cancel();
+        for a in accepting {
+            let _ = a.await;
+        }
+        state.tasks.close();
+        if tokio::time::timeout(grace, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = state.tasks.len(),
+                "grace period over; closing the connections still open"
+            );
+        }
+        sweeper.abort();
+        info!("drained");
+    }
+}
+
+/// Binds `addr` and, for the IPv4 wildcard or loopback, the IPv6 twin on the same
+/// port where the host has IPv6, so that ip6tables redirects land somewhere.
+fn bind_with_twin(
+    sockets: &SocketFactory,
+    var: &'static str,
+    addr: SocketAddr,
+) -> Result<Vec<TcpListener>, BindError> {
+    let first = sockets
+        .bind(addr)
+        .map_err(|source| BindError { var, addr, source })?;
+    let mut listeners = vec![first];
+    let twin_ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => Some(Ipv6Addr::UNSPECIFIED),
+        IpAddr::V4(ip) if ip.is_loopback() => Some(Ipv6Addr::LOCALHOST),
+        _ => None,
+    };
+    if let (Some(ip), true) = (twin_ip, addr.port() != 0) {
+        let twin = SocketAddr::new(IpAddr::V6(ip), addr.port());
+        match sockets.bind(twin) {
+            Ok(l) => listeners.push(l),
+            Err(error) => debug!(%twin, %error, "no IPv6 twin listener"),
+        }
+    }
+    Ok(listeners)
+}

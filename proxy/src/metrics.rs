@@ -1,0 +1,353 @@
+//! The proxy's metrics: what it counts, under the names and labels SPEC gives, and
+//! their Prometheus exposition. Hot paths hold `Arc`s to their counters; the families'
+//! maps are only crossed when a connection or a new authority first appears.
+
+use crate::addrs::Direction;
+use gofe_telemetry::metrics::{Counter, Family, Gauge};
+use gofe_telemetry::prom::{Exposition, Kind};
+use http::StatusCode;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// Label sets per family before new ones fold into "other": enough for every
+/// authority a sidecar normally talks to, small enough that a client sending random
+/// Host headers costs a bounded few megabytes.
+const MAX_LABEL_SETS: usize = 1000;
+
+const OVERFLOW: &str = "other";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub authority: Arc<str>,
+    pub tls: bool,
+    pub peer_identity: Arc<str>,
+}
+
+/// Response counts of one label set, by HTTP status and gRPC status. Statuses are
+/// array slots, so recording a response is one atomic add.
+pub struct RequestStats {
+    by_status: Box<[Counter]>,
+    /// gRPC responses with HTTP 200, by grpc-status 0..=16.
+    grpc_ok: Box<[Counter]>,
+    /// Anything else (a gRPC status outside 0..=16, or with a non-200 HTTP status):
+    /// rare, so a lock is fine.
+    rare: Mutex<Vec<(u16, Option<u16>, u64)>>,
+}
+
+const STATUS_MIN: u16 = 100;
+const STATUS_SLOTS: usize = 500;
+const GRPC_SLOTS: usize = 17;
+
+impl Default for RequestStats {
+    fn default() -> Self {
+        Self {
+            by_status: (0..STATUS_SLOTS).map(|_| Counter::default()).collect(),
+            grpc_ok: (0..GRPC_SLOTS).map(|_| Counter::default()).collect(),
+            rare: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl RequestStats {
+    pub fn record(&self, status: StatusCode, grpc_status: Option<u16>) {
+        let code = status.as_u16();
+        match grpc_status {
+            None => {
+                if let Some(c) = self.by_status.get(code.wrapping_sub(STATUS_MIN) as usize) {
+                    c.inc();
+                    return;
+                }
+            }
+            Some(g) if code == 200 && (g as usize) < GRPC_SLOTS => {
+                self.grpc_ok[g as usize].inc();
+                return;
+            }
+            Some(_) => {}
+        }
+        let mut rare = self.rare.lock();
+        match rare
+            .iter_mut()
+            .find(|(s, g, _)| *s == code && *g == grpc_status)
+        {
+            Some(entry) => entry.2 += 1,
+            None => rare.push((code, grpc_status, 1)),
+        }
+    }
+
+    /// Every (status, grpc status, count) with a count above zero.
+    pub fn counts(&self) -> Vec<(u16, Option<u16>, u64)> {
+        let mut out = Vec::new();
+        for (i, c) in self.by_status.iter().enumerate() {
+            let n = c.get();
+            if n > 0 {
+                out.push((STATUS_MIN + i as u16, None, n));
+            }
+        }
+        for (g, c) in self.grpc_ok.iter().enumerate() {
+            let n = c.get();
+            if n > 0 {
+                out.push((200, Some(g as u16), n));
+            }
+        }
+        out.extend(self.rare.lock().iter().copied());
+        out
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts().iter().map(|(_, _, n)| n).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+    /// The SNI of application TLS passed through; empty otherwise.
+    pub server_name: Arc<str>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectErrorLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+/// The byte counters of one direction: bytes from the client towards the server, and
+/// back.
+pub struct ByteCounters {
+    pub client_to_server: Arc<Counter>,
+    pub server_to_client: Arc<Counter>,
+}
+
+impl Default for ByteCounters {
+    fn default() -> Self {
+        Self {
+            client_to_server: Arc::new(Counter::default()),
+            server_to_client: Arc::new(Counter::default()),
+        }
+    }
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, RequestStats>,
+    pub connections: Family<ConnLabels, Counter>,
+    pub connect_errors: Family<ConnectErrorLabels, Counter>,
+    open: [Gauge; 2],
+    bytes: [ByteCounters; 2],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn idx(d: Direction) -> usize {
+    match d {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            requests: Family::new(MAX_LABEL_SETS, |l: &RequestLabels| RequestLabels {
+                direction: l.direction,
+                authority: OVERFLOW.into(),
+                tls: l.tls,
+                peer_identity: OVERFLOW.into(),
+            }),
+            connections: Family::new(MAX_LABEL_SETS, |l: &ConnLabels| ConnLabels {
+                direction: l.direction,
+                protocol: l.protocol,
+                server_name: OVERFLOW.into(),
+            }),
+            connect_errors: Family::new(MAX_LABEL_SETS, |l| l.clone()),
+            open: [Gauge::default(), Gauge::default()],
+            bytes: [ByteCounters::default(), ByteCounters::default()],
+        }
+    }
+
+    pub fn open(&self, d: Direction) -> &Gauge {
+        &self.open[idx(d)]
+    }
+
+    pub fn bytes(&self, d: Direction) -> &ByteCounters {
+        &self.bytes[idx(d)]
+    }
+
+    pub fn connect_error(&self, direction: Direction, reason: &'static str) {
+        self.connect_errors
+            .get(&ConnectErrorLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn render(&self, e: &mut Exposition) {
+        e.family(
+            "gofe_requests_total",
+            "HTTP requests proxied, by response status (and grpc-status for gRPC).",
+            Kind::Counter,
+        );
+        let mut requests = self.requests.snapshot();
+        requests.sort_by(|a, b| a.0.cmp(&b.0));
+        for (l, stats) in requests {
+            let mut counts = stats.counts();
+            counts.sort();
+            for (status, grpc, n) in counts {
+                let status = status.to_string();
+                let grpc = grpc.map(|g| g.to_string()).unwrap_or_default();
+                e.sample(
+                    "gofe_requests_total",
+                    &[
+                        ("direction", l.direction.as_str()),
+                        ("authority", &l.authority),
+                        ("status_code", &status),
+                        ("grpc_status", &grpc),
+                        ("tls", if l.tls { "true" } else { "false" }),
+                        ("peer_identity", &l.peer_identity),
+                    ],
+                    n,
+                );
+            }
+        }
+
+        e.family(
+            "gofe_tcp_connections_open",
+            "TCP connections the proxy holds open from clients.",
+            Kind::Gauge,
+        );
+        for d in [Direction::Inbound, Direction::Outbound] {
+            e.sample(
+                "gofe_tcp_connections_open",
+                &[("direction", d.as_str())],
+                self.open(d).get(),
+            );
+        }
+
+        e.family(
+            "gofe_tcp_connections_total",
+            "TCP connections accepted, by detected protocol (and SNI for application TLS).",
+            Kind::Counter,
+        );
+        let mut conns = self.connections.snapshot();
+        conns.sort_by(|a, b| a.0.cmp(&b.0));
+        for (l, c) in conns {
+            e.sample(
+                "gofe_tcp_connections_total",
+                &[
+                    ("direction", l.direction.as_str()),
+                    ("protocol", l.protocol),
+                    ("server_name", &l.server_name),
+                ],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_tcp_bytes_total",
+            "Bytes on accepted connections: client_to_server is what the client sent.",
+            Kind::Counter,
+        );
+        for d in [Direction::Inbound, Direction::Outbound] {
+            let b = self.bytes(d);
+            for (way, c) in [
+                ("client_to_server", &b.client_to_server),
+                ("server_to_client", &b.server_to_client),
+            ] {
+                e.sample(
+                    "gofe_tcp_bytes_total",
+                    &[("direction", d.as_str()), ("way", way)],
+                    c.get(),
+                );
+            }
+        }
+
+        e.family(
+            "gofe_tcp_connect_errors_total",
+            "Failed connections to endpoints, by reason.",
+            Kind::Counter,
+        );
+        let mut errors = self.connect_errors.snapshot();
+        errors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (l, c) in errors {
+            e.sample(
+                "gofe_tcp_connect_errors_total",
+                &[("direction", l.direction.as_str()), ("reason", l.reason)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_metrics_label_sets_overflowed_total",
+            "Label sets folded into \"other\" because a family reached its cap.",
+            Kind::Counter,
+        );
+        for (name, n) in [
+            ("gofe_requests_total", self.requests.overflowed()),
+            ("gofe_tcp_connections_total", self.connections.overflowed()),
+        ] {
+            e.sample(
+                "gofe_metrics_label_sets_overflowed_total",
+                &[("metric", name)],
+                n,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_land_in_their_slots() {
+        let s = RequestStats::default();
+        s.record(StatusCode::OK, None);
+        s.record(StatusCode::OK, None);
+        s.record(StatusCode::BAD_GATEWAY, None);
+        s.record(StatusCode::OK, Some(14));
+        s.record(StatusCode::SERVICE_UNAVAILABLE, Some(14));
+        s.record(StatusCode::OK, Some(99));
+        let mut c = s.counts();
+        c.sort();
+        assert_eq!(
+            c,
+            vec![
+                (200, None, 2),
+                (200, Some(14), 1),
+                (200, Some(99), 1),
+                (502, None, 1),
+                (503, Some(14), 1)
+            ]
+        );
+        assert_eq!(s.total(), 6);
+    }
+
+    #[test]
+    fn exposition_names_every_family() {
+        let m = Metrics::new();
+        m.requests
+            .get(&RequestLabels {
+                direction: Direction::Outbound,
+                authority: "web:80".into(),
+                tls: false,
+                peer_identity: "".into(),
+            })
+            .record(StatusCode::OK, None);
+        m.open(Direction::Inbound).inc();
+        let mut e = Exposition::new();
+        m.render(&mut e);
+        let text = e.finish();
+        assert!(text.contains(
+            "gofe_requests_total{direction=\"outbound\",authority=\"web:80\",status_code=\"200\",grpc_status=\"\",tls=\"false\",peer_identity=\"\"} 1"
+        ), "{text}");
+        assert!(text.contains("gofe_tcp_connections_open{direction=\"inbound\"} 1"));
+        assert!(
+            text.contains(
+                "gofe_tcp_bytes_total{direction=\"outbound\",way=\"server_to_client\"} 0"
+            )
+        );
+    }
+}

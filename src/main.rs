@@ -1,0 +1,142 @@
+//! `gofe`: the one binary. The proxy, the iptables setup and the demo live behind one
+//! CLI; the data path itself is the `gofe-proxy` crate.
+#![forbid(unsafe_code)]
+
+mod await_ready;
+mod demo;
+mod init;
+
+use clap::{Parser, Subcommand};
+use gofe_proxy::Proxy;
+use gofe_proxy::config::{self, Config, ConfigError};
+use std::process::ExitCode;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "gofe", version, about = "A sidecar service-mesh data plane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar proxy; every setting comes from GOFE_* environment variables.
+    Proxy,
+    /// Install the rules that send this network namespace's TCP traffic through the proxy.
+    Init(init::InitArgs),
+    /// Wait until the local proxy is ready (for a postStart hook).
+    Await(await_ready::AwaitArgs),
+    /// Run a small mesh on this machine, without root, and show what it does.
+    Demo(demo::DemoArgs),
+}
+
+/// A configuration error: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BadConfig(#[from] pub ConfigError);
+
+fn main() -> ExitCode {
+    gofe_telemetry::process::mark_start();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Proxy => return proxy(),
+        Cmd::Init(args) => init::run(&args),
+        Cmd::Await(args) => await_ready::run(&args),
+        Cmd::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gofe: {e:#}");
+            if e.downcast_ref::<BadConfig>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Builds the runtime: one worker thread runs a single-threaded runtime (no work
+/// stealing, no cross-thread wakeups), which is cheapest per request.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+fn proxy() -> ExitCode {
+    let config = match Config::from_process_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gofe proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = gofe_telemetry::logs::init(&config.log, config.log_format) {
+        eprintln!("gofe proxy: {e}");
+        return ExitCode::from(2);
+    }
+    warn_unknown_variables();
+    let rt = match runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(error) => {
+            error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let proxy = match Proxy::bind(config) {
+            Ok(p) => p,
+            Err(error) => {
+                error!(%error, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = proxy.shutdown();
+        tokio::spawn(async move {
+            signal().await;
+            info!("signal received");
+            shutdown.trigger();
+        });
+        proxy.run().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+pub async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// A misspelt variable would otherwise be silently ignored.
+fn warn_unknown_variables() {
+    let known: Vec<&str> = config::PROXY_VARS
+        .iter()
+        .chain(config::INIT_VARS)
+        .map(|v| v.name)
+        .collect();
+    for (name, _) in std::env::vars() {
+        if name.starts_with("GOFE_") && !known.contains(&name.as_str()) {
+            warn!(variable = %name, "unknown GOFE_ variable is ignored");
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! The end-to-end world: "pods" are network namespaces joined by veths to a bridge in a
+//! namespace of their own; a pod with a sidecar gets `gofe init`'s rules and a real
+//! `gofe proxy` running as UID 2102, and its applications run as UID 3000.
+//!
+//! Isolation: before any test thread starts, the test process moves into a private
+//! mount and network namespace and mounts a tmpfs on /run. Every namespace a test
+//! makes is therefore named under that private /run/netns (names carry the test's
+//! name, so tests run in parallel), and none of it outlives the process: a test's
+//! `World` kills its processes and deletes its namespaces when dropped, and if the
+//! process dies, its mount namespace and everything named in it go with it.
+
+use anyhow::{Context, anyhow, bail};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+pub const PROXY_UID: u32 = 2102;
+pub const APP_UID: u32 = 3000;
+pub const ADMIN_PORT: u16 = 4191;
+
+/// How long a proxy or an application may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(20);
+
+struct Setup {
+    gofe: PathBuf,
+    self_exe: PathBuf,
+    root: PathBuf,
+}
+
+static SETUP: OnceLock<Result<Setup, String>> = OnceLock::new();
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub fn has_tool(name: &str) -> bool {
+    find_tool(name).is_some()
+}
+
+/// Enters the private namespaces and stages the binaries. Must run before any other
+/// thread exists. Returns why end-to-end tests cannot run here, if they cannot.
+pub fn init() -> Option<String> {
+    let setup = SETUP.get_or_init(setup);
+    setup.as_ref().err().cloned()
+}
+
+fn setup() -> Result<Setup, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root (network namespaces, iptables, running as other UIDs)".into());
+    }
+    for tool in ["ip", "curl"] {
+        if !has_tool(tool) {
+            return Err(format!("{tool} is not installed"));
+        }
+    }
+    if !has_tool("iptables-nft") && !has_tool("iptables-legacy") && !has_tool("iptables") {
+        return Err("iptables is not installed".into());
+    }
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("cannot create private namespaces: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make mounts private: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=755"),
+    )
+    .map_err(|e| format!("cannot mount a private /run: {e}"))?;
+    let root = PathBuf::from("/run/gofe-e2e");
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    // Copies the other UIDs can execute, whatever the permissions of the build
+    // directory's parents.
+    let stage = |src: &Path, name: &str| -> Result<PathBuf, String> {
+        let dst = bin.join(name);
+        fs::copy(src, &dst).map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        Ok(dst)
+    };
+    let gofe = stage(Path::new(env!("CARGO_BIN_EXE_gofe")), "gofe")?;
+    let self_exe = stage(&std::env::current_exe().map_err(|e| e.to_string())?, "e2e")?;
+    let out = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip link set lo up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(Setup {
+        gofe,
+        self_exe,
+        root,
+    })
+}
+
+fn setup_ref() -> &'static Setup {
+    SETUP
+        .get()
+        .and_then(|s| s.as_ref().ok())
+        .expect("harness initialised")
+}
+
+pub fn gofe_bin() -> &'static Path {
+    &setup_ref().gofe
+}
+
+/// Runs `cmd`, failing with its output if it fails.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    sh(Command::new("ip").args(args))
+}
+
+/// Polls `f` until it yields a value or `timeout` passes; the error names `what` and
+/// the last thing `f` said.
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {timeout:?} ({last})");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+struct Proc {
+    label: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// One test's namespaces and processes, removed when dropped.
+pub struct World {
+    name: String,
+    dir: PathBuf,
+    bridge: String,
+    namespaces: Mutex<Vec<String>>,
+    procs: Mutex<Vec<Proc>>,
+    next_host: AtomicU8,
+}
+
+impl World {
+    pub fn new(test: &str) -> anyhow::Result<World> {
+        let dir = setup_ref().root.join("tests").join(test);
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
+        let bridge = format!("{test}-br");
+        let world = World {
+            name: test.to_string(),
+            dir,
+            bridge: bridge.clone(),
+            namespaces: Mutex::new(Vec::new()),
+            procs: Mutex::new(Vec::new()),
+            next_host: AtomicU8::new(2),
+        };
+        ip(&["netns", "add", &bridge])?;
+        world.namespaces.lock().unwrap().push(bridge.clone());
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &bridge, "link", "set", "br0", "up"])?;
+        Ok(world)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A pod to be configured and started.
+    pub fn pod(&self, name: &str) -> PodBuilder<'_> {
+        PodBuilder {
+            world: self,
+            name: name.to_string(),
+            sidecar: false,
+            env: vec![("GOFE_LOG".into(), "info,gofe_proxy=debug".into())],
+        }
+    }
+
+    fn spawn(&self, label: &str, mut cmd: Command) -> anyhow::Result<u32> {
+        let log = self.dir.join(format!("{label}.log"));
+        let file = File::create(&log)?;
+        cmd.stderr(file.try_clone()?).stdout(file);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {label}"))?;
+        let pid = child.id();
+        self.procs.lock().unwrap().push(Proc {
+            label: label.to_string(),
+            child,
+            log,
+        });
+        Ok(pid)
+    }
+
+    fn register(&self, label: &str, child: Child, log: PathBuf) {
+        self.procs.lock().unwrap().push(Proc {
+            label: label.to_string(),
+            child,
+            log,
+        });
+    }
+
+    /// The exit status of process `pid`, once it has exited; None while it runs.
+    pub fn try_wait(&self, pid: u32) -> anyhow::Result<Option<ExitStatus>> {
+        let mut procs = self.procs.lock().unwrap();
+        let p = procs
+            .iter_mut()
+            .find(|p| p.child.id() == pid)
+            .ok_or_else(|| anyhow!("no process {pid}"))?;
+        Ok(p.child.try_wait()?)
+    }
+
+    /// The last lines of every process's log, for a failure report.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.procs.lock().unwrap().iter() {
+            let text = fs::read_to_string(&p.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            out.push_str(&format!("---- {} ({}) ----\n", p.label, p.log.display()));
+            for l in tail {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let mut procs = self.procs.lock().unwrap();
+        for p in procs.iter_mut() {
+            let _ = p.child.kill();
+        }
+        for p in procs.iter_mut() {
+            let _ = p.child.wait();
+        }
+        for ns in self.namespaces.lock().unwrap().iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct PodBuilder<'w> {
+    world: &'w World,
+    name: String,
+    sidecar: bool,
+    env: Vec<(String, String)>,
+}
+
+impl<'w> PodBuilder<'w> {
+    /// Runs `gofe init` and `gofe proxy` in the pod.
+    pub fn sidecar(mut self) -> Self {
+        self.sidecar = true;
+        self
+    }
+
+    /// Sets a variable for `gofe init` and `gofe proxy`.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.retain(|(key, _)| key != k);
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    pub fn start(self) -> anyhow::Result<Pod<'w>> {
+        let w = self.world;
+        let host = w.next_host.fetch_add(1, Ordering::Relaxed);
+        let ns = format!("{}-{}", w.name, self.name);
+        ip(&["netns", "add", &ns])?;
+        w.namespaces.lock().unwrap().push(ns.clone());
+        let peer = format!("v{host}");
+        let ip4 = Ipv4Addr::new(10, 77, 0, host);
+        let ip6: Ipv6Addr = format!("fd77::{host}").parse()?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer, "netns",
+            &w.bridge,
+        ])?;
+        ip(&["-n", &w.bridge, "link", "set", &peer, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let mut pod = Pod {
+            world: w,
+            name: self.name,
+            ns,
+            ip4,
+            ip6,
+            proxy_pid: None,
+            env: self.env,
+        };
+        if self.sidecar {
+            pod.init(&[])?;
+            pod.start_proxy()?;
+        }
+        Ok(pod)
+    }
+}
+
+/// A network namespace with an address on the test's bridge, and maybe a sidecar.
+pub struct Pod<'w> {
+    world: &'w World,
+    pub name: String,
+    pub ns: String,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub proxy_pid: Option<u32>,
+    env: Vec<(String, String)>,
+}
+
+impl<'w> Pod<'w> {
+    /// A command that runs in this pod, as `uid` (root when None).
+    pub fn command(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        uid: Option<u32>,
+    ) -> anyhow::Result<Command> {
+        let netns = File::open(format!("/run/netns/{}", self.ns))?;
+        let mut cmd = Command::new(program);
+        cmd.env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", "/nonexistent")
+            .current_dir("/")
+            .stdin(Stdio::null());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                if let Some(uid) = uid {
+                    setgroups(&[])?;
+                    setgid(Gid::from_raw(uid))?;
+                    setuid(Uid::from_raw(uid))?;
+                }
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Runs `gofe init` with the pod's variables and `args`.
+    pub fn init(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.command(gofe_bin(), None)?;
+        cmd.arg("init")
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        sh(&mut cmd)
+    }
+
+    fn start_proxy(&mut self) -> anyhow::Result<()> {
+        let mut cmd = self.command(gofe_bin(), Some(PROXY_UID))?;
+        cmd.arg("proxy").envs(self.env.iter().map(|(k, v)| (k, v)));
+        let pid = self.world.spawn(&format!("{}-proxy", self.name), cmd)?;
+        self.proxy_pid = Some(pid);
+        eventually(
+            &format!("proxy in {} ready", self.name),
+            START_TIMEOUT,
+            || {
+                if let Some(status) = self.world.try_wait(pid)? {
+                    bail!("proxy exited: {status}");
+                }
+                Ok(self
+                    .admin("GET", "/ready")
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+                    .map(|_| ()))
+            },
+        )
+    }
+
+    /// Starts a test application of `kind` listening on `port`, as the app UID.
+    pub fn app(&self, kind: &str, port: u16) -> anyhow::Result<App> {
+        let mut cmd = self.command(&setup_ref().self_exe, Some(APP_UID))?;
+        cmd.env("GOFE_TESTAPP", kind)
+            .env("GOFE_TESTAPP_PORT", port.to_string())
+            .env("GOFE_TESTAPP_NAME", &self.name)
+            .stdout(Stdio::piped());
+        let label = format!("{}-{kind}-{port}", self.name);
+        let log = self.world.dir.join(format!("{label}.log"));
+        cmd.stderr(File::create(&log)?);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {label}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line == "READY" {
+                        let _ = ready_tx.send(());
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        self.world.register(&label, child, log);
+        ready_rx
+            .recv_timeout(START_TIMEOUT)
+            .map_err(|_| anyhow!("{label} did not become ready: {}", self.world.logs()))?;
+        Ok(App { lines })
+    }
+
+    /// Runs `f` on a thread inside this pod's network namespace.
+    pub fn in_ns<R: Send>(&self, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
+        let netns = File::open(format!("/run/netns/{}", self.ns))?;
+        std::thread::scope(|s| {
+            s.spawn(move || -> anyhow::Result<R> {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("thread in {} panicked", self.ns))?
+        })
+    }
+
+    /// Runs an async client inside this pod on a runtime of its own (sockets are
+    /// created on the runtime's one thread, which is in the pod).
+    pub fn block_on<F: std::future::Future>(
+        &self,
+        f: impl FnOnce() -> F + Send,
+    ) -> anyhow::Result<F::Output>
+    where
+        F::Output: Send,
+    {
+        self.in_ns(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(f())
+        })
+    }
+
+    /// An HTTP/1.0 request to this pod's admin server, from inside the pod.
+    pub fn admin(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT));
+        self.in_ns(|| raw_http(addr, method, path))?
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (status, body) = self.admin("GET", "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(Metrics(body))
+    }
+
+    /// curl as the application UID, inside this pod. Returns stdout; fails on a
+    /// non-zero exit.
+    pub fn curl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.curl_output(args)?;
+        if !out.status.success() {
+            bail!(
+                "curl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn curl_output(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = self.command("curl", Some(APP_UID))?;
+        cmd.args(["-sS", "--max-time", "30"]).args(args);
+        Ok(cmd.output()?)
+    }
+
+    /// Starts a command in the background as the application UID; the world kills it
+    /// at the end.
+    pub fn spawn_as_app(&self, label: &str, program: &str, args: &[&str]) -> anyhow::Result<u32> {
+        let mut cmd = self.command(program, Some(APP_UID))?;
+        cmd.args(args);
+        self.world.spawn(&format!("{}-{label}", self.name), cmd)
+    }
+
+    /// Peak resident memory of the proxy, from /proc.
+    pub fn proxy_peak_rss(&self) -> anyhow::Result<u64> {
+        let pid = self
+            .proxy_pid
+            .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
+        Ok(kb * 1024)
+    }
+
+    pub fn signal_proxy(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .proxy_pid
+            .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+}
+
+pub struct App {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl App {
+    /// Waits for the application to print a line starting with `prefix`.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        eventually(&format!("a line starting {prefix:?}"), timeout, || {
+            Ok(self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with(prefix))
+                .cloned())
+        })
+    }
+}
+
+/// A minimal blocking HTTP/1.0 exchange (the admin server and test control routes).
+pub fn raw_http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad response from {addr}: {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// A Prometheus text scrape.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of the samples of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                continue;
+            }
+            let have = parse_labels(label_text);
+            if labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+            {
+                total += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        total
+    }
+}
+
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        if chars.next() != Some('"') {
+            break;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        value.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').to_string(), value));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    out
+}

@@ -1,0 +1,99 @@
+//! End-to-end tests: real `gofe` processes in network namespaces behind real iptables
+//! rules, real applications, real clients (curl, h2load, tonic, tungstenite).
+//!
+//! Needs root and iptables. Without them every case prints SKIPPED and why, unless
+//! GOFE_E2E=require, which makes them fail instead. The binary is its own test
+//! application server too: with GOFE_TESTAPP set it runs one (see apps.rs).
+
+mod apps;
+mod cases;
+mod grpc;
+mod harness;
+
+use cases::Skip;
+use harness::World;
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::process::ExitCode;
+
+type Case = fn(&World) -> anyhow::Result<()>;
+
+macro_rules! cases {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        vec![$((stringify!($name), cases::$module::$name as Case)),*]
+    };
+}
+
+fn all() -> Vec<(&'static str, Case)> {
+    cases![
+        http::http1_keepalive_reuses_connections,
+        http::http1_chunked_bodies_pass_both_ways,
+        http::http1_64mib_bodies_stream_without_proxy_memory_growth,
+        http::http2_prior_knowledge_with_curl,
+        http::grpc_unary_and_bidirectional_streaming,
+        http::websocket_echo,
+        http::explicit_proxy_mode_routes_by_authority,
+        http::ipv6_original_destination,
+        http::h2load_through_two_sidecars,
+        tcp::server_speaks_first_on_an_opaque_port,
+        tcp::half_close_is_honoured_both_ways,
+        tcp::application_tls_passes_through_with_sni,
+        tcp::closed_port_fails_fast,
+        tcp::skipped_ports_bypass_the_proxy,
+        tcp::proxy_own_connections_are_not_redirected,
+        tcp::connection_to_own_listener_is_refused,
+        lifecycle::sigterm_drains_an_in_flight_request,
+        lifecycle::admin_endpoints_and_loopback_only_shutdown,
+        iptables::init_rules_nft_backend,
+        iptables::init_rules_legacy_backend,
+        iptables::traffic_flows_with_legacy_backend,
+    ]
+}
+
+fn main() -> ExitCode {
+    if let Ok(kind) = std::env::var("GOFE_TESTAPP") {
+        return apps::main(&kind);
+    }
+    let args = Arguments::from_args();
+    let required = std::env::var("GOFE_E2E").as_deref() == Ok("require");
+    // Listing tests needs no namespaces.
+    let unavailable = if args.list { None } else { harness::init() };
+    if let Some(reason) = &unavailable {
+        println!("SKIPPED end-to-end tests: {reason}");
+    }
+    let trials = all()
+        .into_iter()
+        .map(|(name, case)| {
+            let ignored = unavailable.is_some() && !required;
+            let unavailable = unavailable.clone();
+            Trial::test(name, move || run(name, case, unavailable, required))
+                .with_ignored_flag(ignored)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn run(name: &str, case: Case, unavailable: Option<String>, required: bool) -> Result<(), Failed> {
+    if let Some(reason) = unavailable {
+        return Err(
+            format!("GOFE_E2E=require, but end-to-end tests cannot run here: {reason}").into(),
+        );
+    }
+    let world = World::new(name).map_err(|e| format!("cannot build the test world: {e:#}"))?;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&world)));
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.downcast_ref::<Skip>().is_some() && !required => {
+            println!("SKIPPED {name}: {e}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("{e:#}\n{}", world.logs()).into()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {msg}\n{}", world.logs()).into())
+        }
+    }
+}

@@ -1,5 +1,540 @@
-pub fn run(_a: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
-}
+//! `gofe demo`: a small mesh on this machine, without root. Two services, `web` and
+//! `api`, each behind its own gofe sidecar, and a client sending a steady stream:
+//!
+//! ```text
+//! client ──HTTP/1.1──▶ web sidecar ──▶ web ──HTTP/2──▶ web sidecar ──▶ api sidecar ──▶ api
+//!                       (inbound)            (outbound, explicit)       (inbound)
+//! ```
+//!
+//! Without iptables, the sidecars are reached directly: each inbound listener forwards
+//! to its application (GOFE_INBOUND_DIRECT_TARGET) and `web` sends its calls to its
+//! sidecar's outbound listener as an explicit proxy. Every second the demo prints what
+//! the client saw and what each sidecar counted; Ctrl-C or `--duration` drains the
+//! sidecars and prints a summary.
+
+use anyhow::Context;
+use bytes::Bytes;
+use gofe_proxy::config::{self, Config};
+use gofe_proxy::metrics::Metrics;
+use gofe_proxy::{Proxy, addrs::Direction};
+use hdrhistogram::Histogram;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {}
+pub struct DemoArgs {
+    /// Stop after this long (e.g. 30s); without it, run until Ctrl-C.
+    #[arg(long, value_parser = config::parse_nonzero_duration)]
+    pub duration: Option<Duration>,
+    /// Requests per second the client sends.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: u32,
+    /// First of the 30 ports the demo listens on, all on 127.0.0.1.
+    #[arg(long, default_value_t = 7400)]
+    pub port_base: u16,
+}
+
+/// Client connections; enough for the rate at a few milliseconds per request.
+const CLIENT_CONNECTIONS: usize = 8;
+
+#[derive(Clone, Copy)]
+struct SidecarPorts {
+    outbound: u16,
+    inbound: u16,
+    admin: u16,
+}
+
+struct Sidecar {
+    name: &'static str,
+    ports: SidecarPorts,
+    metrics: Arc<Metrics>,
+    shutdown: gofe_proxy::Shutdown,
+    done: tokio::task::JoinHandle<()>,
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts a sidecar in front of the application on `app_port`, configured through the
+/// same variables a user would set.
+fn sidecar(name: &'static str, ports: SidecarPorts, app_port: u16) -> anyhow::Result<Sidecar> {
+    let vars: HashMap<String, String> = [
+        (
+            config::OUTBOUND_LISTEN.name,
+            local(ports.outbound).to_string(),
+        ),
+        (
+            config::INBOUND_LISTEN.name,
+            local(ports.inbound).to_string(),
+        ),
+        (config::ADMIN_LISTEN.name, local(ports.admin).to_string()),
+        (
+            config::INBOUND_DIRECT_TARGET.name,
+            local(app_port).to_string(),
+        ),
+        (config::SHUTDOWN_GRACE_PERIOD.name, "5s".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
+    let proxy = Proxy::bind(config).with_context(|| format!("{name} sidecar"))?;
+    let metrics = proxy.metrics();
+    let shutdown = proxy.shutdown();
+    let done = tokio::spawn(proxy.run());
+    Ok(Sidecar {
+        name,
+        ports,
+        metrics,
+        shutdown,
+        done,
+    })
+}
+
+impl Sidecar {
+    fn requests(&self, direction: Direction) -> u64 {
+        total(&self.metrics, direction)
+    }
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    gofe_telemetry::logs::init("warn", gofe_telemetry::logs::LogFormat::Plain)?;
+    let rt = crate::runtime(0)?;
+    rt.block_on(demo(args))
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let base = args.port_base;
+    anyhow::ensure!(
+        base <= u16::MAX - 30,
+        "--port-base leaves no room for 30 ports"
+    );
+    let api_app = base + 1;
+    let web_app = base + 2;
+    let api_ports = SidecarPorts {
+        outbound: base + 10,
+        inbound: base + 11,
+        admin: base + 12,
+    };
+    let web_ports = SidecarPorts {
+        outbound: base + 20,
+        inbound: base + 21,
+        admin: base + 22,
+    };
+
+    tokio::spawn(serve_api(bind(api_app).await?));
+    tokio::spawn(serve_web(
+        bind(web_app).await?,
+        web_ports.outbound,
+        api_ports.inbound,
+    ));
+    let api = sidecar("api", api_ports, api_app)?;
+    let web = sidecar("web", web_ports, web_app)?;
+
+    println!("gofe demo: a client, two services, each behind its own gofe sidecar");
+    println!();
+    println!(
+        "  client ─HTTP/1.1─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ─▶ [api sidecar] ─▶ api"
+    );
+    println!();
+    for s in [&web, &api] {
+        println!(
+            "  {} sidecar: inbound 127.0.0.1:{}, outbound 127.0.0.1:{}, admin http://127.0.0.1:{}/metrics",
+            s.name, s.ports.inbound, s.ports.outbound, s.ports.admin
+        );
+    }
+    println!();
+    match args.duration {
+        Some(d) => println!(
+            "  sending {} requests/s for {d:?}; Ctrl-C stops early",
+            args.rate
+        ),
+        None => println!("  sending {} requests/s; Ctrl-C stops", args.rate),
+    }
+    println!();
+    println!(
+        "  {:>5} {:>7} {:>7} {:>5} {:>5} {:>9} {:>9}  | web sidecar in/out | api sidecar in",
+        "time", "sent", "2xx", "5xx", "fail", "p50", "p99"
+    );
+
+    let stats = Arc::new(parking_lot::Mutex::new(Stats::new()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let client = tokio::spawn(client(
+        local(web_ports.inbound),
+        args.rate,
+        stats.clone(),
+        stop.clone(),
+    ));
+
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                print_line(started, &stats, &web, &api);
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+            _ = &mut ctrl_c => {
+                println!("  Ctrl-C");
+                break;
+            }
+        }
+    }
+
+    // Stop sending, let the last requests finish, then drain the sidecars.
+    stop.notify_waiters();
+    let _ = client.await;
+    for s in [&web, &api] {
+        s.shutdown.trigger();
+    }
+    let drained = Instant::now();
+    for s in [web, api] {
+        let name = s.name;
+        let metrics = s.metrics.clone();
+        s.done.await.with_context(|| format!("{name} sidecar"))?;
+        let (inbound, outbound) = (
+            total(&metrics, Direction::Inbound),
+            total(&metrics, Direction::Outbound),
+        );
+        println!(
+            "  {name} sidecar drained: {inbound} inbound and {outbound} outbound requests proxied"
+        );
+    }
+    print_summary(&stats.lock(), started.elapsed(), drained.elapsed());
+    Ok(())
+}
+
+fn total(metrics: &Metrics, direction: Direction) -> u64 {
+    metrics
+        .requests
+        .snapshot()
+        .iter()
+        .filter(|(l, _)| l.direction == direction)
+        .map(|(_, s)| s.total())
+        .sum()
+}
+
+async fn bind(port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(local(port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port} (try --port-base)"))
+}
+
+/// `api`: answers `/item/N` after a little simulated work.
+async fn serve_api(listener: TcpListener) {
+    let served = Arc::new(AtomicU64::new(0));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let served = served.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let n = served.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    // 0.5 to 3 ms of "work", varied so the latency figures move.
+                    let work = 500 + (n.wrapping_mul(7919) % 2500);
+                    tokio::time::sleep(Duration::from_micros(work)).await;
+                    let body = format!(
+                        "{{\"item\":\"{}\",\"served_by\":\"api\"}}",
+                        req.uri().path()
+                    );
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `web`: each request calls `api` over HTTP/2 through its sidecar's outbound
+/// listener, naming `api` by its authority (the api sidecar's inbound address).
+async fn serve_web(listener: TcpListener, sidecar_outbound: u16, api_inbound: u16) {
+    let upstream = Arc::new(H2Upstream::new(local(sidecar_outbound)));
+    let api_authority = local(api_inbound).to_string();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let upstream = upstream.clone();
+        let authority = api_authority.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let upstream = upstream.clone();
+                let authority = authority.clone();
+                async move {
+                    let uri = format!("http://{authority}/item{}", req.uri().path());
+                    let rsp = match upstream.get(&uri).await {
+                        Ok((status, body)) if status.is_success() => {
+                            let mut r =
+                                Response::new(Full::new(Bytes::from(format!("web saw {body}\n"))));
+                            *r.status_mut() = StatusCode::OK;
+                            r
+                        }
+                        Ok((status, _)) => {
+                            let mut r = Response::new(Full::new(Bytes::from("api failed\n")));
+                            *r.status_mut() = if status.is_server_error() {
+                                StatusCode::BAD_GATEWAY
+                            } else {
+                                status
+                            };
+                            r
+                        }
+                        Err(e) => {
+                            let mut r = Response::new(Full::new(Bytes::from(format!(
+                                "api unreachable: {e}\n"
+                            ))));
+                            *r.status_mut() = StatusCode::BAD_GATEWAY;
+                            r
+                        }
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// One HTTP/2 connection to a proxy, made again if it breaks.
+struct H2Upstream {
+    addr: SocketAddr,
+    tx: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Empty<Bytes>>>>,
+}
+
+impl H2Upstream {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            tx: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn sender(
+        &self,
+    ) -> anyhow::Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> {
+        let mut tx = self.tx.lock().await;
+        if let Some(t) = tx.as_ref().filter(|t| !t.is_closed()) {
+            return Ok(t.clone());
+        }
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (t, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(conn);
+        *tx = Some(t.clone());
+        Ok(t)
+    }
+
+    async fn get(&self, uri: &str) -> anyhow::Result<(StatusCode, String)> {
+        let mut tx = self.sender().await?;
+        let req = Request::get(uri).body(Empty::new())?;
+        let rsp = tx.send_request(req).await?;
+        let status = rsp.status();
+        let body = rsp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+struct Stats {
+    sent: u64,
+    statuses: BTreeMap<u16, u64>,
+    failed: u64,
+    /// Latency in microseconds, all run long and for the last second.
+    all: Histogram<u64>,
+    window: Histogram<u64>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Self {
+            sent: 0,
+            statuses: BTreeMap::new(),
+            failed: 0,
+            all: h(),
+            window: h(),
+        }
+    }
+
+    fn count(&self, f: impl Fn(u16) -> bool) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(s, _)| f(**s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Sends `rate` requests a second over a few keep-alive connections.
+async fn client(
+    target: SocketAddr,
+    rate: u32,
+    stats: Arc<parking_lot::Mutex<Stats>>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let (jobs_tx, jobs_rx) = job_queue(CLIENT_CONNECTIONS * 4);
+    let mut workers = Vec::new();
+    for _ in 0..CLIENT_CONNECTIONS {
+        let jobs = jobs_rx.clone();
+        let stats = stats.clone();
+        workers.push(tokio::spawn(async move {
+            let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
+            while let Ok(n) = recv(&jobs).await {
+                let start = Instant::now();
+                let result = client_request(&mut conn, target, n).await;
+                let micros = start.elapsed().as_micros() as u64;
+                let mut s = stats.lock();
+                match result {
+                    Ok(status) => {
+                        *s.statuses.entry(status.as_u16()).or_default() += 1;
+                        s.all.saturating_record(micros.max(1));
+                        s.window.saturating_record(micros.max(1));
+                    }
+                    Err(_) => {
+                        s.failed += 1;
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            _ = tick.tick() => {
+                stats.lock().sent += 1;
+                if jobs_tx.send(n).await.is_err() {
+                    break;
+                }
+                n += 1;
+            }
+        }
+    }
+    drop(jobs_tx);
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+type Jobs = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<u64>>>;
+
+fn job_queue(cap: usize) -> (tokio::sync::mpsc::Sender<u64>, Jobs) {
+    let (tx, rx) = tokio::sync::mpsc::channel(cap);
+    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
+
+async fn recv(jobs: &Jobs) -> Result<u64, ()> {
+    jobs.lock().await.recv().await.ok_or(())
+}
+
+async fn client_request(
+    conn: &mut Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+    target: SocketAddr,
+    n: u64,
+) -> anyhow::Result<StatusCode> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        let stream = TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        let (tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(c);
+        *conn = Some(tx);
+    }
+    let tx = conn.as_mut().expect("connected");
+    tx.ready().await?;
+    let req = Request::get(format!("/{n}"))
+        .header("host", "web.demo")
+        .body(Empty::new())?;
+    let rsp = tx.send_request(req).await?;
+    let status = rsp.status();
+    rsp.into_body().collect().await?;
+    Ok(status)
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.1}ms", micros as f64 / 1000.0)
+}
+
+fn print_line(started: Instant, stats: &parking_lot::Mutex<Stats>, web: &Sidecar, api: &Sidecar) {
+    let mut s = stats.lock();
+    let (p50, p99) = if s.window.is_empty() {
+        ("-".to_string(), "-".to_string())
+    } else {
+        (
+            ms(s.window.value_at_quantile(0.5)),
+            ms(s.window.value_at_quantile(0.99)),
+        )
+    };
+    s.window.reset();
+    println!(
+        "  {:>4}s {:>7} {:>7} {:>5} {:>5} {:>9} {:>9}  | {:>8} / {:<8} | {:>8}",
+        started.elapsed().as_secs(),
+        s.sent,
+        s.count(|c| (200..300).contains(&c)),
+        s.count(|c| c >= 500),
+        s.failed,
+        p50,
+        p99,
+        web.requests(Direction::Inbound),
+        web.requests(Direction::Outbound),
+        api.requests(Direction::Inbound),
+    );
+}
+
+fn print_summary(s: &Stats, ran: Duration, drain: Duration) {
+    println!();
+    println!(
+        "  ran {:.1}s, drained in {:.0}ms",
+        ran.as_secs_f64(),
+        drain.as_secs_f64() * 1000.0
+    );
+    let statuses: Vec<String> = s
+        .statuses
+        .iter()
+        .map(|(c, n)| format!("{c}: {n}"))
+        .collect();
+    println!(
+        "  client: {} sent, statuses {{{}}}, {} failed",
+        s.sent,
+        statuses.join(", "),
+        s.failed
+    );
+    if !s.all.is_empty() {
+        println!(
+            "  latency through both sidecars: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            ms(s.all.value_at_quantile(0.5)),
+            ms(s.all.value_at_quantile(0.9)),
+            ms(s.all.value_at_quantile(0.99)),
+            ms(s.all.value_at_quantile(0.999)),
+            ms(s.all.max()),
+        );
+    }
+}

@@ -133,7 +133,9 @@ async fn route(
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let path = req.uri().path().to_string();
-    let mut rsp = if is_grpc {
+    let mut rsp = if req.method() == http::Method::CONNECT {
+        connect_tunnel(req)
+    } else if is_grpc {
         crate::grpc::serve(req)
             .await
             .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
@@ -233,6 +235,23 @@ async fn route(
     };
     h.insert("x-peer", peer.to_string().parse().unwrap());
     rsp
+}
+
+/// The app as an HTTP proxy: CONNECT host:port opens a tunnel there.
+fn connect_tunnel(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n");
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let (Ok(client), Ok(mut server)) =
+            (upgrade.await, tokio::net::TcpStream::connect(&target).await)
+        else {
+            return;
+        };
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut server).await;
+    });
+    text(StatusCode::OK, Bytes::new())
 }
 
 fn websocket(mut req: Request<Incoming>) -> Response<Body> {

@@ -32,6 +32,7 @@ fn all() -> Vec<(&'static str, Case)> {
         http::grpc_unary_and_bidirectional_streaming,
         http::websocket_echo,
         http::explicit_proxy_mode_routes_by_authority,
+        http::connect_to_an_application_proxy_is_tunnelled,
         http::ipv6_original_destination,
         http::h2load_through_two_sidecars,
         tcp::server_speaks_first_on_an_opaque_port,

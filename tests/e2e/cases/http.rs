@@ -309,6 +309,28 @@ pub fn explicit_proxy_mode_routes_by_authority(w: &World) -> anyhow::Result<()> 
     Ok(())
 }
 
+pub fn connect_to_an_application_proxy_is_tunnelled(w: &World) -> anyhow::Result<()> {
+    // The server pod's app is also an HTTP proxy. The client talks to it with CONNECT,
+    // through both sidecars, which pass the CONNECT on and then join the tunnel.
+    let (client, server) = meshed_pair(w, &[])?;
+    server.app("http", 9090)?;
+    let proxy = format!("http://{}:{HTTP_PORT}", server.ip4);
+    let out = client.curl(&["-p", "-x", &proxy, &format!("http://{}:9090/", server.ip4)])?;
+    ensure!(out == "hello from server\n", "tunnelled request: {out}");
+    for (pod, direction) in [(&client, "outbound"), (&server, "inbound")] {
+        let m = pod.metrics()?;
+        ensure!(
+            m.sum(
+                "gofe_requests_total",
+                &[("direction", direction), ("status_code", "200")]
+            ) == 1.0,
+            "{direction} counted the CONNECT: {}",
+            m.0
+        );
+    }
+    Ok(())
+}
+
 pub fn ipv6_original_destination(w: &World) -> anyhow::Result<()> {
     let (client, server) = meshed_pair(w, &[])?;
     let out = client.curl(&[

@@ -1,0 +1,151 @@
+//! The `gofe` command line, run as a user would run it. No root needed.
+
+use std::net::TcpListener;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn gofe(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gofe"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("gofe runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_proxy_configuration_exits_2_naming_every_bad_variable() {
+    let out = gofe(
+        &["proxy"],
+        &[
+            ("GOFE_DETECT_TIMEOUT", "soon"),
+            ("GOFE_INBOUND_LISTEN", "nowhere"),
+            ("GOFE_LOG_FORMAT", "xml"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    for needle in [
+        "GOFE_DETECT_TIMEOUT=\"soon\"",
+        "GOFE_INBOUND_LISTEN=\"nowhere\"",
+        "GOFE_LOG_FORMAT=\"xml\"",
+    ] {
+        assert!(err.contains(needle), "{needle} in {err}");
+    }
+}
+
+#[test]
+fn listener_in_use_exits_1_naming_the_variable() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = gofe(
+        &["proxy"],
+        &[
+            ("GOFE_OUTBOUND_LISTEN", addr.as_str()),
+            ("GOFE_INBOUND_LISTEN", "127.0.0.1:0"),
+            ("GOFE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("GOFE_OUTBOUND_LISTEN"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_init_flag_exits_2_under_the_variable_name() {
+    let out = gofe(&["init", "--dry-run", "--proxy-uid", "gofe"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("GOFE_PROXY_UID=\"gofe\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn await_gives_up_with_exit_1_when_no_proxy_answers() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let start = Instant::now();
+    let out = gofe(
+        &[
+            "await",
+            "--admin",
+            &closed.to_string(),
+            "--timeout",
+            "500ms",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not ready within"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// The shop window: the demo runs without root, every request succeeds through both
+/// sidecars, and it drains and exits cleanly at the end of `--duration`.
+#[test]
+fn demo_runs_and_drains_cleanly() {
+    // 30 consecutive ports: take a free one as the base and hope its neighbours are
+    // free too; retry with another base when they are not.
+    let mut last = None;
+    for _ in 0..5 {
+        let base = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if base > 65_000 {
+            continue;
+        }
+        let out = gofe(
+            &[
+                "demo",
+                "--duration",
+                "3s",
+                "--rate",
+                "40",
+                "--port-base",
+                &base.to_string(),
+            ],
+            &[],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if stderr(&out).contains("cannot listen") {
+            last = Some(stderr(&out));
+            continue;
+        }
+        assert!(out.status.success(), "{text}\n{}", stderr(&out));
+        assert!(text.contains(" 0 failed"), "{text}");
+        assert!(text.contains("web sidecar drained"), "{text}");
+        assert!(text.contains("api sidecar drained"), "{text}");
+        let client_line = text.lines().find(|l| l.contains("client:")).unwrap();
+        let statuses = client_line
+            .split("statuses {")
+            .nth(1)
+            .and_then(|r| r.split('}').next())
+            .unwrap();
+        assert!(
+            statuses.starts_with("200: ") && !statuses.contains(','),
+            "only 200s: {text}"
+        );
+        let ok: u64 = statuses["200: ".len()..].parse().unwrap();
+        assert!(ok >= 40, "a steady stream for 3s at 40/s: {text}");
+        return;
+    }
+    panic!("no free port range for the demo: {last:?}");
+}

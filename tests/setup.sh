@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
+# for the pods, curl and h2load (nghttp2-client) as real clients. The benchmark also
+# uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
+set -euo pipefail
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+{ command -v iptables-nft >/dev/null && command -v iptables-legacy >/dev/null; } || need+=(iptables)
+command -v curl >/dev/null || need+=(curl)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
+  command -v haproxy >/dev/null || need+=(haproxy)
+  command -v nginx >/dev/null || need+=(nginx-light)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tests/setup.sh: need root to install: ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "tests/setup.sh: ip, iptables, curl and h2load are installed"

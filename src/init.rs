@@ -409,6 +409,14 @@ fn binary(backend: Backend, family: Family) -> anyhow::Result<String> {
     Ok(chosen)
 }
 
+fn nat_table_works(bin: &str) -> bool {
+    Command::new(bin)
+        .args(["-w", "-t", "nat", "-S"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
 /// This namespace's own addresses: every address not on loopback.
 fn pod_ips() -> anyhow::Result<Vec<IpAddr>> {
     let mut ips = Vec::new();
@@ -443,7 +451,21 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     let v6 = match cfg.ipv6 {
         Ipv6Mode::On => true,
         Ipv6Mode::Off => false,
-        Ipv6Mode::Auto => has_ipv6(&ips) && binary(cfg.backend, Family::V6).is_ok(),
+        // Only where ip6tables' nat table works here: a kernel without ip6table_nat
+        // must not keep the pod from starting.
+        Ipv6Mode::Auto => {
+            has_ipv6(&ips)
+                && match binary(cfg.backend, Family::V6) {
+                    Ok(bin) if args.dry_run || nat_table_works(&bin) => true,
+                    Ok(bin) => {
+                        eprintln!(
+                            "gofe init: {bin} has no usable nat table; IPv6 is left alone (GOFE_IPV6=true makes this an error)"
+                        );
+                        false
+                    }
+                    Err(_) => false,
+                }
+        }
     };
     if v6 {
         families.push(Family::V6);

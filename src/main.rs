@@ -90,6 +90,7 @@ fn proxy() -> ExitCode {
         return ExitCode::from(2);
     }
     warn_unknown_variables();
+    warn_if_not_proxy_uid();
     let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(error) => {
@@ -97,7 +98,7 @@ fn proxy() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let proxy = match Proxy::bind(config) {
             Ok(p) => p,
             Err(error) => {
@@ -113,7 +114,10 @@ fn proxy() -> ExitCode {
         });
         proxy.run().await;
         ExitCode::SUCCESS
-    })
+    });
+    // Drained: do not wait on a blocking DNS lookup or anything else still running.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// Waits for SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
@@ -124,6 +128,23 @@ pub async fn signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// `gofe init` exempts GOFE_PROXY_UID's connections from redirection; a proxy running
+/// as anyone else would have its own upstream connections sent back to it.
+fn warn_if_not_proxy_uid() {
+    let mut env = config::Env::from_process();
+    let proxy_uid = env.get(&config::PROXY_UID, |s| {
+        s.parse::<u32>().map_err(|e| e.to_string())
+    });
+    let uid = nix::unistd::getuid().as_raw();
+    if env.finish().is_ok() && uid != proxy_uid {
+        warn!(
+            uid,
+            proxy_uid,
+            "running as a user other than GOFE_PROXY_UID: where `gofe init` rules are installed, the proxy's own connections will loop back to it"
+        );
     }
 }
 

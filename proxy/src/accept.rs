@@ -45,15 +45,6 @@ pub(crate) async fn accept_loop(listener: TcpListener, direction: Direction, sta
     info!(%direction, addr = ?listener.local_addr().ok(), "stopped accepting");
 }
 
-/// Decrements the open-connections gauge however the connection ends.
-struct OpenGuard<'a>(&'a gofe_telemetry::metrics::Gauge);
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, state: Arc<State>) {
     state.sockets.accepted(&stream);
     let target = match target(&stream, direction, &state) {
@@ -65,13 +56,12 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
         }
     };
     let metrics = &state.metrics;
-    metrics.open(direction).inc();
-    let _open = OpenGuard(metrics.open(direction));
     let bytes = metrics.bytes(direction);
     let mut io = Counted::new(
         stream,
         bytes.client_to_server.clone(),
         bytes.server_to_client.clone(),
+        metrics.open(direction).clone(),
     );
 
     let opaque_port = match target {

@@ -14,10 +14,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::debug;
+
+/// How long a pooled HTTP/1 connection may take to become ready before another is used.
+const POOLED_READY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// HTTP/2 pings on an idle pooled connection find a dead peer before a request does.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -39,6 +42,12 @@ pub enum ConnectError {
         addr: EndpointAddr,
         source: io::Error,
     },
+    /// Another request's connection attempt failed while this one waited for it.
+    #[error("{message}")]
+    Recent {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl ConnectError {
@@ -49,6 +58,7 @@ impl ConnectError {
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Loop { .. } => "loop",
             ConnectError::Io { .. } => "error",
+            ConnectError::Recent { reason, .. } => reason,
         }
     }
 }
@@ -133,15 +143,17 @@ pub enum SendError {
 }
 
 /// An HTTP/1 connection lent to one request; `release` gives it back to its pool once
-/// the response body has been read to the end.
+/// the response body has been read to the end, if the request body was sent to the end
+/// too (otherwise the connection is mid-message and is closed instead).
 pub struct Checkin {
     pool: Arc<Pool>,
     tx: http1::SendRequest<RequestBody>,
+    request_ended: Arc<AtomicBool>,
 }
 
 impl Checkin {
     pub fn release(self) {
-        if !self.tx.is_closed() {
+        if self.request_ended.load(Ordering::Acquire) && !self.tx.is_closed() {
             self.pool.h1_idle.lock().push(IdleH1 {
                 tx: self.tx,
                 since: Instant::now(),
@@ -162,6 +174,9 @@ struct Pool {
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
     /// Held while an HTTP/2 connection is being made, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// When the last HTTP/2 connect failed, and why: requests that waited for it fail
+    /// with it rather than each trying again for a whole connect timeout.
+    h2_failed: Mutex<Option<(Instant, &'static str, String)>>,
     /// Milliseconds since `EPOCH` of the last request: an atomic, as every request
     /// stores it.
     last_used: AtomicU64,
@@ -180,6 +195,7 @@ impl Pool {
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            h2_failed: Mutex::new(None),
             last_used: AtomicU64::new(now_ms()),
         }
     }
@@ -266,11 +282,28 @@ impl HttpEndpoints {
                 Some(tx) => (tx, true),
                 None => (self.connect_h1(pool.addr).await?, false),
             };
-            if reused && tx.ready().await.is_err() {
+            // A released connection is ready at once, or after hyper has read the end
+            // of the last response; one that takes longer is not worth waiting for.
+            if reused
+                && !matches!(
+                    tokio::time::timeout(POOLED_READY_TIMEOUT, tx.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
                 continue;
             }
+            let request_ended = req.body().ended();
             match tx.try_send_request(req).await {
-                Ok(rsp) => return Ok((rsp, Some(Checkin { pool, tx }))),
+                Ok(rsp) => {
+                    return Ok((
+                        rsp,
+                        Some(Checkin {
+                            pool,
+                            tx,
+                            request_ended,
+                        }),
+                    ));
+                }
                 Err(mut e) => match e.take_message() {
                     // A pooled connection the server closed while it sat idle: the
                     // request was never written, so it goes out on another.
@@ -327,11 +360,23 @@ impl HttpEndpoints {
     }
 
     async fn connect_h2(&self, pool: &Pool) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        let waiting_since = Instant::now();
         let _connecting = pool.h2_connecting.lock().await;
         if let Some(tx) = pool.cached_h2() {
             return Ok(tx);
         }
-        let stream = self.connector.connect(pool.addr).await?;
+        if let Some((at, reason, message)) = pool.h2_failed.lock().clone()
+            && at >= waiting_since
+        {
+            return Err(ConnectError::Recent { reason, message }.into());
+        }
+        let stream = match self.connector.connect(pool.addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                *pool.h2_failed.lock() = Some((Instant::now(), e.reason(), e.to_string()));
+                return Err(e.into());
+            }
+        };
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
@@ -455,7 +500,7 @@ mod tests {
         Request::builder()
             .uri("/")
             .header("host", "x")
-            .body(RequestBody::Empty)
+            .body(RequestBody::empty())
             .unwrap()
     }
 

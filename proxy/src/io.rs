@@ -4,7 +4,7 @@
 //! needs to be reset.
 
 use bytes::{Buf, Bytes};
-use gofe_telemetry::metrics::Counter;
+use gofe_telemetry::metrics::{Counter, Gauge};
 use pin_project_lite::pin_project;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -29,21 +29,35 @@ impl AsTcp for TcpStream {
 }
 
 pin_project! {
-    /// Counts the bytes read from and written to the inner stream.
+    /// Counts the bytes read from and written to the inner stream, and holds the
+    /// connection's place in the open-connections gauge for as long as the stream
+    /// lives (through an upgrade, the tunnel owns it).
     pub struct Counted<T> {
         #[pin]
         inner: T,
         read: Arc<Counter>,
         written: Arc<Counter>,
+        _open: OpenGuard,
+    }
+}
+
+/// One open connection in a gauge.
+struct OpenGuard(Arc<Gauge>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
 impl<T> Counted<T> {
-    pub fn new(inner: T, read: Arc<Counter>, written: Arc<Counter>) -> Self {
+    pub fn new(inner: T, read: Arc<Counter>, written: Arc<Counter>, open: Arc<Gauge>) -> Self {
+        open.inc();
         Self {
             inner,
             read,
             written,
+            _open: OpenGuard(open),
         }
     }
 }
@@ -143,6 +157,10 @@ impl<T: AsyncRead> AsyncRead for Prefixed<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Free the detection buffer rather than keep it for the connection's life.
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_read(cx, buf)
@@ -190,10 +208,12 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         let (read, written) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let open = Arc::new(Gauge::default());
         let mut io = Prefixed::new(
             Bytes::from_static(b"GET "),
-            Counted::new(server, read.clone(), written.clone()),
+            Counted::new(server, read.clone(), written.clone(), open.clone()),
         );
+        assert_eq!(open.get(), 1);
         client.write_all(b"/ HTTP/1.1\r\n").await.unwrap();
         client.shutdown().await.unwrap();
         let mut all = Vec::new();
@@ -203,5 +223,7 @@ mod tests {
         assert_eq!(read.get(), 12);
         io.write_all(b"hello").await.unwrap();
         assert_eq!(written.get(), 5);
+        drop(io);
+        assert_eq!(open.get(), 0);
     }
 }

@@ -133,7 +133,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, RequestStats>,
     pub connections: Family<ConnLabels, Counter>,
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
-    open: [Gauge; 2],
+    open: [Arc<Gauge>; 2],
     bytes: [ByteCounters; 2],
 }
 
@@ -165,12 +165,12 @@ impl Metrics {
                 server_name: OVERFLOW.into(),
             }),
             connect_errors: Family::new(MAX_LABEL_SETS, |l| l.clone()),
-            open: [Gauge::default(), Gauge::default()],
+            open: [Arc::new(Gauge::default()), Arc::new(Gauge::default())],
             bytes: [ByteCounters::default(), ByteCounters::default()],
         }
     }
 
-    pub fn open(&self, d: Direction) -> &Gauge {
+    pub fn open(&self, d: Direction) -> &Arc<Gauge> {
         &self.open[idx(d)]
     }
 

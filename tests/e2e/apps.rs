@@ -128,6 +128,7 @@ async fn route(
     conn_id: u64,
 ) -> Response<Body> {
     let proto = format!("{:?}", req.version());
+    let target = req.uri().to_string();
     let is_grpc = req
         .headers()
         .get("content-type")
@@ -224,6 +225,9 @@ async fn route(
     };
     let h = rsp.headers_mut();
     h.insert("x-request-proto", proto.parse().unwrap());
+    if let Ok(v) = target.parse() {
+        h.insert("x-request-uri", v);
+    }
     h.insert("x-conn-id", conn_id.into());
     // The listener is dual-stack: show IPv4 peers as IPv4.
     let peer = match peer {

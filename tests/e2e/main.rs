@@ -27,6 +27,7 @@ fn all() -> Vec<(&'static str, Case)> {
     cases![
         http::http1_keepalive_reuses_connections,
         http::http1_chunked_bodies_pass_both_ways,
+        http::http1_0_clients_and_forward_proxy_requests,
         http::http1_64mib_bodies_stream_without_proxy_memory_growth,
         http::http2_prior_knowledge_with_curl,
         http::grpc_unary_and_bidirectional_streaming,

@@ -11,17 +11,38 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
-/// A request body on its way upstream.
-pub enum RequestBody {
-    Empty,
-    Incoming(Incoming),
+/// A request body on its way upstream. It records when it has been sent to the end:
+/// an HTTP/1 connection may only be reused once both its request and its response are
+/// complete.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    ended: Arc<AtomicBool>,
+}
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        Self {
+            inner: None,
+            ended: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Set once the whole body has been read from the client.
+    pub fn ended(&self) -> Arc<AtomicBool> {
+        self.ended.clone()
+    }
 }
 
 impl From<Incoming> for RequestBody {
     fn from(b: Incoming) -> Self {
-        RequestBody::Incoming(b)
+        let ended = Arc::new(AtomicBool::new(b.is_end_stream()));
+        Self {
+            inner: Some(b),
+            ended,
+        }
     }
 }
 
@@ -33,23 +54,25 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+        let this = self.get_mut();
+        let Some(b) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(&mut *b).poll_frame(cx));
+        if frame.is_none() || b.is_end_stream() {
+            this.ended.store(true, Ordering::Release);
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Empty => true,
-            RequestBody::Incoming(b) => b.is_end_stream(),
-        }
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Incoming(b) => b.size_hint(),
+        match &self.inner {
+            None => SizeHint::with_exact(0),
+            Some(b) => b.size_hint(),
         }
     }
 }

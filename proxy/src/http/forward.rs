@@ -8,6 +8,7 @@ use super::{HttpConn, headers, upgrade};
 use crate::destination::ConnTarget;
 use crate::endpoint::{HttpVersion, SendError};
 use http::{HeaderValue, Method, Request, Response, Version, header};
+use http_body::Body;
 use hyper::body::Incoming;
 use std::sync::Arc;
 use tracing::debug;
@@ -47,16 +48,42 @@ pub(crate) async fn forward(
         Version::HTTP_2 => HttpVersion::Http2,
         _ => HttpVersion::Http1,
     };
+    // A body of unknown length still to come; hyper would send one on a GET as empty
+    // unless the framing is spelled out.
+    let streaming_body = !req.body().is_end_stream() && req.body().size_hint().exact().is_none();
     headers::strip_hop_by_hop(req.headers_mut(), false);
     match version {
         HttpVersion::Http1 => {
-            if let Some(a) = req.uri().authority()
-                && !req.headers().contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(a.as_str())
-            {
-                req.headers_mut().insert(header::HOST, host);
+            if conn.target == ConnTarget::Explicit {
+                // The proxy is the target: the URI's authority names the origin and
+                // replaces any Host header (RFC 9112 §3.2.2). A redirected connection
+                // keeps its request-target, which may be meant for a forward proxy.
+                if let Some(host) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                *req.uri_mut() = headers::origin_form(req.uri(), req.method());
             }
-            *req.uri_mut() = headers::origin_form(req.uri(), req.method());
+            // An intermediary speaks its own version upstream (RFC 9110 §6.2), so an
+            // HTTP/1.0 client's requests reuse pooled HTTP/1.1 connections too; such a
+            // request needs the Host header HTTP/1.1 requires.
+            if req.version() == Version::HTTP_10 {
+                *req.version_mut() = Version::HTTP_11;
+                if !req.headers().contains_key(header::HOST)
+                    && let Ok(host) = HeaderValue::from_str(&endpoint.to_string())
+                {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+            }
+            if streaming_body {
+                req.headers_mut().insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
         }
         HttpVersion::Http2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());

@@ -25,27 +25,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         None
     };
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| n != header::TE)
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
+    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| n != header::TE)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    // A message framed by Transfer-Encoding has no meaningful Content-Length (RFC 9112
+    // §6.3); the next hop frames it afresh.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
     for h in &HOP_BY_HOP {
         headers.remove(h);
     }
-    if let Some(te) = headers.get(header::TE) {
-        let trailers = te
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    if headers.contains_key(header::TE) {
+        let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         } else {
@@ -56,6 +52,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
+}
+
+/// The comma-separated tokens of every `name` header line.
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = String> + '_ {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket, h2c upgrade...).
@@ -134,6 +141,18 @@ mod tests {
         names.sort();
         assert_eq!(names, vec!["te", "x-keep"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn every_connection_line_counts_and_te_drops_content_length() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", "x-internal".parse().unwrap());
+        h.insert("x-internal", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("content-length", "10".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use super::body::{OnEnd, RequestBody, ResponseBody};
 use super::errors::{ProxyError, error_response};
 use super::{HttpConn, headers};
 use crate::addrs::EndpointAddr;
+use crate::destination::ConnTarget;
 use crate::endpoint::SendError;
 use crate::metrics::RequestStats;
 use http::{Method, Request, Response, StatusCode};
@@ -29,8 +30,10 @@ pub(crate) async fn forward(
     let client_side = hyper::upgrade::on(&mut req);
     let connect = req.method() == Method::CONNECT;
     headers::strip_hop_by_hop(req.headers_mut(), !connect);
-    *req.uri_mut() = headers::origin_form(req.uri(), req.method());
 
+    if conn.target == ConnTarget::Explicit {
+        *req.uri_mut() = headers::origin_form(req.uri(), req.method());
+    }
     let mut tx = match conn.state.http.connect_dedicated(endpoint).await {
         Ok(tx) => tx,
         Err(e) => return fail(conn, e, grpc, stats),

@@ -71,6 +71,49 @@ pub fn http1_keepalive_reuses_connections(w: &World) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn http1_0_clients_and_forward_proxy_requests(w: &World) -> anyhow::Result<()> {
+    let (client, server) = meshed_pair(w, &[])?;
+    let url = format!("http://{}:{HTTP_PORT}/", server.ip4);
+    // HTTP/1.0 closes the client connection after each request; upstream the proxies
+    // speak HTTP/1.1 and keep one pooled connection.
+    let out = client.curl(&[
+        "--http1.0",
+        "-w",
+        "%header{x-request-proto} %header{x-conn-id}\n",
+        "-o",
+        "/dev/null",
+        &url,
+        "-o",
+        "/dev/null",
+        &url,
+    ])?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(
+        lines.len() == 2 && lines[0] == lines[1],
+        "one upstream connection: {out}"
+    );
+    ensure!(
+        lines[0].starts_with("HTTP/1.1 "),
+        "upstream spoke HTTP/1.1: {out}"
+    );
+    // The app is itself an HTTP proxy: a request meant for it keeps its absolute-form
+    // request-target through both sidecars.
+    let out = client.curl(&[
+        "-x",
+        &format!("http://{}:{HTTP_PORT}", server.ip4),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%header{x-request-uri}",
+        "http://example.test/some/path",
+    ])?;
+    ensure!(
+        out == "http://example.test/some/path",
+        "request-target kept: {out}"
+    );
+    Ok(())
+}
+
 pub fn http1_chunked_bodies_pass_both_ways(w: &World) -> anyhow::Result<()> {
     let (client, server) = meshed_pair(w, &[])?;
     let base = format!("http://{}:{HTTP_PORT}", server.ip4);
@@ -90,6 +133,21 @@ pub fn http1_chunked_bodies_pass_both_ways(w: &World) -> anyhow::Result<()> {
         echoed == upload,
         "chunked request echoed intact ({} bytes back)",
         echoed.len()
+    );
+
+    // A GET with a chunked body: its framing must survive the hop.
+    let got = client.curl(&[
+        "-X",
+        "GET",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{path}"),
+        &format!("{base}/sink"),
+    ])?;
+    ensure!(
+        got.starts_with(&format!("{} ", upload.len())),
+        "GET body arrived: {got}"
     );
 
     let out = client.curl(&["-D", "-", &format!("{base}/chunked")])?;
@@ -258,9 +316,16 @@ pub fn grpc_unary_and_bidirectional_streaming(w: &World) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn client_metrics_open(pod: &crate::harness::Pod<'_>) -> anyhow::Result<f64> {
+    Ok(pod
+        .metrics()?
+        .sum("gofe_tcp_connections_open", &[("direction", "outbound")]))
+}
+
 pub fn websocket_echo(w: &World) -> anyhow::Result<()> {
     let (client, server) = meshed_pair(w, &[])?;
     let url = format!("ws://{}:{HTTP_PORT}/ws", server.ip4);
+    let client_for_ws = &client;
     client.block_on(|| async move {
         let (mut ws, rsp) = tokio_tungstenite::connect_async(url.as_str()).await?;
         ensure!(rsp.status() == 101);
@@ -275,9 +340,17 @@ pub fn websocket_echo(w: &World) -> anyhow::Result<()> {
             Some(Ok(Message::Binary(b))) if b[..] == big[..] => {}
             other => bail!("binary echo: {:?}", other.map(|m| m.map(|m| m.len()))),
         }
+        // The tunnel holds the connection open after the upgrade.
+        let open = client_metrics_open(client_for_ws)?;
+        ensure!(open == 1.0, "the open WebSocket is counted: {open}");
         ws.close(None).await?;
         Ok(())
     })??;
+    crate::harness::eventually(
+        "the closed WebSocket is no longer counted",
+        std::time::Duration::from_secs(10),
+        || Ok((client_metrics_open(&client)? == 0.0).then_some(())),
+    )?;
     let cm = client.metrics()?;
     ensure!(
         cm.sum("gofe_requests_total", &[("status_code", "101")]) == 1.0,

@@ -8,9 +8,11 @@
 //!
 //! Without iptables, the sidecars are reached directly: each inbound listener forwards
 //! to its application (GOFE_INBOUND_DIRECT_TARGET) and `web` sends its calls to its
-//! sidecar's outbound listener as an explicit proxy. Every second the demo prints what
-//! the client saw and what each sidecar counted; Ctrl-C or `--duration` drains the
-//! sidecars and prints a summary.
+//! sidecar's outbound listener as an explicit proxy. An embedded issuer (`gofe
+//! identity`, in development mode) gives each sidecar a SPIFFE identity with a short
+//! lifetime, so renewals show within seconds; web's sidecar reaches api's over mTLS.
+//! Every second the demo prints what the client saw and what each sidecar counted;
+//! Ctrl-C or `--duration` drains the sidecars and prints a summary.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -57,8 +59,51 @@ struct Sidecar {
     name: &'static str,
     ports: SidecarPorts,
     metrics: Arc<Metrics>,
+    mesh: Arc<gofe_proxy::mesh::Mesh>,
     shutdown: gofe_proxy::Shutdown,
     done: tokio::task::JoinHandle<()>,
+    /// The serial of the certificate last reported.
+    serial: parking_lot::Mutex<Option<String>>,
+}
+
+/// Short-lived certificates, so that a renewal shows in a short run (renewed at ~70%).
+const DEMO_CERT_LIFETIME: Duration = Duration::from_secs(15);
+
+/// Where the embedded issuer is and what the sidecars need to reach it.
+struct Identity {
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+fn spiffe(name: &str) -> String {
+    format!("spiffe://cluster.local/ns/demo/sa/{name}")
+}
+
+/// Starts the embedded issuer: a fresh trust anchor and issuer in a temporary
+/// directory, development mode (any token), short lifetimes.
+async fn start_issuer(port: u16, admin_port: u16) -> anyhow::Result<Identity> {
+    let dir = std::env::temp_dir().join(format!("gofe-demo-{}", std::process::id()));
+    gofe_identity::issuer::material::bootstrap(&dir.join("issuer"), "cluster.local")?;
+    std::fs::write(
+        dir.join("token"),
+        "demo: the issuer runs with --insecure-dev\n",
+    )?;
+    let bound = gofe_identity::issuer::Bound::bind(gofe_identity::issuer::IssuerConfig {
+        dir: dir.join("issuer"),
+        listen: local(port),
+        admin_listen: local(admin_port),
+        cert_lifetime: DEMO_CERT_LIFETIME,
+        jwks: None,
+        insecure_dev: true,
+        trust_domain: "cluster.local".into(),
+        audience: gofe_identity::api::TOKEN_AUDIENCE.into(),
+        token_issuer: None,
+    })
+    .await
+    .context("cannot start the embedded issuer (try --port-base)")?;
+    let addr = bound.addr();
+    tokio::spawn(bound.run(std::future::pending()));
+    Ok(Identity { addr, dir })
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -67,7 +112,12 @@ fn local(port: u16) -> SocketAddr {
 
 /// Starts a sidecar in front of the application on `app_port`, configured through the
 /// same variables a user would set.
-fn sidecar(name: &'static str, ports: SidecarPorts, app_port: u16) -> anyhow::Result<Sidecar> {
+fn sidecar(
+    name: &'static str,
+    ports: SidecarPorts,
+    app_port: u16,
+    identity: &Identity,
+) -> anyhow::Result<Sidecar> {
     let vars: HashMap<String, String> = [
         (
             config::OUTBOUND_LISTEN.name,
@@ -83,6 +133,16 @@ fn sidecar(name: &'static str, ports: SidecarPorts, app_port: u16) -> anyhow::Re
             local(app_port).to_string(),
         ),
         (config::SHUTDOWN_GRACE_PERIOD.name, "5s".to_string()),
+        (config::IDENTITY_ADDR.name, identity.addr.to_string()),
+        (config::IDENTITY_NAME.name, spiffe(name)),
+        (
+            config::IDENTITY_TRUST_ANCHORS.name,
+            identity.dir.join("issuer/ca.crt").display().to_string(),
+        ),
+        (
+            config::IDENTITY_TOKEN_FILE.name,
+            identity.dir.join("token").display().to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -90,20 +150,51 @@ fn sidecar(name: &'static str, ports: SidecarPorts, app_port: u16) -> anyhow::Re
     let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
     let proxy = Proxy::bind(config).with_context(|| format!("{name} sidecar"))?;
     let metrics = proxy.metrics();
+    let mesh = proxy
+        .mesh()
+        .context("the demo's sidecars have identities")?;
     let shutdown = proxy.shutdown();
     let done = tokio::spawn(proxy.run());
     Ok(Sidecar {
         name,
         ports,
         metrics,
+        mesh,
         shutdown,
         done,
+        serial: parking_lot::Mutex::new(None),
     })
 }
 
 impl Sidecar {
     fn requests(&self, direction: Direction) -> u64 {
         total(&self.metrics, direction)
+    }
+
+    /// A line for each certificate the sidecar starts using.
+    fn report_certificate(&self, started: Instant) {
+        let Some(held) = self.mesh.store.current() else {
+            return;
+        };
+        let mut last = self.serial.lock();
+        if last.as_deref() == Some(held.info.serial.as_str()) {
+            return;
+        }
+        let verb = if last.is_some() { "renewed" } else { "got" };
+        let left = held
+            .info
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        println!(
+            "  {:>4}s  {} sidecar {verb} its certificate: {} serial {}..., valid {}s more",
+            started.elapsed().as_secs(),
+            self.name,
+            self.mesh.name(),
+            &held.info.serial[..11.min(held.info.serial.len())],
+            left.as_secs()
+        );
+        *last = Some(held.info.serial.clone());
     }
 }
 
@@ -132,21 +223,36 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         admin: base + 22,
     };
 
+    let identity = start_issuer(base + 3, base + 4).await?;
     tokio::spawn(serve_api(bind(api_app).await?));
     tokio::spawn(serve_web(
         bind(web_app).await?,
         web_ports.outbound,
         api_ports.inbound,
     ));
-    let api = sidecar("api", api_ports, api_app)?;
-    let web = sidecar("web", web_ports, web_app)?;
+    let api = sidecar("api", api_ports, api_app, &identity)?;
+    let web = sidecar("web", web_ports, web_app, &identity)?;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for s in [&web, &api] {
+            s.mesh.store.wait_ready().await;
+        }
+    })
+    .await
+    .context("the sidecars did not get certificates from the embedded issuer")?;
 
     println!("gofe demo: a client, two services, each behind its own gofe sidecar");
     println!();
     println!(
-        "  client ─HTTP/1.1─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ─▶ [api sidecar] ─▶ api"
+        "  client ─HTTP/1.1─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ═mTLS═▶ [api sidecar] ─▶ api"
     );
     println!();
+    println!(
+        "  issuer: https://{} (trust anchor {}), certificates for {}s",
+        identity.addr,
+        identity.dir.join("issuer/ca.crt").display(),
+        DEMO_CERT_LIFETIME.as_secs()
+    );
     for s in [&web, &api] {
         println!(
             "  {} sidecar: inbound 127.0.0.1:{}, outbound 127.0.0.1:{}, admin http://127.0.0.1:{}/metrics",
@@ -167,6 +273,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "time", "sent", "2xx", "5xx", "fail", "p50", "p99"
     );
 
+    for s in [&web, &api] {
+        s.report_certificate(started);
+    }
     let stats = Arc::new(parking_lot::Mutex::new(Stats::new()));
     let stop = Arc::new(tokio::sync::Notify::new());
     let client = tokio::spawn(client(
@@ -176,7 +285,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
-    let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -185,6 +293,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                for s in [&web, &api] {
+                    s.report_certificate(started);
+                }
                 print_line(started, &stats, &web, &api);
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -204,6 +315,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         s.shutdown.trigger();
     }
     let drained = Instant::now();
+    print_mtls(&web.metrics);
     for s in [web, api] {
         let name = s.name;
         let metrics = s.metrics.clone();
@@ -217,7 +329,27 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     print_summary(&stats.lock(), started.elapsed(), drained.elapsed());
+    let _ = std::fs::remove_dir_all(&identity.dir);
     Ok(())
+}
+
+/// How the web sidecar reached api: requests by whether they went over mTLS, and the
+/// identity the api sidecar presented.
+fn print_mtls(web: &Metrics) {
+    for (labels, stats) in web.requests.snapshot() {
+        if labels.direction == Direction::Outbound {
+            let how = if labels.tls {
+                format!("over mTLS to {}", labels.peer_identity)
+            } else {
+                "in plaintext".to_string()
+            };
+            println!(
+                "  web sidecar -> {}: {} requests {how}",
+                labels.authority,
+                stats.total()
+            );
+        }
+    }
 }
 
 fn total(metrics: &Metrics, direction: Direction) -> u64 {

@@ -4,6 +4,7 @@
 
 mod await_ready;
 mod demo;
+mod identity_cmd;
 mod init;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum Cmd {
     Proxy,
     /// Install the rules that send this network namespace's TCP traffic through the proxy.
     Init(init::InitArgs),
+    /// Run the mesh's certificate issuer (or --bootstrap a new trust anchor and issuer).
+    Identity(identity_cmd::IdentityArgs),
     /// Wait until the local proxy is ready (for a postStart hook).
     Await(await_ready::AwaitArgs),
     /// Run a small mesh on this machine, without root, and show what it does.
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Proxy => return proxy(),
         Cmd::Init(args) => init::run(&args),
+        Cmd::Identity(args) => identity_cmd::run(&args),
         Cmd::Await(args) => await_ready::run(&args),
         Cmd::Demo(args) => demo::run(args),
     };
@@ -101,6 +105,13 @@ fn proxy() -> ExitCode {
     let code = rt.block_on(async move {
         let proxy = match Proxy::bind(config) {
             Ok(p) => p,
+            Err(error @ gofe_proxy::BindError::Mesh(_)) => {
+                // A trust anchors file that is missing or does not parse is a bad
+                // setting, reported as one.
+                error!(%error, "cannot start");
+                eprintln!("gofe proxy: invalid configuration: {error}");
+                return ExitCode::from(2);
+            }
             Err(error) => {
                 error!(%error, "cannot start");
                 return ExitCode::FAILURE;
@@ -153,6 +164,7 @@ fn warn_unknown_variables() {
     let known: Vec<&str> = config::PROXY_VARS
         .iter()
         .chain(config::INIT_VARS)
+        .chain(config::ISSUER_VARS)
         .map(|v| v.name)
         .collect();
     for (name, _) in std::env::vars() {

@@ -46,6 +46,7 @@ fn listener_in_use_exits_1_naming_the_variable() {
     let out = gofe(
         &["proxy"],
         &[
+            ("GOFE_IDENTITY_DISABLED", "true"),
             ("GOFE_OUTBOUND_LISTEN", addr.as_str()),
             ("GOFE_INBOUND_LISTEN", "127.0.0.1:0"),
             ("GOFE_ADMIN_LISTEN", "127.0.0.1:0"),

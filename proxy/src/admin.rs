@@ -48,10 +48,15 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
     match (req.uri().path(), get) {
         ("/live", true) => text(StatusCode::OK, "live\n"),
         ("/ready", true) => {
-            if state.ready.load(Ordering::Acquire) {
+            if state.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else if state.shutdown.is_triggered() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if state.ready.load(Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no identity certificate yet\n",
+                )
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
             }
@@ -59,6 +64,9 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
         ("/metrics", true) => {
             let mut e = Exposition::new();
             state.metrics.render(&mut e);
+            if let Some(m) = &state.mesh {
+                render_identity(m, &mut e);
+            }
             gofe_telemetry::process::render(&mut e);
             let mut rsp = Response::new(Full::new(Bytes::from(e.finish())));
             rsp.headers_mut().insert(
@@ -67,6 +75,7 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             );
             rsp
         }
+        ("/identity", true) => identity(state),
         ("/config", true) => {
             let map: serde_json::Map<String, serde_json::Value> = state
                 .config
@@ -94,11 +103,75 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             state.shutdown.trigger();
             text(StatusCode::OK, "shutting down\n")
         }
-        ("/live" | "/ready" | "/metrics" | "/config", false) | ("/shutdown", _) => {
+        ("/live" | "/ready" | "/metrics" | "/config" | "/identity", false) | ("/shutdown", _) => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The certificate held: name, validity, next renewal.
+fn identity(state: &State) -> Response<Full<Bytes>> {
+    use gofe_identity::cert::rfc3339;
+    let Some(m) = &state.mesh else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "identity is disabled (GOFE_IDENTITY_DISABLED=true)\n",
+        );
+    };
+    let held = m.store.current();
+    let body = serde_json::json!({
+        "name": m.name().to_string(),
+        "certificate": held.as_ref().map(|h| serde_json::json!({
+            "serial": h.info.serial,
+            "not_before": rfc3339(h.info.not_before),
+            "not_after": rfc3339(h.info.not_after),
+        })),
+        "next_renewal": m.store.next_renewal().map(rfc3339),
+        "trust_anchors": m.anchors.count(),
+    });
+    let mut rsp = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    if held.is_none() {
+        *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn render_identity(m: &crate::mesh::Mesh, e: &mut Exposition) {
+    use gofe_telemetry::prom::Kind;
+    if let Some(h) = m.store.current() {
+        let expiry = h
+            .info
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        e.family(
+            "gofe_identity_cert_expiry_timestamp_seconds",
+            "When the certificate in use expires, in seconds since the epoch.",
+            Kind::Gauge,
+        );
+        e.sample("gofe_identity_cert_expiry_timestamp_seconds", &[], expiry);
+    }
+    e.family(
+        "gofe_identity_renewals_total",
+        "Certificate requests to the issuer, by result.",
+        Kind::Counter,
+    );
+    e.sample(
+        "gofe_identity_renewals_total",
+        &[("result", "ok")],
+        m.store.renewals_ok.get(),
+    );
+    e.sample(
+        "gofe_identity_renewals_total",
+        &[("result", "error")],
+        m.store.renewals_failed.get(),
+    );
 }
 
 fn is_loopback(peer: SocketAddr) -> bool {

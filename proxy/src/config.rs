@@ -2,10 +2,12 @@
 //! why), read in one pass into typed values, and every bad value is reported together
 //! before start-up. `gofe init`, the injector and the docs read the same declarations.
 
+use gofe_identity::SpiffeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -63,6 +65,44 @@ vars! {
         "Install ip6tables rules too: auto (when the namespace has IPv6), true or false.";
     IPTABLES_MODE = "GOFE_IPTABLES_MODE", "auto",
         "iptables backend for `gofe init`: auto (the one already holding rules, else nft), nft or legacy.";
+    IDENTITY_DISABLED = "GOFE_IDENTITY_DISABLED", "false",
+        "true runs without an identity: no certificate, no mTLS, plaintext only.";
+    IDENTITY_ADDR = "GOFE_IDENTITY_ADDR", "",
+        "The issuer's address, host:port (gofe-identity.gofe-system.svc:8443). Required unless GOFE_IDENTITY_DISABLED=true.";
+    IDENTITY_SERVER_NAME = "GOFE_IDENTITY_SERVER_NAME", "gofe-identity.gofe-system.svc",
+        "The name the issuer's serving certificate must carry.";
+    IDENTITY_NAME = "GOFE_IDENTITY_NAME", "",
+        "This workload's SPIFFE ID, spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>. Required unless GOFE_IDENTITY_DISABLED=true.";
+    IDENTITY_TRUST_ANCHORS = "GOFE_IDENTITY_TRUST_ANCHORS", "",
+        "PEM file of the mesh's trust anchors, re-read when it changes. Required unless GOFE_IDENTITY_DISABLED=true.";
+    IDENTITY_TOKEN_FILE = "GOFE_IDENTITY_TOKEN_FILE", "/var/run/secrets/tokens/gofe-identity-token",
+        "The service-account token sent to the issuer (the injector projects it here, with the issuer's audience).";
+    TRUST_DOMAIN = "GOFE_TRUST_DOMAIN", "cluster.local",
+        "The mesh's trust domain: the authority of every SPIFFE ID it issues and accepts.";
+    OUTBOUND_MTLS = "GOFE_OUTBOUND_MTLS", "auto",
+        "auto: mTLS to peers that answer it, plaintext (remembered for a minute) to those that do not; strict: mTLS or fail; off.";
+    INBOUND_MTLS = "GOFE_INBOUND_MTLS", "permissive",
+        "strict: only mTLS from the mesh; permissive: mTLS or plaintext; off: no TLS termination.";
+    INBOUND_AUTHORIZE = "GOFE_INBOUND_AUTHORIZE", "",
+        "SPIFFE IDs allowed in over mTLS, comma-separated; empty allows the whole mesh.";
+    ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
+        "(issuer) Directory with ca.crt, tls.crt and tls.key, laid out like a kubernetes.io/tls Secret.";
+    ISSUER_LISTEN = "GOFE_ISSUER_LISTEN", "0.0.0.0:8443",
+        "(issuer) The certify endpoint (HTTPS).";
+    ISSUER_ADMIN_LISTEN = "GOFE_ISSUER_ADMIN_LISTEN", "0.0.0.0:9990",
+        "(issuer) /live, /ready and /metrics.";
+    ISSUER_CERT_LIFETIME = "GOFE_ISSUER_CERT_LIFETIME", "24h",
+        "(issuer) Lifetime of workload certificates; proxies renew at about 70% of it.";
+    ISSUER_JWKS = "GOFE_ISSUER_JWKS", "",
+        "(issuer) The cluster's service-account issuer keys: a JWKS file, or an https URL (https://kubernetes.default.svc/openid/v1/jwks).";
+    ISSUER_JWKS_CA = "GOFE_ISSUER_JWKS_CA", "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "(issuer) CA bundle that verifies an https JWKS URL; the issuer's own service-account token authenticates the fetch.";
+    ISSUER_INSECURE_DEV = "GOFE_ISSUER_INSECURE_DEV", "false",
+        "(issuer) true accepts any token and issues whatever SPIFFE ID in the trust domain is asked for. Demo only.";
+    ISSUER_TOKEN_AUDIENCE = "GOFE_ISSUER_TOKEN_AUDIENCE", "identity.gofe.io",
+        "(issuer) The audience workload tokens must carry.";
+    ISSUER_TOKEN_ISSUER = "GOFE_ISSUER_TOKEN_ISSUER", "",
+        "(issuer) When set, the `iss` workload tokens must carry.";
 }
 
 /// The variables `gofe proxy` reads.
@@ -79,6 +119,29 @@ pub const PROXY_VARS: &[&Var] = &[
     &WORKER_THREADS,
     &LOG,
     &LOG_FORMAT,
+    &IDENTITY_DISABLED,
+    &IDENTITY_ADDR,
+    &IDENTITY_SERVER_NAME,
+    &IDENTITY_NAME,
+    &IDENTITY_TRUST_ANCHORS,
+    &IDENTITY_TOKEN_FILE,
+    &TRUST_DOMAIN,
+    &OUTBOUND_MTLS,
+    &INBOUND_MTLS,
+    &INBOUND_AUTHORIZE,
+];
+
+/// The variables `gofe identity` reads (and GOFE_TRUST_DOMAIN).
+pub const ISSUER_VARS: &[&Var] = &[
+    &ISSUER_DIR,
+    &ISSUER_LISTEN,
+    &ISSUER_ADMIN_LISTEN,
+    &ISSUER_CERT_LIFETIME,
+    &ISSUER_JWKS,
+    &ISSUER_JWKS_CA,
+    &ISSUER_INSECURE_DEV,
+    &ISSUER_TOKEN_AUDIENCE,
+    &ISSUER_TOKEN_ISSUER,
 ];
 
 /// The variables `gofe init` reads besides the listener ports.
@@ -198,6 +261,80 @@ pub struct Config {
     pub worker_threads: usize,
     pub log: String,
     pub log_format: LogFormat,
+    /// None when GOFE_IDENTITY_DISABLED=true.
+    pub identity: Option<IdentityConfig>,
+    pub trust_domain: String,
+    pub outbound_mtls: OutboundMtls,
+    pub inbound_mtls: InboundMtls,
+    pub inbound_authorize: Vec<SpiffeId>,
+}
+
+/// Where the proxy gets its certificate.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub addr: String,
+    pub server_name: String,
+    pub name: SpiffeId,
+    pub trust_anchors: PathBuf,
+    pub token_file: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboundMtls {
+    Auto,
+    Strict,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundMtls {
+    Strict,
+    Permissive,
+    Off,
+}
+
+impl fmt::Display for OutboundMtls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OutboundMtls::Auto => "auto",
+            OutboundMtls::Strict => "strict",
+            OutboundMtls::Off => "off",
+        })
+    }
+}
+
+impl fmt::Display for InboundMtls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InboundMtls::Strict => "strict",
+            InboundMtls::Permissive => "permissive",
+            InboundMtls::Off => "off",
+        })
+    }
+}
+
+pub fn parse_trust_domain(s: &str) -> Result<String, String> {
+    SpiffeId::new(s, "x", "x")
+        .map(|_| s.to_string())
+        .map_err(|_| "expected a trust domain such as cluster.local (lowercase letters, digits, '.', '-', '_')".into())
+}
+
+fn parse_spiffe_ids(s: &str) -> Result<Vec<SpiffeId>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<SpiffeId>().map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// A host:port address, the host a name or an IP literal.
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected host:port such as gofe-identity.gofe-system.svc:8443";
+    let (host, port) = s.rsplit_once(':').ok_or(EXPECTED)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(EXPECTED.into());
+    }
+    Ok(s.to_string())
 }
 
 impl Config {
@@ -231,7 +368,24 @@ impl Config {
                     .map_err(|e| e.to_string())
             }),
             log_format: env.get(&LOG_FORMAT, |s| s.parse::<LogFormat>()),
+            identity: None,
+            trust_domain: env.get(&TRUST_DOMAIN, parse_trust_domain),
+            outbound_mtls: env.get(&OUTBOUND_MTLS, |s| match s {
+                "auto" => Ok(OutboundMtls::Auto),
+                "strict" => Ok(OutboundMtls::Strict),
+                "off" => Ok(OutboundMtls::Off),
+                _ => Err("expected auto, strict or off".into()),
+            }),
+            inbound_mtls: env.get(&INBOUND_MTLS, |s| match s {
+                "strict" => Ok(InboundMtls::Strict),
+                "permissive" => Ok(InboundMtls::Permissive),
+                "off" => Ok(InboundMtls::Off),
+                _ => Err("expected strict, permissive or off".into()),
+            }),
+            inbound_authorize: env.get(&INBOUND_AUTHORIZE, parse_spiffe_ids),
         };
+        let mut cfg = cfg;
+        cfg.identity = read_identity(env, &cfg);
         let ports = [
             (&OUTBOUND_LISTEN, cfg.outbound_listen),
             (&INBOUND_LISTEN, cfg.inbound_listen),
@@ -288,7 +442,181 @@ impl Config {
             (WORKER_THREADS.name, self.worker_threads.to_string()),
             (LOG.name, self.log.clone()),
             (LOG_FORMAT.name, self.log_format.to_string()),
+            (IDENTITY_DISABLED.name, self.identity.is_none().to_string()),
+            (
+                IDENTITY_ADDR.name,
+                self.identity
+                    .as_ref()
+                    .map(|i| i.addr.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                IDENTITY_SERVER_NAME.name,
+                self.identity
+                    .as_ref()
+                    .map(|i| i.server_name.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                IDENTITY_NAME.name,
+                self.identity
+                    .as_ref()
+                    .map(|i| i.name.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                IDENTITY_TRUST_ANCHORS.name,
+                self.identity
+                    .as_ref()
+                    .map(|i| i.trust_anchors.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                IDENTITY_TOKEN_FILE.name,
+                self.identity
+                    .as_ref()
+                    .map(|i| i.token_file.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (TRUST_DOMAIN.name, self.trust_domain.clone()),
+            (OUTBOUND_MTLS.name, self.outbound_mtls.to_string()),
+            (INBOUND_MTLS.name, self.inbound_mtls.to_string()),
+            (
+                INBOUND_AUTHORIZE.name,
+                self.inbound_authorize
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ]
+    }
+}
+
+/// The identity settings, checked together: each is required unless identity is
+/// disabled, and strict mTLS needs an identity.
+fn read_identity(env: &mut Env<'_>, cfg: &Config) -> Option<IdentityConfig> {
+    let disabled = env.get(&IDENTITY_DISABLED, parse_bool);
+    let addr = env.get(&IDENTITY_ADDR, |s| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            parse_host_port(s).map(Some)
+        }
+    });
+    let server_name = env.get(&IDENTITY_SERVER_NAME, |s| {
+        rustls::pki_types::ServerName::try_from(s)
+            .map(|_| s.to_string())
+            .map_err(|_| "expected a DNS name".into())
+    });
+    let name = env.get(&IDENTITY_NAME, |s| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse::<SpiffeId>().map(Some).map_err(|e| e.to_string())
+        }
+    });
+    let anchors = env.get(&IDENTITY_TRUST_ANCHORS, |s| {
+        Ok::<_, String>((!s.is_empty()).then(|| PathBuf::from(s)))
+    });
+    let token_file = env.get(&IDENTITY_TOKEN_FILE, |s| Ok::<_, String>(PathBuf::from(s)));
+    if disabled {
+        if cfg.outbound_mtls == OutboundMtls::Strict {
+            env.reject(
+                &OUTBOUND_MTLS,
+                "strict",
+                "auto or off: strict mTLS needs an identity (GOFE_IDENTITY_DISABLED=true)",
+            );
+        }
+        if cfg.inbound_mtls == InboundMtls::Strict {
+            env.reject(
+                &INBOUND_MTLS,
+                "strict",
+                "permissive or off: strict mTLS needs an identity (GOFE_IDENTITY_DISABLED=true)",
+            );
+        }
+        return None;
+    }
+    let required = "a value: required unless GOFE_IDENTITY_DISABLED=true";
+    if addr.is_none() {
+        env.reject(&IDENTITY_ADDR, "", required);
+    }
+    if anchors.is_none() {
+        env.reject(&IDENTITY_TRUST_ANCHORS, "", required);
+    }
+    match &name {
+        None => env.reject(&IDENTITY_NAME, "", required),
+        Some(n) if n.trust_domain() != cfg.trust_domain => env.reject(
+            &IDENTITY_NAME,
+            n,
+            format!(
+                "a SPIFFE ID in trust domain {} (GOFE_TRUST_DOMAIN)",
+                cfg.trust_domain
+            ),
+        ),
+        Some(_) => {}
+    }
+    Some(IdentityConfig {
+        addr: addr?,
+        server_name,
+        name: name?,
+        trust_anchors: anchors?,
+        token_file,
+    })
+}
+
+/// `gofe identity`'s settings.
+pub fn read_issuer(env: &mut Env<'_>) -> gofe_identity::issuer::IssuerConfig {
+    let insecure_dev = env.get(&ISSUER_INSECURE_DEV, parse_bool);
+    let jwks_ca = env.get(&ISSUER_JWKS_CA, |s| Ok::<_, String>(PathBuf::from(s)));
+    let jwks = env.get(&ISSUER_JWKS, |s| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            gofe_identity::issuer::tokens::JwksSource::parse(
+                s,
+                Some(jwks_ca.clone()),
+                Some(PathBuf::from(
+                    "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                ))
+                .filter(|p| p.exists()),
+            )
+            .map(Some)
+        }
+    });
+    if jwks.is_none() && !insecure_dev {
+        env.reject(
+            &ISSUER_JWKS,
+            "",
+            "a JWKS file or URL (or GOFE_ISSUER_INSECURE_DEV=true for a demo)",
+        );
+    }
+    gofe_identity::issuer::IssuerConfig {
+        dir: env.get(&ISSUER_DIR, |s| Ok::<_, String>(PathBuf::from(s))),
+        listen: env.get(&ISSUER_LISTEN, parse_socket_addr),
+        admin_listen: env.get(&ISSUER_ADMIN_LISTEN, parse_socket_addr),
+        cert_lifetime: env.get(&ISSUER_CERT_LIFETIME, |s| {
+            parse_nonzero_duration(s).and_then(|d| {
+                if d < Duration::from_secs(1) {
+                    Err("expected at least 1s".into())
+                } else {
+                    Ok(d)
+                }
+            })
+        }),
+        jwks,
+        insecure_dev,
+        trust_domain: env.get(&TRUST_DOMAIN, parse_trust_domain),
+        audience: env.get(&ISSUER_TOKEN_AUDIENCE, |s| {
+            if s.is_empty() {
+                Err("expected an audience".to_string())
+            } else {
+                Ok(s.to_string())
+            }
+        }),
+        token_issuer: env.get(&ISSUER_TOKEN_ISSUER, |s| {
+            Ok::<_, String>((!s.is_empty()).then(|| s.to_string()))
+        }),
     }
 }
 
@@ -431,9 +759,66 @@ mod tests {
             .collect()
     }
 
+    fn meshed() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("GOFE_IDENTITY_ADDR", "gofe-identity.gofe-system.svc:8443"),
+            (
+                "GOFE_IDENTITY_NAME",
+                "spiffe://cluster.local/ns/default/sa/web",
+            ),
+            ("GOFE_IDENTITY_TRUST_ANCHORS", "/var/run/gofe/anchors.pem"),
+        ]
+    }
+
+    #[test]
+    fn identity_is_required_unless_disabled() {
+        let err = Config::from_map(&HashMap::new()).unwrap_err();
+        let names: Vec<&str> = err.0.iter().map(|b| b.name).collect();
+        assert_eq!(
+            names,
+            vec![
+                "GOFE_IDENTITY_ADDR",
+                "GOFE_IDENTITY_TRUST_ANCHORS",
+                "GOFE_IDENTITY_NAME"
+            ]
+        );
+        let cfg = Config::from_map(&env(&meshed())).unwrap();
+        let id = cfg.identity.unwrap();
+        assert_eq!(
+            id.name.to_string(),
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
+        assert_eq!(id.server_name, "gofe-identity.gofe-system.svc");
+        let cfg = Config::from_map(&env(&[("GOFE_IDENTITY_DISABLED", "true")])).unwrap();
+        assert!(cfg.identity.is_none());
+    }
+
+    #[test]
+    fn identity_must_be_in_the_trust_domain_and_strict_needs_one() {
+        let mut vars = meshed();
+        vars.push(("GOFE_TRUST_DOMAIN", "example.org"));
+        let err = Config::from_map(&env(&vars)).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_IDENTITY_NAME", "{err}");
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_INBOUND_MTLS", "strict"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_INBOUND_MTLS", "{err}");
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            (
+                "GOFE_INBOUND_AUTHORIZE",
+                "spiffe://cluster.local/ns/a/sa/b,web",
+            ),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_INBOUND_AUTHORIZE", "{err}");
+    }
+
     #[test]
     fn defaults_parse() {
-        let cfg = Config::from_map(&HashMap::new()).unwrap();
+        let cfg = Config::from_map(&env(&[("GOFE_IDENTITY_DISABLED", "true")])).unwrap();
         assert_eq!(cfg.outbound_listen, "127.0.0.1:4140".parse().unwrap());
         assert_eq!(cfg.detect_timeout, Duration::from_secs(10));
         assert!(cfg.opaque_ports.contains(3306));
@@ -448,6 +833,7 @@ mod tests {
     #[test]
     fn every_bad_variable_is_reported_with_name_and_value() {
         let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
             ("GOFE_DETECT_TIMEOUT", "ten"),
             ("GOFE_OPAQUE_PORTS", "25,70000"),
             ("GOFE_INBOUND_LISTEN", "4143"),
@@ -462,14 +848,22 @@ mod tests {
 
     #[test]
     fn listeners_must_not_share_a_port() {
-        let err = Config::from_map(&env(&[("GOFE_ADMIN_LISTEN", "0.0.0.0:4143")])).unwrap_err();
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_ADMIN_LISTEN", "0.0.0.0:4143"),
+        ]))
+        .unwrap_err();
         assert_eq!(err.0[0].name, "GOFE_ADMIN_LISTEN");
         assert!(err.0[0].expected.contains("GOFE_INBOUND_LISTEN"));
     }
 
     #[test]
     fn zero_is_not_a_connect_timeout() {
-        let err = Config::from_map(&env(&[("GOFE_CONNECT_TIMEOUT", "0")])).unwrap_err();
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_CONNECT_TIMEOUT", "0"),
+        ]))
+        .unwrap_err();
         assert_eq!(err.0[0].name, "GOFE_CONNECT_TIMEOUT");
     }
 
@@ -496,7 +890,9 @@ mod tests {
 
     #[test]
     fn effective_config_round_trips_through_the_parser() {
-        let cfg = Config::from_map(&env(&[("GOFE_IDLE_TIMEOUT", "90s")])).unwrap();
+        let mut vars = meshed();
+        vars.push(("GOFE_IDLE_TIMEOUT", "90s"));
+        let cfg = Config::from_map(&env(&vars)).unwrap();
         let map: HashMap<String, String> = cfg
             .effective()
             .into_iter()

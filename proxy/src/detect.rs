@@ -19,7 +19,12 @@ const MAX_DETECT_BYTES: usize = 18 * 1024;
 pub enum Protocol {
     Http1,
     Http2,
-    Tls { server_name: Option<String> },
+    /// `mesh`: the ClientHello asks for one of the mesh's ALPN protocols, so it is
+    /// another proxy's mTLS rather than the application's own TLS.
+    Tls {
+        server_name: Option<String>,
+        mesh: bool,
+    },
     Opaque,
 }
 
@@ -28,6 +33,7 @@ impl Protocol {
         match self {
             Protocol::Http1 => "http1",
             Protocol::Http2 => "h2",
+            Protocol::Tls { mesh: true, .. } => "mtls",
             Protocol::Tls { .. } => "tls",
             Protocol::Opaque => "opaque",
         }
@@ -117,11 +123,20 @@ fn classify_tls(buf: &[u8]) -> Option<Protocol> {
         }
     }
     match acceptor.accept() {
-        Ok(Some(accepted)) => Some(Protocol::Tls {
-            server_name: accepted.client_hello().server_name().map(str::to_owned),
-        }),
+        Ok(Some(accepted)) => {
+            let hello = accepted.client_hello();
+            Some(Protocol::Tls {
+                server_name: hello.server_name().map(str::to_owned),
+                mesh: hello
+                    .alpn()
+                    .is_some_and(|mut protocols| protocols.any(gofe_identity::tls::is_mesh_alpn)),
+            })
+        }
         Ok(None) if buf.len() < MAX_DETECT_BYTES => None,
-        Ok(None) | Err(_) => Some(Protocol::Tls { server_name: None }),
+        Ok(None) | Err(_) => Some(Protocol::Tls {
+            server_name: None,
+            mesh: false,
+        }),
     }
 }
 
@@ -189,9 +204,15 @@ mod tests {
         assert_eq!(
             classify(&hello),
             Some(Protocol::Tls {
-                server_name: Some("api.example.com".into())
+                server_name: Some("api.example.com".into()),
+                mesh: false,
             })
         );
+        let mesh = client_hello_with_alpn("10.0.0.1", b"gofe/h2");
+        assert!(matches!(
+            classify(&mesh),
+            Some(Protocol::Tls { mesh: true, .. })
+        ));
         // Cut short: wait for the rest of the record.
         assert_eq!(classify(&hello[..hello.len() / 2]), None);
     }
@@ -226,14 +247,20 @@ mod tests {
         t.await.unwrap();
     }
 
-    /// The first flight of a real rustls client connecting to `name`.
     fn client_hello(name: &str) -> Vec<u8> {
+        client_hello_with_alpn(name, b"http/1.1")
+    }
+
+    /// The first flight of a real rustls client connecting to `name`.
+    fn client_hello_with_alpn(name: &str, alpn: &[u8]) -> Vec<u8> {
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
+        let mut config = config;
+        config.alpn_protocols = vec![alpn.to_vec()];
         let mut conn = rustls::ClientConnection::new(
             std::sync::Arc::new(config),
             name.to_string().try_into().unwrap(),

@@ -1,22 +1,31 @@
-//! Endpoint connections: connecting (with the connect timeout, and refusing to connect
-//! to the proxy's own listeners), and the pools of HTTP connections to each endpoint
-//! that requests reuse: idle HTTP/1 connections, one multiplexed HTTP/2 connection.
+//! Endpoint connections: connecting (TCP within the connect timeout, then mTLS to
+//! meshed peers within the same deadline, refusing to connect to the proxy's own
+//! listeners), and the pools requests reuse: idle HTTP/1 connections per endpoint, one
+//! multiplexed HTTP/2 connection per endpoint, plaintext or over mTLS.
 
-use crate::addrs::EndpointAddr;
+use crate::addrs::{Direction, EndpointAddr};
 use crate::http::body::RequestBody;
+use crate::io::AsTcp;
+use crate::metrics::Metrics;
 use crate::socket::{SocketFactory, is_local_ip};
+use gofe_identity::SpiffeId;
+use gofe_identity::tls::{ALPN_H2, ALPN_HTTP1, MeshTls};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tracing::debug;
 
 /// How long a pooled HTTP/1 connection may take to become ready before another is used.
@@ -42,11 +51,22 @@ pub enum ConnectError {
         addr: EndpointAddr,
         source: io::Error,
     },
+    /// The peer did not complete a mesh TLS handshake: it has no sidecar, or not one
+    /// of this mesh.
+    #[error("mTLS handshake with {addr} failed: {reason}")]
+    Tls { addr: EndpointAddr, reason: String },
+    #[error("{addr} presented identity {presented}, expected {expected}")]
+    Identity {
+        addr: EndpointAddr,
+        presented: String,
+        expected: String,
+    },
     /// Another request's connection attempt failed while this one waited for it.
     #[error("{message}")]
     Recent {
         reason: &'static str,
         message: String,
+        not_meshed: bool,
     },
 }
 
@@ -58,7 +78,19 @@ impl ConnectError {
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Loop { .. } => "loop",
             ConnectError::Io { .. } => "error",
+            ConnectError::Tls { .. } => "tls",
+            ConnectError::Identity { .. } => "identity",
             ConnectError::Recent { reason, .. } => reason,
+        }
+    }
+
+    /// The TCP connection worked but mesh TLS did not: in auto mode, a peer to reach
+    /// in plaintext.
+    pub fn not_meshed(&self) -> bool {
+        match self {
+            ConnectError::Tls { .. } => true,
+            ConnectError::Recent { not_meshed, .. } => *not_meshed,
+            _ => false,
         }
     }
 }
@@ -84,28 +116,116 @@ impl OwnListeners {
     }
 }
 
-/// Opens TCP connections to endpoints.
-#[derive(Clone, Debug)]
+/// A connection to an endpoint, in plaintext or inside mesh TLS.
+pub enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsTcp for Upstream {
+    fn as_tcp(&self) -> &TcpStream {
+        match self {
+            Upstream::Plain(s) => s,
+            Upstream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Upstream::Plain(s) => s.is_write_vectored(),
+            Upstream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens connections to endpoints.
+#[derive(Clone)]
 pub struct Connector {
     sockets: SocketFactory,
     timeout: Duration,
     own: OwnListeners,
+    metrics: Arc<Metrics>,
 }
 
 impl Connector {
-    pub fn new(sockets: SocketFactory, timeout: Duration, own: OwnListeners) -> Self {
+    pub fn new(
+        sockets: SocketFactory,
+        timeout: Duration,
+        own: OwnListeners,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             sockets,
             timeout,
             own,
+            metrics,
         }
     }
 
     pub async fn connect(&self, addr: EndpointAddr) -> Result<TcpStream, ConnectError> {
+        self.connect_by(addr, Instant::now() + self.timeout).await
+    }
+
+    async fn connect_by(
+        &self,
+        addr: EndpointAddr,
+        deadline: Instant,
+    ) -> Result<TcpStream, ConnectError> {
         if self.own.contains(addr.0) {
             return Err(ConnectError::Loop { addr });
         }
-        match tokio::time::timeout(self.timeout, self.sockets.connect(addr.0)).await {
+        match tokio::time::timeout_at(deadline.into(), self.sockets.connect(addr.0)).await {
             Err(_) => Err(ConnectError::Timeout {
                 addr,
                 timeout: self.timeout,
@@ -117,6 +237,62 @@ impl Connector {
             Ok(Err(source)) => Err(ConnectError::Io { addr, source }),
         }
     }
+
+    /// TCP then mesh TLS asking for `alpn`, both within the connect timeout; returns
+    /// the stream and the identity the peer presented.
+    pub async fn connect_tls(
+        &self,
+        addr: EndpointAddr,
+        tls: &MeshTls,
+        alpn: &[u8],
+    ) -> Result<(TlsStream<TcpStream>, SpiffeId), ConnectError> {
+        let deadline = Instant::now() + self.timeout;
+        let tcp = self.connect_by(addr, deadline).await?;
+        let connector = tokio_rustls::TlsConnector::from(tls.client_config(alpn));
+        // Mesh certificates name identities, not hosts: the name only fills the
+        // handshake; the verifier checks the chain and the caller the identity.
+        let name = rustls::pki_types::ServerName::IpAddress(addr.0.ip().into());
+        let result =
+            match tokio::time::timeout_at(deadline.into(), connector.connect(name, tcp)).await {
+                Err(_) => Err(ConnectError::Tls {
+                    addr,
+                    reason: format!("no handshake within {:?}", self.timeout),
+                }),
+                Ok(Err(e)) => Err(ConnectError::Tls {
+                    addr,
+                    reason: e.to_string(),
+                }),
+                Ok(Ok(stream)) => match gofe_identity::tls::peer_identity(stream.get_ref().1) {
+                    Some(id) => Ok((stream, id)),
+                    None => Err(ConnectError::Tls {
+                        addr,
+                        reason: "the peer presented no SPIFFE ID".into(),
+                    }),
+                },
+            };
+        self.metrics.tls_handshake(
+            Direction::Outbound,
+            if result.is_ok() { "ok" } else { "error" },
+        );
+        result
+    }
+
+    /// An opaque stream to `addr`, inside mesh TLS when `tls` is given.
+    pub async fn connect_stream(
+        &self,
+        addr: EndpointAddr,
+        tls: Option<&MeshTls>,
+    ) -> Result<(Upstream, Option<SpiffeId>), ConnectError> {
+        match tls {
+            None => Ok((Upstream::Plain(self.connect(addr).await?), None)),
+            Some(tls) => {
+                let (s, id) = self
+                    .connect_tls(addr, tls, gofe_identity::tls::ALPN_TCP)
+                    .await?;
+                Ok((Upstream::Tls(Box::new(s)), Some(id)))
+            }
+        }
+    }
 }
 
 /// The HTTP version spoken to an endpoint.
@@ -125,6 +301,18 @@ pub enum HttpVersion {
     Http1,
     Http2,
 }
+
+/// Which pool a connection lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Http1,
+    Http2,
+    /// HTTP/2 over mesh TLS to another proxy.
+    Mesh,
+}
+
+/// The identity of the peer proxy a connection reaches, when it is meshed.
+pub type Peer = Option<Arc<SpiffeId>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -140,6 +328,16 @@ pub enum SendError {
         addr: EndpointAddr,
         source: hyper::Error,
     },
+}
+
+/// A mesh send that failed; the request comes back when it was never sent.
+pub enum MeshSendError {
+    /// The peer does not speak mesh TLS; nothing was sent.
+    NotMeshed {
+        error: ConnectError,
+        req: Box<Request<RequestBody>>,
+    },
+    Failed(SendError),
 }
 
 /// An HTTP/1 connection lent to one request; `release` gives it back to its pool once
@@ -167,16 +365,16 @@ struct IdleH1 {
     since: Instant,
 }
 
-/// The connections to one endpoint at one HTTP version.
+/// The connections to one endpoint of one kind.
 struct Pool {
     addr: EndpointAddr,
     h1_idle: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Peer)>>,
     /// Held while an HTTP/2 connection is being made, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
     /// When the last HTTP/2 connect failed, and why: requests that waited for it fail
     /// with it rather than each trying again for a whole connect timeout.
-    h2_failed: Mutex<Option<(Instant, &'static str, String)>>,
+    h2_failed: Mutex<Option<(Instant, &'static str, String, bool)>>,
     /// Milliseconds since `EPOCH` of the last request: an atomic, as every request
     /// stores it.
     last_used: AtomicU64,
@@ -212,10 +410,10 @@ impl Pool {
         None
     }
 
-    fn cached_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+    fn cached_h2(&self) -> Option<(http2::SendRequest<RequestBody>, Peer)> {
         let mut h2 = self.h2.lock();
         match h2.as_ref() {
-            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some((tx, peer)) if !tx.is_closed() => Some((tx.clone(), peer.clone())),
             Some(_) => {
                 *h2 = None;
                 None
@@ -225,11 +423,17 @@ impl Pool {
     }
 }
 
+/// An HTTP/2 send that failed, with the request when it was never sent.
+enum H2Error {
+    Unsent(SendError, Box<Request<RequestBody>>),
+    Sent(SendError),
+}
+
 /// Every endpoint's connection pools.
 pub struct HttpEndpoints {
     connector: Connector,
     idle_timeout: Duration,
-    pools: RwLock<HashMap<(EndpointAddr, HttpVersion), Arc<Pool>>>,
+    pools: RwLock<HashMap<(EndpointAddr, Kind), Arc<Pool>>>,
 }
 
 impl HttpEndpoints {
@@ -245,30 +449,59 @@ impl HttpEndpoints {
         &self.connector
     }
 
-    fn pool(&self, addr: EndpointAddr, version: HttpVersion) -> Arc<Pool> {
-        if let Some(p) = self.pools.read().get(&(addr, version)) {
-            return p.clone();
-        }
-        self.pools
-            .write()
-            .entry((addr, version))
-            .or_insert_with(|| Arc::new(Pool::new(addr)))
-            .clone()
+    fn pool(&self, addr: EndpointAddr, kind: Kind) -> Arc<Pool> {
+        // The read guard must be gone before the write lock is taken.
+        let found = self.pools.read().get(&(addr, kind)).cloned();
+        let pool = match found {
+            Some(p) => p,
+            None => self
+                .pools
+                .write()
+                .entry((addr, kind))
+                .or_insert_with(|| Arc::new(Pool::new(addr)))
+                .clone(),
+        };
+        pool.last_used.store(now_ms(), Ordering::Relaxed);
+        pool
     }
 
-    /// Sends `req` to `addr` on a pooled connection. For HTTP/1 the connection comes
-    /// back with the response, to be released when its body is done.
+    /// Sends `req` to `addr` in plaintext on a pooled connection. For HTTP/1 the
+    /// connection comes back with the response, to be released when its body is done.
     pub async fn send(
         &self,
         addr: EndpointAddr,
         version: HttpVersion,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
-        let pool = self.pool(addr, version);
-        pool.last_used.store(now_ms(), Ordering::Relaxed);
         match version {
-            HttpVersion::Http1 => self.send_h1(pool, req).await,
-            HttpVersion::Http2 => self.send_h2(&pool, req).await.map(|r| (r, None)),
+            HttpVersion::Http1 => self.send_h1(self.pool(addr, Kind::Http1), req).await,
+            HttpVersion::Http2 => {
+                match self.send_h2(&self.pool(addr, Kind::Http2), req, None).await {
+                    Ok((rsp, _)) => Ok((rsp, None)),
+                    Err(H2Error::Unsent(e, _) | H2Error::Sent(e)) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Sends `req` (HTTP/2, as the mesh speaks) to the proxy at `addr` over mesh TLS.
+    /// When the peer does not answer mesh TLS the request comes back unsent.
+    pub async fn send_mesh(
+        &self,
+        addr: EndpointAddr,
+        req: Request<RequestBody>,
+        tls: &MeshTls,
+    ) -> Result<(Response<Incoming>, Arc<SpiffeId>), MeshSendError> {
+        match self
+            .send_h2(&self.pool(addr, Kind::Mesh), req, Some(tls))
+            .await
+        {
+            Ok((rsp, Some(peer))) => Ok((rsp, peer)),
+            Ok((_, None)) => unreachable!("mesh connections always have a peer identity"),
+            Err(H2Error::Unsent(SendError::Connect(error), req)) if error.not_meshed() => {
+                Err(MeshSendError::NotMeshed { error, req })
+            }
+            Err(H2Error::Unsent(e, _) | H2Error::Sent(e)) => Err(MeshSendError::Failed(e)),
         }
     }
 
@@ -280,7 +513,7 @@ impl HttpEndpoints {
         loop {
             let (mut tx, reused) = match pool.take_idle(self.idle_timeout) {
                 Some(tx) => (tx, true),
-                None => (self.connect_h1(pool.addr).await?, false),
+                None => (self.connect_h1(pool.addr, None).await?.0, false),
             };
             // A released connection is ready at once, or after hyper has read the end
             // of the last response; one that takes longer is not worth waiting for.
@@ -326,102 +559,126 @@ impl HttpEndpoints {
         &self,
         pool: &Pool,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+        tls: Option<&MeshTls>,
+    ) -> Result<(Response<Incoming>, Peer), H2Error> {
         let mut fresh = false;
         loop {
-            let mut tx = match pool.cached_h2() {
-                Some(tx) => tx,
+            let (mut tx, peer) = match pool.cached_h2() {
+                Some(c) => c,
                 None => {
                     fresh = true;
-                    self.connect_h2(pool).await?
+                    match self.connect_h2(pool, tls).await {
+                        Ok(c) => c,
+                        Err(e) => return Err(H2Error::Unsent(e, Box::new(req))),
+                    }
                 }
             };
             match tx.try_send_request(req).await {
-                Ok(rsp) => return Ok(rsp),
+                Ok(rsp) => return Ok((rsp, peer)),
                 Err(mut e) => match e.take_message() {
                     // The connection went away (GOAWAY, closed) before the stream
                     // opened: the request was not sent.
                     Some(unsent) if !fresh => {
                         let mut h2 = pool.h2.lock();
-                        if h2.as_ref().is_some_and(|cur| cur.is_closed()) {
+                        if h2.as_ref().is_some_and(|(cur, _)| cur.is_closed()) {
                             *h2 = None;
                         }
                         req = unsent;
                     }
-                    _ => {
-                        return Err(SendError::Http {
+                    Some(unsent) => {
+                        return Err(H2Error::Unsent(
+                            SendError::Http {
+                                addr: pool.addr,
+                                source: e.into_error(),
+                            },
+                            Box::new(unsent),
+                        ));
+                    }
+                    None => {
+                        return Err(H2Error::Sent(SendError::Http {
                             addr: pool.addr,
                             source: e.into_error(),
-                        });
+                        }));
                     }
                 },
             }
         }
     }
 
-    async fn connect_h2(&self, pool: &Pool) -> Result<http2::SendRequest<RequestBody>, SendError> {
+    async fn connect_h2(
+        &self,
+        pool: &Pool,
+        tls: Option<&MeshTls>,
+    ) -> Result<(http2::SendRequest<RequestBody>, Peer), SendError> {
         let waiting_since = Instant::now();
         let _connecting = pool.h2_connecting.lock().await;
-        if let Some(tx) = pool.cached_h2() {
-            return Ok(tx);
+        if let Some(c) = pool.cached_h2() {
+            return Ok(c);
         }
-        if let Some((at, reason, message)) = pool.h2_failed.lock().clone()
+        if let Some((at, reason, message, not_meshed)) = pool.h2_failed.lock().clone()
             && at >= waiting_since
         {
-            return Err(ConnectError::Recent { reason, message }.into());
+            return Err(ConnectError::Recent {
+                reason,
+                message,
+                not_meshed,
+            }
+            .into());
         }
-        let stream = match self.connector.connect(pool.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                *pool.h2_failed.lock() = Some((Instant::now(), e.reason(), e.to_string()));
-                return Err(e.into());
+        let fail = |e: ConnectError| {
+            *pool.h2_failed.lock() =
+                Some((Instant::now(), e.reason(), e.to_string(), e.not_meshed()));
+            SendError::Connect(e)
+        };
+        let (tx, peer) = match tls {
+            None => {
+                let stream = self.connector.connect(pool.addr).await.map_err(fail)?;
+                (h2_handshake(pool.addr, TokioIo::new(stream)).await?, None)
+            }
+            Some(tls) => {
+                let (stream, id) = self
+                    .connector
+                    .connect_tls(pool.addr, tls, ALPN_H2)
+                    .await
+                    .map_err(fail)?;
+                (
+                    h2_handshake(pool.addr, TokioIo::new(stream)).await?,
+                    Some(Arc::new(id)),
+                )
             }
         };
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .adaptive_window(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| SendError::Handshake {
-                addr: pool.addr,
-                source,
-            })?;
-        let addr = pool.addr;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                debug!(endpoint = %addr, %error, "HTTP/2 connection ended");
-            }
-        });
-        *pool.h2.lock() = Some(tx.clone());
-        Ok(tx)
+        *pool.h2.lock() = Some((tx.clone(), peer.clone()));
+        Ok((tx, peer))
     }
 
     async fn connect_h1(
         &self,
         addr: EndpointAddr,
-    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
-        let stream = self.connector.connect(addr).await?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| SendError::Http { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.with_upgrades().await {
-                debug!(endpoint = %addr, %error, "HTTP/1 connection ended");
+        tls: Option<&MeshTls>,
+    ) -> Result<(http1::SendRequest<RequestBody>, Peer), SendError> {
+        match tls {
+            None => {
+                let stream = self.connector.connect(addr).await?;
+                Ok((h1_handshake(addr, TokioIo::new(stream)).await?, None))
             }
-        });
-        Ok(tx)
+            Some(tls) => {
+                let (stream, id) = self.connector.connect_tls(addr, tls, ALPN_HTTP1).await?;
+                Ok((
+                    h1_handshake(addr, TokioIo::new(stream)).await?,
+                    Some(Arc::new(id)),
+                ))
+            }
+        }
     }
 
-    /// A new HTTP/1 connection of its own, for a request that will take the connection
-    /// over (an upgrade or CONNECT).
+    /// A new HTTP/1 connection of its own (inside mesh TLS when `tls` is given), for a
+    /// request that will take the connection over (an upgrade or CONNECT).
     pub async fn connect_dedicated(
         &self,
         addr: EndpointAddr,
-    ) -> Result<http1::SendRequest<RequestBody>, SendError> {
-        self.connect_h1(addr).await
+        tls: Option<&MeshTls>,
+    ) -> Result<(http1::SendRequest<RequestBody>, Peer), SendError> {
+        self.connect_h1(addr, tls).await
     }
 
     /// Closes idle connections past the idle timeout and forgets pools unused for as
@@ -451,10 +708,52 @@ impl HttpEndpoints {
     fn idle_count(&self, addr: EndpointAddr) -> usize {
         self.pools
             .read()
-            .get(&(addr, HttpVersion::Http1))
+            .get(&(addr, Kind::Http1))
             .map(|p| p.h1_idle.lock().len())
             .unwrap_or(0)
     }
+}
+
+async fn h1_handshake<I>(
+    addr: EndpointAddr,
+    io: I,
+) -> Result<http1::SendRequest<RequestBody>, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (tx, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| SendError::Http { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.with_upgrades().await {
+            debug!(endpoint = %addr, %error, "HTTP/1 connection ended");
+        }
+    });
+    Ok(tx)
+}
+
+async fn h2_handshake<I>(
+    addr: EndpointAddr,
+    io: I,
+) -> Result<http2::SendRequest<RequestBody>, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .adaptive_window(true)
+        .handshake(io)
+        .await
+        .map_err(|source| SendError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            debug!(endpoint = %addr, %error, "HTTP/2 connection ended");
+        }
+    });
+    Ok(tx)
 }
 
 #[cfg(test)]
@@ -491,6 +790,7 @@ mod tests {
                 SocketFactory::new(),
                 Duration::from_secs(1),
                 OwnListeners::default(),
+                Arc::new(Metrics::new()),
             ),
             idle,
         )

@@ -28,6 +28,12 @@ impl AsTcp for TcpStream {
     }
 }
 
+impl<T: AsTcp> AsTcp for tokio_rustls::server::TlsStream<T> {
+    fn as_tcp(&self) -> &TcpStream {
+        self.get_ref().0.as_tcp()
+    }
+}
+
 pin_project! {
     /// Counts the bytes read from and written to the inner stream, and holds the
     /// connection's place in the open-connections gauge for as long as the stream

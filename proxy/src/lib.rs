@@ -12,15 +12,18 @@ pub mod detect;
 pub mod endpoint;
 pub mod http;
 pub mod io;
+pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
 pub mod socket;
 mod tcp;
 
-use addrs::Direction;
+use addrs::{Direction, EndpointAddr};
 use config::Config;
 use destination::Resolver;
-use endpoint::{Connector, HttpEndpoints, OwnListeners};
+use endpoint::{ConnectError, Connector, HttpEndpoints, OwnListeners, Peer, Upstream};
+use gofe_identity::tls::MeshTls;
+use mesh::{Mesh, Outbound};
 use metrics::Metrics;
 use socket::SocketFactory;
 use std::io as stdio;
@@ -65,14 +68,79 @@ pub(crate) struct State {
     pub tasks: TaskTracker,
     pub ready: AtomicBool,
     pub shutdown: Shutdown,
+    /// The proxy's identity and mTLS; None when identity is disabled.
+    pub mesh: Option<Arc<Mesh>>,
+}
+
+impl State {
+    /// The mesh TLS to reach `endpoint` with (outbound to a peer that is, or may be,
+    /// meshed), and whether plaintext may be tried when the peer does not answer it.
+    pub fn outbound_tls(
+        &self,
+        direction: Direction,
+        endpoint: EndpointAddr,
+    ) -> (Option<&MeshTls>, bool) {
+        match (direction, &self.mesh) {
+            (Direction::Outbound, Some(m)) => match m.outbound(endpoint) {
+                Outbound::Plaintext => (None, false),
+                Outbound::TryMtls => (Some(&m.tls), true),
+                Outbound::RequireMtls => (Some(&m.tls), false),
+            },
+            _ => (None, false),
+        }
+    }
+
+    /// Auto mode: `endpoint` did not answer mTLS, so it is reached in plaintext for a
+    /// while.
+    pub fn plaintext_from_now(&self, endpoint: EndpointAddr, error: &ConnectError) {
+        if let Some(m) = &self.mesh {
+            debug!(%endpoint, %error, "peer does not answer mTLS; reaching it in plaintext");
+            m.remember_plaintext(endpoint);
+        }
+    }
+
+    /// An opaque stream to `endpoint`, mTLS to meshed peers.
+    pub async fn connect_stream(
+        &self,
+        direction: Direction,
+        endpoint: EndpointAddr,
+    ) -> Result<(Upstream, Peer), ConnectError> {
+        let connector = self.http.connector();
+        let plain = || async {
+            connector
+                .connect_stream(endpoint, None)
+                .await
+                .map(|(s, _)| (s, None))
+        };
+        match self.outbound_tls(direction, endpoint) {
+            (None, _) => plain().await,
+            (Some(tls), may_fall_back) => match connector.connect_stream(endpoint, Some(tls)).await
+            {
+                Ok((s, peer)) => Ok((s, peer.map(Arc::new))),
+                Err(e) if may_fall_back && e.not_meshed() => {
+                    self.plaintext_from_now(endpoint, &e);
+                    plain().await
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.mesh.as_ref().is_none_or(|m| m.store.is_ready())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({var}): {source}")]
-pub struct BindError {
-    pub var: &'static str,
-    pub addr: SocketAddr,
-    pub source: stdio::Error,
+pub enum BindError {
+    #[error("cannot listen on {addr} ({var}): {source}")]
+    Listen {
+        var: &'static str,
+        addr: SocketAddr,
+        source: stdio::Error,
+    },
+    #[error(transparent)]
+    Mesh(#[from] mesh::MeshError),
 }
 
 /// The addresses the proxy listens on (the first of each, when a listener also has
@@ -110,11 +178,19 @@ impl Proxy {
                 .filter_map(|l| l.local_addr().ok())
                 .collect(),
         );
-        let connector = Connector::new(sockets.clone(), config.connect_timeout, own.clone());
+        let metrics = Arc::new(Metrics::new());
+        let mesh = Mesh::new(&config)?.map(Arc::new);
+        let connector = Connector::new(
+            sockets.clone(),
+            config.connect_timeout,
+            own.clone(),
+            metrics.clone(),
+        );
         let http = HttpEndpoints::new(connector, config.idle_timeout);
         let state = Arc::new(State {
             config,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            mesh,
             sockets,
             own,
             http,
@@ -150,6 +226,11 @@ impl Proxy {
         self.state.metrics.clone()
     }
 
+    /// The proxy's identity and mTLS, unless identity is disabled.
+    pub fn mesh(&self) -> Option<Arc<Mesh>> {
+        self.state.mesh.clone()
+    }
+
     /// Serves until shutdown is requested, then drains: stops accepting, lets in-flight
     /// requests and connections finish within the grace period, and returns.
     pub async fn run(self) {
@@ -181,8 +262,17 @@ impl Proxy {
                 }
             })
         };
+        let maintain = state.mesh.clone().map(|m| {
+            info!(identity = %m.name(), "requesting a certificate");
+            let ready = m.clone();
+            tokio::spawn(async move {
+                ready.store.wait_ready().await;
+                info!(identity = %ready.name(), "ready: identity held");
+            });
+            tokio::spawn(m.maintain())
+        });
         state.ready.store(true, Ordering::Release);
-        info!("ready");
+        info!("listening");
 
         state.shutdown.requested().await;
         let grace = state.config.shutdown_grace_period;
@@ -203,6 +293,9 @@ impl Proxy {
             );
         }
         sweeper.abort();
+        if let Some(m) = maintain {
+            m.abort();
+        }
         info!("drained");
     }
 }
@@ -216,7 +309,7 @@ fn bind_with_twin(
 ) -> Result<Vec<TcpListener>, BindError> {
     let first = sockets
         .bind(addr)
-        .map_err(|source| BindError { var, addr, source })?;
+        .map_err(|source| BindError::Listen { var, addr, source })?;
     let mut listeners = vec![first];
     let twin_ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => Some(Ipv6Addr::UNSPECIFIED),

@@ -131,6 +131,7 @@ impl Default for ByteCounters {
 
 pub struct Metrics {
     pub requests: Family<RequestLabels, RequestStats>,
+    tls_handshakes: Family<(Direction, &'static str), Counter>,
     pub connections: Family<ConnLabels, Counter>,
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
     open: [Arc<Gauge>; 2],
@@ -165,6 +166,7 @@ impl Metrics {
                 server_name: OVERFLOW.into(),
             }),
             connect_errors: Family::new(MAX_LABEL_SETS, |l| l.clone()),
+            tls_handshakes: Family::new(MAX_LABEL_SETS, |l| *l),
             open: [Arc::new(Gauge::default()), Arc::new(Gauge::default())],
             bytes: [ByteCounters::default(), ByteCounters::default()],
         }
@@ -176,6 +178,11 @@ impl Metrics {
 
     pub fn bytes(&self, d: Direction) -> &ByteCounters {
         &self.bytes[idx(d)]
+    }
+
+    /// A mesh TLS handshake and how it went: `ok` or `error`.
+    pub fn tls_handshake(&self, direction: Direction, result: &'static str) {
+        self.tls_handshakes.get(&(direction, result)).inc();
     }
 
     pub fn connect_error(&self, direction: Direction, reason: &'static str) {
@@ -275,6 +282,21 @@ impl Metrics {
             e.sample(
                 "gofe_tcp_connect_errors_total",
                 &[("direction", l.direction.as_str()), ("reason", l.reason)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_tls_handshakes_total",
+            "Mesh TLS handshakes, by result (ok, error).",
+            Kind::Counter,
+        );
+        let mut handshakes = self.tls_handshakes.snapshot();
+        handshakes.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((direction, result), c) in handshakes {
+            e.sample(
+                "gofe_tls_handshakes_total",
+                &[("direction", direction.as_str()), ("result", result)],
                 c.get(),
             );
         }

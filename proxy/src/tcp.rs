@@ -1,6 +1,7 @@
 //! Opaque TCP: bytes copied both ways until each side has closed, a half-close passed
-//! on as a half-close. An endpoint that cannot be reached, or a connection that fails,
-//! is answered with a reset so the client knows at once.
+//! on as a half-close (inside mesh TLS, as close_notify plus FIN). An endpoint that
+//! cannot be reached, or a connection that fails, is answered with a reset so the
+//! client knows at once.
 
 use crate::State;
 use crate::addrs::{Direction, EndpointAddr};
@@ -18,8 +19,8 @@ pub(crate) async fn forward<I: Io>(
     direction: Direction,
     state: &State,
 ) {
-    let mut server = match state.http.connector().connect(endpoint).await {
-        Ok(s) => s,
+    let mut server = match state.connect_stream(direction, endpoint).await {
+        Ok((s, _peer)) => s,
         Err(error) => {
             state.metrics.connect_error(direction, error.reason());
             debug!(%endpoint, %error, "opaque connection failed; resetting the client");
@@ -40,7 +41,7 @@ pub(crate) async fn forward<I: Io>(
             // Pass a failure on as a failure: both peers see a reset, not an orderly end.
             debug!(%endpoint, %error, "opaque connection failed");
             socket::reset(client.as_tcp());
-            socket::reset(&server);
+            socket::reset(crate::io::AsTcp::as_tcp(&server));
         }
     }
 }

@@ -187,6 +187,29 @@ pub struct World {
     namespaces: Mutex<Vec<String>>,
     procs: Mutex<Vec<Proc>>,
     next_host: AtomicU8,
+    issuer: Mutex<Option<Arc<Issuer>>>,
+    /// Signs the workloads' service-account tokens, as a cluster's API server would.
+    token_key: rcgen::KeyPair,
+}
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const ISSUER_PORT: u16 = 8443;
+const ISSUER_ADMIN_PORT: u16 = 9990;
+
+/// The world's `gofe identity`, in a pod of its own.
+pub struct Issuer {
+    pub ip: Ipv4Addr,
+    ns: String,
+    pub dir: PathBuf,
+    lifetime: Duration,
+    pid: Mutex<Option<u32>>,
+}
+
+impl Issuer {
+    /// The SPIFFE ID a pod named `pod` gets.
+    pub fn identity(pod: &str) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{pod}")
+    }
 }
 
 impl World {
@@ -202,6 +225,8 @@ impl World {
             namespaces: Mutex::new(Vec::new()),
             procs: Mutex::new(Vec::new()),
             next_host: AtomicU8::new(2),
+            issuer: Mutex::new(None),
+            token_key: rcgen::KeyPair::generate()?,
         };
         ip(&["netns", "add", &bridge])?;
         world.namespaces.lock().unwrap().push(bridge.clone());
@@ -214,12 +239,145 @@ impl World {
         &self.dir
     }
 
+    /// The trust anchors every proxy of this world reads (a test may rewrite them).
+    pub fn anchors_file(&self) -> PathBuf {
+        self.dir.join("anchors.pem")
+    }
+
+    /// The world's issuer, started with certificates of `lifetime` if it is not
+    /// running yet.
+    pub fn issuer_with_lifetime(&self, lifetime: Duration) -> anyhow::Result<Arc<Issuer>> {
+        let mut slot = self.issuer.lock().unwrap();
+        if let Some(i) = slot.as_ref() {
+            return Ok(i.clone());
+        }
+        let dir = self.dir.join("issuer");
+        sh(Command::new(gofe_bin())
+            .arg("identity")
+            .arg("--bootstrap")
+            .arg(&dir))?;
+        fs::copy(dir.join("ca.crt"), self.anchors_file())?;
+        self.write_jwks()?;
+        let pod = self.pod("identity").start()?;
+        let issuer = Arc::new(Issuer {
+            ip: pod.ip4,
+            ns: pod.ns.clone(),
+            dir,
+            lifetime,
+            pid: Mutex::new(None),
+        });
+        self.start_issuer(&issuer)?;
+        *slot = Some(issuer.clone());
+        Ok(issuer)
+    }
+
+    pub fn issuer(&self) -> anyhow::Result<Arc<Issuer>> {
+        self.issuer_with_lifetime(Duration::from_secs(3600))
+    }
+
+    /// (Re)starts the issuer process, from what its directory holds now.
+    pub fn start_issuer(&self, issuer: &Issuer) -> anyhow::Result<()> {
+        let pod = Pod {
+            world: self,
+            name: "identity".into(),
+            ns: issuer.ns.clone(),
+            ip4: issuer.ip,
+            ip6: Ipv6Addr::UNSPECIFIED,
+            proxy_pid: None,
+            env: Vec::new(),
+        };
+        let mut cmd = pod.command(gofe_bin(), None)?;
+        cmd.arg("identity").envs([
+            ("GOFE_ISSUER_DIR", issuer.dir.display().to_string()),
+            ("GOFE_ISSUER_LISTEN", format!("0.0.0.0:{ISSUER_PORT}")),
+            (
+                "GOFE_ISSUER_ADMIN_LISTEN",
+                format!("0.0.0.0:{ISSUER_ADMIN_PORT}"),
+            ),
+            (
+                "GOFE_ISSUER_CERT_LIFETIME",
+                format!("{}ms", issuer.lifetime.as_millis()),
+            ),
+            (
+                "GOFE_ISSUER_JWKS",
+                self.dir.join("jwks.json").display().to_string(),
+            ),
+            ("GOFE_LOG", "info".into()),
+        ]);
+        let pid = self.spawn("identity-issuer", cmd)?;
+        *issuer.pid.lock().unwrap() = Some(pid);
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, ISSUER_ADMIN_PORT));
+        eventually("the issuer is ready", START_TIMEOUT, || {
+            if let Some(status) = self.try_wait(pid)? {
+                bail!("issuer exited: {status}");
+            }
+            Ok(pod
+                .in_ns(|| raw_http(admin, "GET", "/ready"))?
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ()))
+        })
+    }
+
+    /// Stops the issuer process (it can be started again).
+    pub fn stop_issuer(&self, issuer: &Issuer) -> anyhow::Result<()> {
+        if let Some(pid) = issuer.pid.lock().unwrap().take() {
+            self.kill(pid)?;
+        }
+        Ok(())
+    }
+
+    /// Kills process `pid` and reaps it.
+    pub fn kill(&self, pid: u32) -> anyhow::Result<()> {
+        let mut procs = self.procs.lock().unwrap();
+        let p = procs
+            .iter_mut()
+            .find(|p| p.child.id() == pid)
+            .ok_or_else(|| anyhow!("no process {pid}"))?;
+        let _ = p.child.kill();
+        p.child.wait()?;
+        Ok(())
+    }
+
+    fn write_jwks(&self) -> anyhow::Result<()> {
+        use base64::Engine;
+        let raw = rcgen::PublicKeyData::der_bytes(&self.token_key);
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "e2e", "alg": "ES256", "use": "sig",
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        }]});
+        fs::write(self.dir.join("jwks.json"), jwks.to_string())?;
+        Ok(())
+    }
+
+    /// A projected service-account token for `pod`, as the kubelet would write it.
+    pub fn token(&self, pod: &str) -> anyhow::Result<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": "https://kubernetes.default.svc.cluster.local",
+            "sub": format!("system:serviceaccount:default:{pod}"),
+            "aud": [gofe_identity::api::TOKEN_AUDIENCE],
+            "exp": now + 3600,
+            "iat": now,
+            "nbf": now,
+            "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": pod, "uid": "e2e"}},
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("e2e".into());
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(self.token_key.serialize_pem().as_bytes())?;
+        Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+    }
     /// A pod to be configured and started.
     pub fn pod(&self, name: &str) -> PodBuilder<'_> {
         PodBuilder {
             world: self,
             name: name.to_string(),
             sidecar: false,
+            identity: true,
             env: vec![("GOFE_LOG".into(), "info,gofe_proxy=debug".into())],
         }
     }
@@ -295,6 +453,7 @@ pub struct PodBuilder<'w> {
     world: &'w World,
     name: String,
     sidecar: bool,
+    identity: bool,
     env: Vec<(String, String)>,
 }
 
@@ -302,6 +461,12 @@ impl<'w> PodBuilder<'w> {
     /// Runs `gofe init` and `gofe proxy` in the pod.
     pub fn sidecar(mut self) -> Self {
         self.sidecar = true;
+        self
+    }
+
+    /// Runs the sidecar without an identity: plaintext only.
+    pub fn no_identity(mut self) -> Self {
+        self.identity = false;
         self
     }
 
@@ -357,6 +522,28 @@ impl<'w> PodBuilder<'w> {
             env: self.env,
         };
         if self.sidecar {
+            if self.identity {
+                let issuer = w.issuer()?;
+                let token = w.dir.join(format!("{}.token", pod.name));
+                fs::write(&token, w.token(&pod.name)?)?;
+                let identity = [
+                    ("GOFE_IDENTITY_ADDR", format!("{}:{ISSUER_PORT}", issuer.ip)),
+                    ("GOFE_IDENTITY_NAME", Issuer::identity(&pod.name)),
+                    (
+                        "GOFE_IDENTITY_TRUST_ANCHORS",
+                        w.anchors_file().display().to_string(),
+                    ),
+                    ("GOFE_IDENTITY_TOKEN_FILE", token.display().to_string()),
+                ];
+                for (k, v) in identity {
+                    if !pod.env.iter().any(|(key, _)| key == k) {
+                        pod.env.push((k.to_string(), v));
+                    }
+                }
+            } else {
+                pod.env
+                    .push(("GOFE_IDENTITY_DISABLED".into(), "true".into()));
+            }
             pod.init(&[])?;
             pod.start_proxy()?;
         }
@@ -667,4 +854,91 @@ fn parse_labels(text: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Frames captured on one of the bridge's ports, as a packet sniffer would see them.
+pub struct Capture {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<Vec<u8>>>>,
+}
+
+impl Capture {
+    /// Starts capturing every frame on the bridge port of `pod`.
+    pub fn start(pod: &Pod<'_>) -> anyhow::Result<Capture> {
+        let netns = File::open(format!("/run/netns/{}", pod.world.bridge))?;
+        // The bridge-side veth of a pod is v<host>, host being the last octet.
+        let port = format!("v{}", pod.ip4.octets()[3]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> anyhow::Result<Vec<u8>> {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let fd = packet_socket(&port)?;
+            let _ = ready_tx.send(());
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: reading into a buffer we own, within its length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.extend_from_slice(&buf[..n as usize]);
+                }
+            }
+            // SAFETY: closing the descriptor this thread opened.
+            unsafe { libc::close(fd) };
+            Ok(frames)
+        });
+        ready_rx
+            .recv_timeout(START_TIMEOUT)
+            .map_err(|_| anyhow!("capture did not start"))?;
+        Ok(Capture {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns every byte captured.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| anyhow!("capture thread panicked"))?
+    }
+}
+
+/// A raw packet socket bound to `ifname`, with a short receive timeout so the capture
+/// loop notices when to stop.
+fn packet_socket(ifname: &str) -> anyhow::Result<i32> {
+    let index = nix::net::if_::if_nametoindex(ifname)?;
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain system calls with arguments built here; errors checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol as i32);
+        if fd < 0 {
+            bail!("packet socket: {}", std::io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = index as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_ll).cast(), len) < 0 {
+            bail!("bind to {ifname}: {}", std::io::Error::last_os_error());
+        }
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        let tlen = std::mem::size_of::<libc::timeval>() as u32;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            tlen,
+        );
+        Ok(fd)
+    }
 }

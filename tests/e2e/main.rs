@@ -43,6 +43,15 @@ fn all() -> Vec<(&'static str, Case)> {
         tcp::skipped_ports_bypass_the_proxy,
         tcp::proxy_own_connections_are_not_redirected,
         tcp::connection_to_own_listener_is_refused,
+        identity::traffic_is_mtls_on_the_wire_and_the_app_sees_the_client_identity,
+        identity::strict_inbound_refuses_plaintext,
+        identity::strict_inbound_refuses_a_foreign_ca_and_an_expired_certificate,
+        identity::inbound_authorize_admits_only_listed_identities,
+        identity::renewals_under_load_fail_no_request,
+        identity::issuer_outage_keeps_traffic_flowing_and_renewal_resumes,
+        identity::trust_anchor_rotation_fails_no_request,
+        identity::auto_mode_reaches_an_unmeshed_pod_in_plaintext_and_remembers,
+        identity::the_issuer_refuses_bad_tokens_and_names,
         lifecycle::sigterm_drains_an_in_flight_request,
         lifecycle::admin_endpoints_and_loopback_only_shutdown,
         iptables::init_rules_nft_backend,
@@ -55,7 +64,9 @@ fn main() -> ExitCode {
     if let Ok(kind) = std::env::var("GOFE_TESTAPP") {
         return apps::main(&kind);
     }
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // Cases spend most of their time waiting on processes and timers, not CPU.
+    args.test_threads.get_or_insert(6);
     let required = std::env::var("GOFE_E2E").as_deref() == Ok("require");
     // Listing tests needs no namespaces.
     let unavailable = if args.list { None } else { harness::init() };

@@ -13,6 +13,8 @@ pub const PROXY_ERROR_HEADER: &str = "gofe-proxy-error";
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyError {
+    #[error("{0}")]
+    Forbidden(String),
     #[error(
         "the request names no destination: an explicit proxy request needs an absolute URI or a Host header"
     )]
@@ -26,6 +28,7 @@ pub(crate) enum ProxyError {
 impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Send(SendError::Connect(ConnectError::Timeout { .. })) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -38,8 +41,10 @@ impl ProxyError {
     fn grpc_status(&self) -> u16 {
         const INVALID_ARGUMENT: u16 = 3;
         const DEADLINE_EXCEEDED: u16 = 4;
+        const PERMISSION_DENIED: u16 = 7;
         const UNAVAILABLE: u16 = 14;
         match self.status() {
+            StatusCode::FORBIDDEN => PERMISSION_DENIED,
             StatusCode::BAD_REQUEST => INVALID_ARGUMENT,
             StatusCode::GATEWAY_TIMEOUT => DEADLINE_EXCEEDED,
             _ => UNAVAILABLE,

@@ -6,6 +6,7 @@ pub mod body;
 mod errors;
 mod forward;
 pub mod headers;
+pub mod mesh;
 mod upgrade;
 
 use crate::State;
@@ -14,6 +15,7 @@ use crate::destination::ConnTarget;
 use crate::endpoint::HttpVersion;
 use crate::io::Io;
 use crate::metrics::{RequestLabels, RequestStats};
+use gofe_identity::SpiffeId;
 use http::uri::Authority;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,15 +27,22 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+/// The labels that pick a connection's last request counters.
+type StatsKey = (Arc<str>, Option<Arc<SpiffeId>>);
+
 /// One accepted HTTP connection: where its requests go and the metrics they count in.
 pub(crate) struct HttpConn {
     pub state: Arc<State>,
     pub direction: Direction,
     pub client: ClientAddr,
     pub target: ConnTarget,
-    /// The stats of the last authority seen: a connection's requests nearly always
-    /// share one, so the metrics family is crossed once per connection.
-    last_stats: Mutex<Option<(Arc<str>, Arc<RequestStats>)>>,
+    /// The mesh identity of the client, for an inbound connection over mTLS.
+    pub peer: Option<Arc<SpiffeId>>,
+    /// Why requests on this connection are refused (inbound policy), if they are.
+    pub refused: Option<String>,
+    /// The stats of the last authority and peer seen: a connection's requests nearly
+    /// always share them, so the metrics family is crossed once per connection.
+    last_stats: Mutex<Option<(StatsKey, Arc<RequestStats>)>>,
 }
 
 impl HttpConn {
@@ -48,13 +57,30 @@ impl HttpConn {
             direction,
             client,
             target,
+            peer: None,
+            refused: None,
             last_stats: Mutex::new(None),
         }
     }
 
+    pub fn with_peer(mut self, peer: Option<Arc<SpiffeId>>) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    pub fn refusing(mut self, reason: Option<String>) -> Self {
+        self.refused = reason;
+        self
+    }
+
     /// The request counters for a request to `authority` (the original destination
-    /// when the request has none).
-    fn stats(&self, authority: Option<&Authority>) -> Arc<RequestStats> {
+    /// when the request has none) over a connection whose far side is `peer` (mTLS)
+    /// or unauthenticated.
+    fn stats(
+        &self,
+        authority: Option<&Authority>,
+        peer: Option<&Arc<SpiffeId>>,
+    ) -> Arc<RequestStats> {
         let fallback;
         let label = match authority {
             Some(a) => a.as_str(),
@@ -68,8 +94,9 @@ impl HttpConn {
             }
         };
         let mut last = self.last_stats.lock();
-        if let Some((a, s)) = last.as_ref()
+        if let Some(((a, p), s)) = last.as_ref()
             && a.as_ref() == label
+            && p.as_ref() == peer
         {
             return s.clone();
         }
@@ -77,10 +104,12 @@ impl HttpConn {
         let stats = self.state.metrics.requests.get(&RequestLabels {
             direction: self.direction,
             authority: label.clone(),
-            tls: false,
-            peer_identity: Arc::from(""),
+            tls: peer.is_some(),
+            peer_identity: peer
+                .map(|p| Arc::from(p.to_string()))
+                .unwrap_or_else(|| Arc::from("")),
         });
-        *last = Some((label, stats.clone()));
+        *last = Some(((label, peer.cloned()), stats.clone()));
         stats
     }
 }

@@ -1,7 +1,6 @@
 //! `gofe init`'s rules on both iptables backends: idempotent, printable, removable, and
 //! carrying traffic.
 
-use super::meshed_pair;
 use crate::harness::{World, sh};
 use anyhow::ensure;
 
@@ -86,8 +85,21 @@ pub fn init_rules_legacy_backend(w: &World) -> anyhow::Result<()> {
     rules_are_idempotent_printable_and_removable(w, "legacy")
 }
 
+/// Legacy iptables, and proxies without identity (plaintext, GOFE_IDENTITY_DISABLED).
 pub fn traffic_flows_with_legacy_backend(w: &World) -> anyhow::Result<()> {
-    let (client, server) = meshed_pair(w, &[("GOFE_IPTABLES_MODE", "legacy")])?;
+    let client = w
+        .pod("client")
+        .sidecar()
+        .no_identity()
+        .env("GOFE_IPTABLES_MODE", "legacy")
+        .start()?;
+    let server = w
+        .pod("server")
+        .sidecar()
+        .no_identity()
+        .env("GOFE_IPTABLES_MODE", "legacy")
+        .start()?;
+    server.app("http", super::HTTP_PORT)?;
     let out = client.curl(&[&format!("http://{}:{}/", server.ip4, super::HTTP_PORT)])?;
     ensure!(out == "hello from server\n", "{out}");
     ensure!(

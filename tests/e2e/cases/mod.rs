@@ -1,6 +1,7 @@
 //! The end-to-end cases, each a function of a fresh `World`.
 
 pub mod http;
+pub mod identity;
 pub mod iptables;
 pub mod lifecycle;
 pub mod tcp;

@@ -70,29 +70,46 @@ pub fn half_close_is_honoured_both_ways(w: &World) -> anyhow::Result<()> {
 
 pub fn application_tls_passes_through_with_sni(w: &World) -> anyhow::Result<()> {
     let (client, server) = meshed_pair(w, &[])?;
+    let outsider = w.pod("outsider").start()?;
     server.app("tls", 8443)?;
-    let out = client.curl(&[
-        "-k",
-        "--resolve",
-        &format!("app.test:8443:{}", server.ip4),
-        "https://app.test:8443/",
-    ])?;
-    ensure!(out == "tls ok, sni app.test\n", "{out}");
-    for (pod, direction) in [(&client, "outbound"), (&server, "inbound")] {
-        let m = pod.metrics()?;
-        ensure!(
-            m.sum(
-                "gofe_tcp_connections_total",
-                &[
-                    ("direction", direction),
-                    ("protocol", "tls"),
-                    ("server_name", "app.test")
-                ]
-            ) == 1.0,
-            "{direction}: {}",
-            m.0
-        );
+    let resolve = format!("app.test:8443:{}", server.ip4);
+    for pod in [&client, &outsider] {
+        let out = pod.curl(&["-k", "--resolve", &resolve, "https://app.test:8443/"])?;
+        ensure!(out == "tls ok, sni app.test\n", "from {}: {out}", pod.name);
     }
+    // The meshed client's proxy sees the application's TLS and carries it inside the
+    // mesh's mTLS; the server's proxy sees that mTLS from one client and the
+    // application's own TLS from the other.
+    let labels = |direction, protocol, sni| {
+        [
+            ("direction", direction),
+            ("protocol", protocol),
+            ("server_name", sni),
+        ]
+    };
+    let cm = client.metrics()?;
+    ensure!(
+        cm.sum(
+            "gofe_tcp_connections_total",
+            &labels("outbound", "tls", "app.test")
+        ) == 1.0,
+        "{}",
+        cm.0
+    );
+    let sm = server.metrics()?;
+    ensure!(
+        sm.sum("gofe_tcp_connections_total", &labels("inbound", "mtls", "")) == 1.0,
+        "{}",
+        sm.0
+    );
+    ensure!(
+        sm.sum(
+            "gofe_tcp_connections_total",
+            &labels("inbound", "tls", "app.test")
+        ) == 1.0,
+        "{}",
+        sm.0
+    );
     Ok(())
 }
 

@@ -8,6 +8,10 @@
 //! requests divided by the proxy's own CPU time (utime + stime from /proc), so the
 //! figure does not depend on which side saturates first.
 //!
+//! Two hops: a client sidecar and a server sidecar, as in a mesh. gofe over mTLS
+//! (issued by a real `gofe identity`) and in plaintext, against two HAProxy instances
+//! with mutual TLS between them; the CPU and memory are both proxies' together.
+//!
 //! Per target and protocol it measures:
 //! - throughput: h2load at fixed concurrency (HTTP/1.1: 32 connections; HTTP/2: 4
 //!   connections x 32 streams), and the proxy's CPU time and memory over that run;
@@ -54,6 +58,12 @@ enum Target {
     GofeOutbound,
     Haproxy,
     Nginx,
+    /// Client sidecar (outbound, explicit) to server sidecar (inbound) over mTLS.
+    GofeTwoHopMtls,
+    /// The same with identity disabled: plaintext between the sidecars.
+    GofeTwoHopPlain,
+    /// Two HAProxy instances (1 thread each), mutual TLS between them.
+    HaproxyTwoHopMtls,
 }
 
 impl Target {
@@ -64,7 +74,17 @@ impl Target {
             Target::GofeOutbound => "gofe (outbound, explicit)",
             Target::Haproxy => "HAProxy 1 thread",
             Target::Nginx => "nginx 1 worker",
+            Target::GofeTwoHopMtls => "gofe → gofe, mTLS",
+            Target::GofeTwoHopPlain => "gofe → gofe, plaintext",
+            Target::HaproxyTwoHopMtls => "HAProxy → HAProxy, mTLS",
         }
+    }
+
+    fn two_hop(self) -> bool {
+        matches!(
+            self,
+            Target::GofeTwoHopMtls | Target::GofeTwoHopPlain | Target::HaproxyTwoHopMtls
+        )
     }
 }
 
@@ -129,18 +149,38 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let env = Env {
+        origin,
+        dir: dir.clone(),
+        pinned,
+        issuer: start_issuer(&dir, pinned)?,
+    };
     let mut rows = Vec::new();
-    let mut targets = vec![Target::Direct, Target::GofeInbound, Target::GofeOutbound];
-    if which("haproxy").is_some() {
-        targets.push(Target::Haproxy);
+    let mut targets = vec![Target::Direct];
+    if only.as_deref() != Some("two-hop") {
+        targets.extend([Target::GofeInbound, Target::GofeOutbound]);
+        if which("haproxy").is_some() {
+            targets.push(Target::Haproxy);
+        }
+        if which("nginx").is_some() {
+            targets.push(Target::Nginx);
+        }
     }
-    if which("nginx").is_some() {
-        targets.push(Target::Nginx);
+    if only.as_deref() != Some("one-hop") {
+        targets.extend([Target::GofeTwoHopMtls, Target::GofeTwoHopPlain]);
+        if which("haproxy").is_some() {
+            targets.push(Target::HaproxyTwoHopMtls);
+        }
     }
     for proto in [Proto::H1, Proto::H2] {
         for &target in &targets {
             eprintln!("== {} {}", target.name(), proto.name());
-            match rt.block_on(measure(target, proto, origin, &dir, &settings, pinned)) {
+            match rt.block_on(measure(target, proto, &env, &settings)) {
                 Ok(row) => rows.push(row),
                 Err(e) => eprintln!("!! {} {} not measured: {e:#}", target.name(), proto.name()),
             }
@@ -202,6 +242,89 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// What every measurement shares.
+struct Env {
+    origin: SocketAddr,
+    dir: PathBuf,
+    pinned: bool,
+    issuer: Issuer,
+}
+
+/// A `gofe identity` for the gofe sidecars' certificates (on the load generator's CPU).
+struct Issuer {
+    addr: SocketAddr,
+    _process: Proxy,
+}
+
+fn start_issuer(dir: &Path, pinned: bool) -> anyhow::Result<Issuer> {
+    let gofe = env!("CARGO_BIN_EXE_gofe");
+    let issuer_dir = dir.join("issuer");
+    let out = Command::new(gofe)
+        .args(["identity", "--bootstrap"])
+        .arg(&issuer_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "gofe identity --bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::write(dir.join("token"), "bench")?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", gofe]);
+        c
+    } else {
+        Command::new(gofe)
+    };
+    cmd.arg("identity")
+        .arg("--issuer-dir")
+        .arg(&issuer_dir)
+        .args(["--insecure-dev", "--listen", &addr.to_string()])
+        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port()?)])
+        .env("GOFE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let process = Proxy {
+        child: cmd.spawn().context("gofe identity")?,
+    };
+    wait_listening(addr, "gofe identity")?;
+    Ok(Issuer {
+        addr,
+        _process: process,
+    })
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A GET to a local admin endpoint: status and body.
+fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .context("status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// A proxy process under test, killed when dropped.
 struct Proxy {
     child: Child,
@@ -224,31 +347,177 @@ fn pinned_command(program: &str, pinned: bool) -> Command {
     }
 }
 
-fn start_proxy(
-    target: Target,
-    proto: Proto,
-    origin: SocketAddr,
-    dir: &Path,
-    pinned: bool,
-) -> anyhow::Result<Option<(Proxy, SocketAddr)>> {
+/// What a target is while it runs: its processes, where clients connect, and the
+/// authority requests carry.
+struct Running {
+    processes: Vec<Proxy>,
+    entry: SocketAddr,
+    authority: String,
+    /// gofe sidecars' admin servers, to check afterwards how traffic went.
+    admins: Vec<SocketAddr>,
+}
+
+/// A gofe sidecar: its env and where its listeners are.
+fn gofe_sidecar(
+    env: &Env,
+    outbound: u16,
+    inbound: u16,
+    name: Option<&str>,
+) -> anyhow::Result<(Proxy, SocketAddr)> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let mut c = pinned_command(env!("CARGO_BIN_EXE_gofe"), env.pinned);
+    c.arg("proxy")
+        .env("GOFE_INBOUND_LISTEN", format!("127.0.0.1:{inbound}"))
+        .env("GOFE_OUTBOUND_LISTEN", format!("127.0.0.1:{outbound}"))
+        .env("GOFE_ADMIN_LISTEN", admin.to_string())
+        .env("GOFE_INBOUND_DIRECT_TARGET", env.origin.to_string())
+        // No iptables here: the proxy's own UID does not matter.
+        .env("GOFE_PROXY_UID", nix::unistd::getuid().as_raw().to_string())
+        .env("GOFE_LOG", "warn");
+    match name {
+        Some(name) => {
+            c.env("GOFE_IDENTITY_ADDR", env.issuer.addr.to_string())
+                .env(
+                    "GOFE_IDENTITY_NAME",
+                    format!("spiffe://cluster.local/ns/bench/sa/{name}"),
+                )
+                .env("GOFE_IDENTITY_TRUST_ANCHORS", env.dir.join("issuer/ca.crt"))
+                .env("GOFE_IDENTITY_TOKEN_FILE", env.dir.join("token"));
+        }
+        None => {
+            c.env("GOFE_IDENTITY_DISABLED", "true");
+        }
+    }
+    let proxy = Proxy {
+        child: c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("gofe proxy")?,
+    };
+    // Ready means listening and, with identity, holding a certificate: traffic sent
+    // before that would find no mTLS.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(admin_get(admin, "/ready"), Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("gofe proxy did not become ready");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((proxy, admin))
+}
+
+/// Certificates for two HAProxy instances with mutual TLS: a CA, a server certificate
+/// for the second and a client certificate for the first, each PEM with its key.
+fn haproxy_certs(dir: &Path) -> anyhow::Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "gofe bench HAProxy CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    std::fs::write(dir.join("haproxy-ca.pem"), ca_cert.pem())?;
+    for (name, eku) in [
+        ("haproxy-b", rcgen::ExtendedKeyUsagePurpose::ServerAuth),
+        ("haproxy-a", rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, &issuer)?;
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )?;
+    }
+    Ok(())
+}
+
+fn start_target(target: Target, proto: Proto, env: &Env) -> anyhow::Result<Option<Running>> {
+    let origin = env.origin;
+    let dir = env.dir.as_path();
+    let pinned = env.pinned;
     let port = free_port()?;
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let single = |processes: Vec<Proxy>, admins: Vec<SocketAddr>| Running {
+        processes,
+        entry: listen,
+        authority: origin.to_string(),
+        admins,
+    };
     let mut cmd = match target {
         Target::Direct => return Ok(None),
-        Target::GofeInbound | Target::GofeOutbound => {
-            let mut c = pinned_command(env!("CARGO_BIN_EXE_gofe"), pinned);
-            let (inbound, outbound) = if target == Target::GofeInbound {
-                (port, free_port()?)
-            } else {
-                (free_port()?, port)
+        Target::GofeInbound => {
+            let (p, admin) = gofe_sidecar(env, free_port()?, port, None)?;
+            return Ok(Some(single(vec![p], vec![admin])));
+        }
+        Target::GofeOutbound => {
+            let (p, admin) = gofe_sidecar(env, port, free_port()?, None)?;
+            return Ok(Some(single(vec![p], vec![admin])));
+        }
+        Target::GofeTwoHopMtls | Target::GofeTwoHopPlain => {
+            let mtls = target == Target::GofeTwoHopMtls;
+            let server_inbound = free_port()?;
+            let (server, server_admin) =
+                gofe_sidecar(env, free_port()?, server_inbound, mtls.then_some("server"))?;
+            let (client, client_admin) =
+                gofe_sidecar(env, port, free_port()?, mtls.then_some("client"))?;
+            // The client names the server sidecar's inbound listener as its authority;
+            // the client sidecar routes by it, the server sidecar forwards to the origin.
+            return Ok(Some(Running {
+                processes: vec![client, server],
+                entry: listen,
+                authority: format!("127.0.0.1:{server_inbound}"),
+                admins: vec![client_admin, server_admin],
+            }));
+        }
+        Target::HaproxyTwoHopMtls => {
+            haproxy_certs(dir)?;
+            let b_port = free_port()?;
+            let d = dir.display();
+            // HTTP/2 between the two for HTTP/2 clients; for HTTP/1.1 clients, HTTP/1.1
+            // (h2load 1.52 miscounts the reason-less HTTP/1.1 status lines HAProxy
+            // writes for responses that crossed HTTP/2).
+            let (bind_proto, server_proto, hop_alpn) = match proto {
+                Proto::H1 => ("", "", "http/1.1"),
+                Proto::H2 => (" proto h2", " proto h2", "h2"),
             };
-            c.arg("proxy")
-                .env("GOFE_INBOUND_LISTEN", format!("127.0.0.1:{inbound}"))
-                .env("GOFE_OUTBOUND_LISTEN", format!("127.0.0.1:{outbound}"))
-                .env("GOFE_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()?))
-                .env("GOFE_INBOUND_DIRECT_TARGET", origin.to_string())
-                .env("GOFE_LOG", "warn");
-            c
+            let global = "global\n  nbthread 1\n  maxconn 4000\n\
+                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n";
+            let b = format!(
+                "{global}frontend fe\n  bind 127.0.0.1:{b_port} ssl crt {d}/haproxy-b.pem ca-file {d}/haproxy-ca.pem verify required alpn h2,http/1.1\n  default_backend be\n\
+                 backend be\n  server origin {origin}{server_proto}\n"
+            );
+            let a = format!(
+                "{global}frontend fe\n  bind {listen}{bind_proto}\n  default_backend be\n\
+                 backend be\n  server b 127.0.0.1:{b_port} ssl verify required ca-file {d}/haproxy-ca.pem crt {d}/haproxy-a.pem sni str(haproxy-b) verifyhost haproxy-b alpn {hop_alpn}\n"
+            );
+            let mut processes = Vec::new();
+            for (name, cfg, port) in [("b", b, b_port), ("a", a, port)] {
+                let path = dir.join(format!("haproxy-{name}.cfg"));
+                std::fs::write(&path, cfg)?;
+                let mut c = pinned_command("haproxy", pinned);
+                c.args(["-db", "-f"]).arg(&path);
+                processes.push(Proxy {
+                    child: c
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::inherit())
+                        .spawn()
+                        .context("haproxy")?,
+                });
+                wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), "haproxy")?;
+            }
+            return Ok(Some(single(processes, Vec::new())));
         }
         Target::Haproxy => {
             let (bind_proto, server_proto) = match proto {
@@ -293,14 +562,8 @@ fn start_proxy(
         .spawn()
         .with_context(|| format!("cannot start {}", target.name()))?;
     let proxy = Proxy { child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(listen).is_err() {
-        if Instant::now() > deadline {
-            bail!("{} did not listen on {listen}", target.name());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Some((proxy, listen)))
+    wait_listening(listen, target.name())?;
+    Ok(Some(single(vec![proxy], Vec::new())))
 }
 
 /// CPU seconds (user + system) of `pid`, all threads, from /proc.
@@ -326,31 +589,29 @@ fn pid_of(proxy: &Proxy) -> u32 {
     proxy.child.id()
 }
 
-async fn measure(
-    target: Target,
-    proto: Proto,
-    origin: SocketAddr,
-    dir: &Path,
-    s: &Settings,
-    pinned: bool,
-) -> anyhow::Result<Row> {
-    let started = start_proxy(target, proto, origin, dir, pinned)?;
-    let (proxy, addr) = match &started {
-        Some((p, a)) => (Some(p), *a),
-        None => (None, origin),
+async fn measure(target: Target, proto: Proto, env: &Env, s: &Settings) -> anyhow::Result<Row> {
+    let running = start_target(target, proto, env)?;
+    let (processes, addr, authority) = match &running {
+        Some(r) => (r.processes.as_slice(), r.entry, r.authority.clone()),
+        None => (&[][..], env.origin, env.origin.to_string()),
     };
-    let authority = origin.to_string();
+    let cpu = || -> anyhow::Result<f64> { processes.iter().map(|p| cpu_seconds(pid_of(p))).sum() };
     // Warm up: connections, pools, caches.
-    h2load(proto, addr, &authority, 5_000, pinned)?;
+    h2load(proto, addr, &authority, 5_000, env.pinned)?;
 
-    let cpu_before = proxy.map(|p| cpu_seconds(pid_of(p))).transpose()?;
-    let (rps, done) = h2load(proto, addr, &authority, s.requests, pinned)?;
-    let cpu_after = proxy.map(|p| cpu_seconds(pid_of(p))).transpose()?;
-    let cpu_us_per_req = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) => Some((a - b) * 1e6 / done as f64),
-        _ => None,
-    };
-    let rss = proxy.map(|p| rss_kib(pid_of(p))).transpose()?;
+    let cpu_before = cpu()?;
+    let (rps, done) = h2load(proto, addr, &authority, s.requests, env.pinned)?;
+    let cpu_after = cpu()?;
+    let cpu_us_per_req =
+        (!processes.is_empty()).then(|| (cpu_after - cpu_before) * 1e6 / done as f64);
+    let rss = (!processes.is_empty())
+        .then(|| {
+            processes
+                .iter()
+                .map(|p| rss_kib(pid_of(p)))
+                .sum::<anyhow::Result<u64>>()
+        })
+        .transpose()?;
 
     let hist = latency(
         proto,
@@ -361,11 +622,28 @@ async fn measure(
     )
     .await?;
     let q = |v: f64| hist.value_at_quantile(v) as f64;
-    let note = if done < s.requests {
+    let mut note = if done < s.requests {
         format!("{} of {} requests failed", s.requests - done, s.requests)
     } else {
         String::new()
     };
+    // The mTLS figures count only if the sidecars really spoke mTLS throughout.
+    if target == Target::GofeTwoHopMtls
+        && let Some(client_admin) = running.as_ref().and_then(|r| r.admins.first())
+    {
+        let (_, metrics) = admin_get(*client_admin, "/metrics")?;
+        let plaintext = metrics.lines().any(|l| {
+            l.starts_with("gofe_requests_total{direction=\"outbound\"")
+                && l.contains("tls=\"false\"")
+        });
+        let mtls = metrics.lines().any(|l| {
+            l.starts_with("gofe_requests_total{direction=\"outbound\"")
+                && l.contains("tls=\"true\"")
+        });
+        if plaintext || !mtls {
+            note = format!("{note} NOT ALL mTLS").trim().to_string();
+        }
+    }
     Ok(Row {
         target,
         proto,
@@ -557,48 +835,67 @@ fn report(rows: &[Row], s: &Settings, pinned: bool, quick: bool) -> String {
         s.rate,
         s.latency_secs
     );
-    for proto in [Proto::H1, Proto::H2] {
-        let set: Vec<&Row> = rows.iter().filter(|r| r.proto == proto).collect();
-        let direct = set.iter().find(|r| r.target == Target::Direct);
-        let haproxy = set.iter().find(|r| r.target == Target::Haproxy);
-        let _ = writeln!(out, "**{}**\n", proto.name());
-        let _ = writeln!(
-            out,
-            "| target | req/s | × direct | proxy CPU µs/req | req/s per proxy core | × HAProxy per core | p50 µs | p90 µs | p99 µs | p99.9 µs | RSS MiB | note |"
-        );
-        let _ = writeln!(
-            out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-        );
-        for r in &set {
-            let per_core = r.cpu_us_per_req.map(|us| 1e6 / us);
-            let vs_direct = direct.map(|d| r.rps / d.rps);
-            let vs_haproxy = match (per_core, haproxy.and_then(|h| h.cpu_us_per_req)) {
-                (Some(p), Some(h)) => Some(p / (1e6 / h)),
-                _ => None,
+    for (two_hop, title) in [
+        (false, "One hop"),
+        (true, "Two hops (client sidecar → server sidecar)"),
+    ] {
+        for proto in [Proto::H1, Proto::H2] {
+            let set: Vec<&Row> = rows
+                .iter()
+                .filter(|r| {
+                    r.proto == proto
+                        && (r.target == Target::Direct || r.target.two_hop() == two_hop)
+                })
+                .collect();
+            if set.len() <= 1 {
+                continue;
+            }
+            let direct = set.iter().find(|r| r.target == Target::Direct);
+            let reference = if two_hop {
+                Target::HaproxyTwoHopMtls
+            } else {
+                Target::Haproxy
             };
-            let f = |v: Option<f64>, prec: usize| {
-                v.map_or("–".to_string(), |v| format!("{v:.prec$}"))
-            };
+            let haproxy = set.iter().find(|r| r.target == reference);
+            let _ = writeln!(out, "**{title}, {}**\n", proto.name());
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
-                r.target.name(),
-                r.rps,
-                f(vs_direct, 2),
-                f(r.cpu_us_per_req, 1),
-                f(per_core, 0),
-                f(vs_haproxy, 2),
-                r.p50,
-                r.p90,
-                r.p99,
-                r.p999,
-                r.rss_kib
-                    .map_or("–".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
-                r.note
+                "| target | req/s | × direct | proxy CPU µs/req | req/s per proxy core | × HAProxy per core | p50 µs | p90 µs | p99 µs | p99.9 µs | RSS MiB | note |"
             );
+            let _ = writeln!(
+                out,
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            );
+            for r in &set {
+                let per_core = r.cpu_us_per_req.map(|us| 1e6 / us);
+                let vs_direct = direct.map(|d| r.rps / d.rps);
+                let vs_haproxy = match (per_core, haproxy.and_then(|h| h.cpu_us_per_req)) {
+                    (Some(p), Some(h)) => Some(p / (1e6 / h)),
+                    _ => None,
+                };
+                let f = |v: Option<f64>, prec: usize| {
+                    v.map_or("–".to_string(), |v| format!("{v:.prec$}"))
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                    r.target.name(),
+                    r.rps,
+                    f(vs_direct, 2),
+                    f(r.cpu_us_per_req, 1),
+                    f(per_core, 0),
+                    f(vs_haproxy, 2),
+                    r.p50,
+                    r.p90,
+                    r.p99,
+                    r.p999,
+                    r.rss_kib
+                        .map_or("–".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                    r.note
+                );
+            }
+            let _ = writeln!(out);
         }
-        let _ = writeln!(out);
     }
     out
 }

@@ -513,7 +513,9 @@ impl HttpEndpoints {
         loop {
             let (mut tx, reused) = match pool.take_idle(self.idle_timeout) {
                 Some(tx) => (tx, true),
-                None => (self.connect_h1(pool.addr, None).await?.0, false),
+                // Connecting is rare next to reusing: boxed, it does not bloat every
+                // request's future.
+                None => (Box::pin(self.connect_h1(pool.addr, None)).await?.0, false),
             };
             // A released connection is ready at once, or after hyper has read the end
             // of the last response; one that takes longer is not worth waiting for.
@@ -567,7 +569,7 @@ impl HttpEndpoints {
                 Some(c) => c,
                 None => {
                     fresh = true;
-                    match self.connect_h2(pool, tls).await {
+                    match Box::pin(self.connect_h2(pool, tls)).await {
                         Ok(c) => c,
                         Err(e) => return Err(H2Error::Unsent(e, Box::new(req))),
                     }

@@ -53,15 +53,17 @@ pub(crate) async fn forward(
 
     let endpoint = match conn.target {
         ConnTarget::Endpoint { endpoint, .. } => endpoint,
+        // Rare, heavy branches are boxed: hyper moves this future into a task for every
+        // HTTP/2 stream, so its size is paid per request.
         ConnTarget::Explicit if req.method() == Method::CONNECT => {
-            return upgrade::connect_explicit(&conn, req, grpc).await;
+            return Box::pin(upgrade::connect_explicit(&conn, req, grpc)).await;
         }
         ConnTarget::Explicit => {
             let Some(authority) = authority.as_ref() else {
                 let stats = conn.stats(None, None);
                 return error_response(&ProxyError::NoAuthority, grpc, stats);
             };
-            match conn.state.resolver.resolve(authority, HTTP_PORT).await {
+            match Box::pin(conn.state.resolver.resolve(authority, HTTP_PORT)).await {
                 Ok(ep) => ep,
                 Err(e) => {
                     return error_response(&e.into(), grpc, conn.stats(Some(authority), None));
@@ -71,7 +73,7 @@ pub(crate) async fn forward(
     };
 
     if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
-        return upgrade::forward(&conn, req, endpoint, grpc).await;
+        return Box::pin(upgrade::forward(&conn, req, endpoint, grpc)).await;
     }
 
     let version = match req.version() {

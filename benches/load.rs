@@ -89,6 +89,8 @@ impl Target {
 }
 
 struct Settings {
+    /// Throughput runs per target, interleaved across targets; the median counts.
+    rounds: usize,
     requests: u64,
     rate: u64,
     latency_secs: u64,
@@ -121,13 +123,15 @@ fn main() -> anyhow::Result<()> {
         .map(PathBuf::from);
     let settings = if quick {
         Settings {
+            rounds: 1,
             requests: 40_000,
             rate: 1000,
             latency_secs: 3,
         }
     } else {
         Settings {
-            requests: 300_000,
+            rounds: 3,
+            requests: 200_000,
             rate: 2000,
             latency_secs: 10,
         }
@@ -178,12 +182,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     for proto in [Proto::H1, Proto::H2] {
-        for &target in &targets {
-            eprintln!("== {} {}", target.name(), proto.name());
-            match rt.block_on(measure(target, proto, &env, &settings)) {
-                Ok(row) => rows.push(row),
-                Err(e) => eprintln!("!! {} {} not measured: {e:#}", target.name(), proto.name()),
-            }
+        match rt.block_on(measure(&targets, proto, &env, &settings)) {
+            Ok(r) => rows.extend(r),
+            Err(e) => eprintln!("!! {} not measured: {e:#}", proto.name()),
         }
     }
     let report = report(&rows, &settings, pinned, quick);
@@ -589,73 +590,135 @@ fn pid_of(proxy: &Proxy) -> u32 {
     proxy.child.id()
 }
 
-async fn measure(target: Target, proto: Proto, env: &Env, s: &Settings) -> anyhow::Result<Row> {
-    let running = start_target(target, proto, env)?;
-    let (processes, addr, authority) = match &running {
-        Some(r) => (r.processes.as_slice(), r.entry, r.authority.clone()),
-        None => (&[][..], env.origin, env.origin.to_string()),
-    };
-    let cpu = || -> anyhow::Result<f64> { processes.iter().map(|p| cpu_seconds(pid_of(p))).sum() };
-    // Warm up: connections, pools, caches.
-    h2load(proto, addr, &authority, 5_000, env.pinned)?;
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
 
-    let cpu_before = cpu()?;
-    let (rps, done) = h2load(proto, addr, &authority, s.requests, env.pinned)?;
-    let cpu_after = cpu()?;
-    let cpu_us_per_req =
-        (!processes.is_empty()).then(|| (cpu_after - cpu_before) * 1e6 / done as f64);
-    let rss = (!processes.is_empty())
-        .then(|| {
-            processes
-                .iter()
-                .map(|p| rss_kib(pid_of(p)))
-                .sum::<anyhow::Result<u64>>()
-        })
-        .transpose()?;
-
-    let hist = latency(
-        proto,
-        addr,
-        &authority,
-        s.rate,
-        Duration::from_secs(s.latency_secs),
-    )
-    .await?;
-    let q = |v: f64| hist.value_at_quantile(v) as f64;
-    let mut note = if done < s.requests {
-        format!("{} of {} requests failed", s.requests - done, s.requests)
-    } else {
-        String::new()
-    };
-    // The mTLS figures count only if the sidecars really spoke mTLS throughout.
-    if target == Target::GofeTwoHopMtls
-        && let Some(client_admin) = running.as_ref().and_then(|r| r.admins.first())
-    {
-        let (_, metrics) = admin_get(*client_admin, "/metrics")?;
-        let plaintext = metrics.lines().any(|l| {
-            l.starts_with("gofe_requests_total{direction=\"outbound\"")
-                && l.contains("tls=\"false\"")
-        });
-        let mtls = metrics.lines().any(|l| {
-            l.starts_with("gofe_requests_total{direction=\"outbound\"")
-                && l.contains("tls=\"true\"")
-        });
-        if plaintext || !mtls {
-            note = format!("{note} NOT ALL mTLS").trim().to_string();
+/// Measures every target for `proto`. All targets run at once (idle ones cost nothing)
+/// and the throughput runs go round-robin across them, so that a machine drifting
+/// during the run (a VM's neighbours) moves every target's figures alike.
+async fn measure(
+    targets: &[Target],
+    proto: Proto,
+    env: &Env,
+    s: &Settings,
+) -> anyhow::Result<Vec<Row>> {
+    struct Live {
+        target: Target,
+        running: Option<Running>,
+        addr: SocketAddr,
+        authority: String,
+        cpu_us: Vec<f64>,
+        rps: Vec<f64>,
+        failed: u64,
+    }
+    let mut live = Vec::new();
+    for &target in targets {
+        eprintln!("== starting {} ({})", target.name(), proto.name());
+        match start_target(target, proto, env) {
+            Ok(running) => {
+                let (addr, authority) = match &running {
+                    Some(r) => (r.entry, r.authority.clone()),
+                    None => (env.origin, env.origin.to_string()),
+                };
+                live.push(Live {
+                    target,
+                    running,
+                    addr,
+                    authority,
+                    cpu_us: Vec::new(),
+                    rps: Vec::new(),
+                    failed: 0,
+                });
+            }
+            Err(e) => eprintln!("!! {} {} not measured: {e:#}", target.name(), proto.name()),
         }
     }
-    Ok(Row {
-        target,
-        proto,
-        rps,
-        cpu_us_per_req,
-        rss_kib: rss,
-        p50: q(0.5),
-        p90: q(0.9),
-        p99: q(0.99),
-        p999: q(0.999),
-        note,
-    })
+    let cpu = |l: &Live| -> anyhow::Result<f64> {
+        match &l.running {
+            Some(r) => r.processes.iter().map(|p| cpu_seconds(pid_of(p))).sum(),
+            None => Ok(0.0),
+        }
+    };
+    for l in &live {
+        // Warm up: connections, pools, caches.
+        h2load(proto, l.addr, &l.authority, 5_000, env.pinned)?;
+    }
+    for round in 0..s.rounds {
+        for l in &mut live {
+            eprintln!(
+                "== {} {} round {}",
+                l.target.name(),
+                proto.name(),
+                round + 1
+            );
+            let before = cpu(l)?;
+            let (rps, done) = h2load(proto, l.addr, &l.authority, s.requests, env.pinned)?;
+            let after = cpu(l)?;
+            l.cpu_us.push((after - before) * 1e6 / done.max(1) as f64);
+            l.rps.push(rps);
+            l.failed += s.requests - done;
+        }
+    }
+    let mut rows = Vec::new();
+    for l in &live {
+        let processes = l
+            .running
+            .as_ref()
+            .map(|r| r.processes.as_slice())
+            .unwrap_or(&[]);
+        let rss = (!processes.is_empty())
+            .then(|| {
+                processes
+                    .iter()
+                    .map(|p| rss_kib(pid_of(p)))
+                    .sum::<anyhow::Result<u64>>()
+            })
+            .transpose()?;
+        let hist = latency(
+            proto,
+            l.addr,
+            &l.authority,
+            s.rate,
+            Duration::from_secs(s.latency_secs),
+        )
+        .await?;
+        let q = |v: f64| hist.value_at_quantile(v) as f64;
+        let mut note = if l.failed > 0 {
+            format!("{} requests failed", l.failed)
+        } else {
+            String::new()
+        };
+        // The mTLS figures count only if the sidecars really spoke mTLS throughout.
+        if l.target == Target::GofeTwoHopMtls
+            && let Some(client_admin) = l.running.as_ref().and_then(|r| r.admins.first())
+        {
+            let (_, metrics) = admin_get(*client_admin, "/metrics")?;
+            let outbound = |tls: &str| {
+                metrics.lines().any(|line| {
+                    line.starts_with("gofe_requests_total{direction=\"outbound\"")
+                        && line.contains(tls)
+                })
+            };
+            if outbound("tls=\"false\"") || !outbound("tls=\"true\"") {
+                note = format!("{note} NOT ALL mTLS").trim().to_string();
+            }
+        }
+        rows.push(Row {
+            target: l.target,
+            proto,
+            rps: median(l.rps.clone()),
+            cpu_us_per_req: (!processes.is_empty()).then(|| median(l.cpu_us.clone())),
+            rss_kib: rss,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            note,
+        });
+    }
+    Ok(rows)
 }
 
 /// Runs h2load; returns requests per second and how many succeeded.
@@ -825,12 +888,13 @@ fn report(rows: &[Row], s: &Settings, pinned: bool, quick: bool) -> String {
     );
     let _ = writeln!(
         out,
-        "({}; {} requests per throughput run; latency at {} req/s for {}s)\n",
+        "({}; throughput: median of {} interleaved runs of {} requests per target; latency at {} req/s for {}s)\n",
         if pinned {
             "proxy pinned to CPU 0, h2load + origin + latency client to CPU 1"
         } else {
             "one CPU: nothing pinned, CPU figures are still the proxy's own"
         },
+        s.rounds,
         s.requests,
         s.rate,
         s.latency_secs

@@ -150,3 +150,25 @@ fn demo_runs_and_drains_cleanly() {
     }
     panic!("no free port range for the demo: {last:?}");
 }
+
+/// Every variable the code declares is in the README's reference, with its default.
+#[test]
+fn readme_documents_every_variable() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    use gofe_proxy::config::{INIT_VARS, ISSUER_VARS, PROXY_VARS};
+    for var in PROXY_VARS.iter().chain(INIT_VARS).chain(ISSUER_VARS) {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}` |", var.name)))
+            .unwrap_or_else(|| panic!("README has no row for {}", var.name));
+        if !var.default.is_empty() {
+            assert!(
+                row.contains(&format!("`{}`", var.default)),
+                "README's row for {} does not give its default {:?}: {row}",
+                var.name,
+                var.default
+            );
+        }
+    }
+}

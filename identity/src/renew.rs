@@ -21,9 +21,12 @@ const RETRY_BASE: Duration = Duration::from_millis(250);
 /// from 250 ms, capped at a tenth of the certificate's remaining life (between 1 s and
 /// 60 s; 5 s with no certificate yet), with half the delay jittered.
 pub fn retry_delay(attempt: u32, remaining: Option<Duration>, jitter: f64) -> Duration {
+    // With no usable certificate (none yet, or expired) there is nothing to save in a
+    // hurry: a fleet waiting on an issuer that is down retries every few seconds, not
+    // every second.
     let cap = match remaining {
-        Some(r) => (r / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)),
-        None => Duration::from_secs(5),
+        Some(r) if !r.is_zero() => (r / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        _ => Duration::from_secs(5),
     };
     let exp = RETRY_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
     exp.min(cap).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
@@ -137,6 +140,11 @@ mod tests {
         assert_eq!(
             retry_delay(10, Some(Duration::from_secs(3)), 1.0),
             Duration::from_secs(1)
+        );
+        // Expired: as with no certificate.
+        assert_eq!(
+            retry_delay(10, Some(Duration::ZERO), 1.0),
+            Duration::from_secs(5)
         );
         // Jitter takes off up to half.
         assert_eq!(retry_delay(3, remaining, 0.0), Duration::from_millis(500));

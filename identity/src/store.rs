@@ -71,8 +71,10 @@ impl CertStore {
         *self.next_renewal.read()
     }
 
+    /// Holding a certificate that has not expired.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.current()
+            .is_some_and(|h| h.info.not_after > SystemTime::now())
     }
 
     /// Resolves once a certificate is held.

@@ -32,13 +32,17 @@ pub struct MeshTls {
 }
 
 impl MeshTls {
-    pub fn new(store: Arc<CertStore>, anchors: Arc<TrustAnchors>) -> MeshTls {
+    /// Peers must chain to `anchors` and name a SPIFFE ID in `trust_domain`.
+    pub fn new(store: Arc<CertStore>, anchors: Arc<TrustAnchors>, trust_domain: &str) -> MeshTls {
         let provider = anchors.provider().clone();
         let resolver = Arc::new(StoreResolver(store));
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3 is supported")
-            .with_client_cert_verifier(Arc::new(MeshClientVerifier::new(anchors.clone())))
+            .with_client_cert_verifier(Arc::new(MeshClientVerifier::new(
+                anchors.clone(),
+                trust_domain,
+            )))
             .with_cert_resolver(resolver.clone());
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
         // Every connection presents and verifies the current certificates: no
@@ -52,6 +56,7 @@ impl MeshTls {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(
                     anchors.clone(),
+                    trust_domain,
                 )))
                 .with_client_cert_resolver(resolver.clone());
             c.alpn_protocols = vec![alpn.to_vec()];

@@ -163,18 +163,31 @@ impl TrustAnchors {
     }
 }
 
-fn require_identity(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    if cert::peer_identity(end_entity).is_none() {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(NoIdentity)),
-        )));
+/// The certificate must name a SPIFFE ID, and one in this mesh's trust domain: anchors
+/// shared with another trust domain do not make its workloads ours.
+fn require_identity(
+    end_entity: &CertificateDer<'_>,
+    trust_domain: &str,
+) -> Result<(), rustls::Error> {
+    let refuse = |e: IdentityError| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    };
+    match cert::peer_identity(end_entity) {
+        None => Err(refuse(IdentityError::None)),
+        Some(id) if id.trust_domain() != trust_domain => {
+            Err(refuse(IdentityError::ForeignTrustDomain(id.to_string())))
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the certificate carries no SPIFFE ID")]
-struct NoIdentity;
+enum IdentityError {
+    #[error("the certificate carries no SPIFFE ID")]
+    None,
+    #[error("{0} is outside this mesh's trust domain")]
+    ForeignTrustDomain(String),
+}
 
 /// Verifies a mesh server: a chain to the anchors, usable for server auth, naming a
 /// SPIFFE ID. The name the client dialled is not checked here: mesh certificates carry
@@ -182,11 +195,15 @@ struct NoIdentity;
 #[derive(Debug)]
 pub struct MeshServerVerifier {
     anchors: Arc<TrustAnchors>,
+    trust_domain: String,
 }
 
 impl MeshServerVerifier {
-    pub fn new(anchors: Arc<TrustAnchors>) -> Self {
-        Self { anchors }
+    pub fn new(anchors: Arc<TrustAnchors>, trust_domain: &str) -> Self {
+        Self {
+            anchors,
+            trust_domain: trust_domain.to_string(),
+        }
     }
 }
 
@@ -207,7 +224,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             now,
             self.anchors.algorithms().all,
         )?;
-        require_identity(end_entity)?;
+        require_identity(end_entity, &self.trust_domain)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -239,11 +256,15 @@ impl ServerCertVerifier for MeshServerVerifier {
 #[derive(Debug)]
 pub struct MeshClientVerifier {
     anchors: Arc<TrustAnchors>,
+    trust_domain: String,
 }
 
 impl MeshClientVerifier {
-    pub fn new(anchors: Arc<TrustAnchors>) -> Self {
-        Self { anchors }
+    pub fn new(anchors: Arc<TrustAnchors>, trust_domain: &str) -> Self {
+        Self {
+            anchors,
+            trust_domain: trust_domain.to_string(),
+        }
     }
 }
 
@@ -263,7 +284,7 @@ impl ClientCertVerifier for MeshClientVerifier {
             self.anchors
                 .client_verifier()
                 .verify_client_cert(end_entity, intermediates, now)?;
-        require_identity(end_entity)?;
+        require_identity(end_entity, &self.trust_domain)?;
         Ok(verified)
     }
 

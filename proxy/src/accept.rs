@@ -54,7 +54,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, direction: Direction, sta
 /// protocol is held back no longer than this.
 const OPAQUE_MESH_DETECT: Duration = Duration::from_millis(200);
 
-const STRICT_REFUSAL: &str = "this pod accepts only mTLS from the mesh (GOFE_INBOUND_MTLS=strict)";
+const STRICT_REFUSAL: &str = "this pod accepts only mTLS from the mesh (GOFE_INBOUND_MTLS=strict, or GOFE_INBOUND_AUTHORIZE set)";
 
 async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, state: Arc<State>) {
     state.sockets.accepted(&stream);
@@ -136,9 +136,11 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
         .inc();
 
     let io = Prefixed::new(detected.prefix, io);
+    // Plaintext has no identity to authorize: a list of allowed identities keeps it out
+    // as strict mode does.
     let strict = mesh
         .as_ref()
-        .is_some_and(|m| m.inbound() == InboundMtls::Strict);
+        .is_some_and(|m| m.inbound() == InboundMtls::Strict || m.authorizes_a_list());
     let version = match (detected.protocol, mesh) {
         (Protocol::Tls { mesh: true, .. }, Some(mesh)) => {
             return terminate(io, mesh, client, target, state).await;
@@ -209,17 +211,40 @@ async fn terminate<I: Io>(
         Some(ALPN_H2) => HttpVersion::Http2,
         Some(ALPN_HTTP1) => HttpVersion::Http1,
         Some(ALPN_TCP) => {
-            match (refused, target) {
+            let endpoint = match (refused, target) {
                 (Some(reason), _) => {
                     debug!(%client, %peer, reason, "refusing an opaque mTLS stream");
                     socket::reset(tls.as_tcp());
+                    return;
                 }
-                (None, ConnTarget::Endpoint { endpoint, .. }) => {
-                    tcp::forward(tls, endpoint, Direction::Inbound, &state).await
+                (None, ConnTarget::Endpoint { endpoint, .. }) => endpoint,
+                (None, ConnTarget::Explicit) => return,
+            };
+            // The far proxy found no protocol it knew, or its port was opaque there; here,
+            // on a port that is not opaque, HTTP is served as HTTP so that its headers
+            // (gofe-client-id among them) are handled like any other request's.
+            let mut tls = tls;
+            let detected = if state.config.opaque_ports.contains(endpoint.0.port()) {
+                None
+            } else {
+                match detect::detect(&mut tls, state.config.detect_timeout).await {
+                    Ok(d) => Some(d),
+                    Err(_) => return,
                 }
-                (None, ConnTarget::Explicit) => {}
-            }
-            return;
+            };
+            let (protocol, prefix) = match detected {
+                Some(d) => (d.protocol, d.prefix),
+                None => (Protocol::Opaque, Bytes::new()),
+            };
+            let io = Prefixed::new(prefix, tls);
+            let version = match protocol {
+                Protocol::Http1 => HttpVersion::Http1,
+                Protocol::Http2 => HttpVersion::Http2,
+                _ => return tcp::forward(io, endpoint, Direction::Inbound, &state).await,
+            };
+            let conn = HttpConn::new(state.clone(), Direction::Inbound, client, target)
+                .with_peer(Some(peer));
+            return http::serve(io, version, Arc::new(conn)).await;
         }
         _ => {
             debug!(%client, "mTLS without a mesh protocol; closing");

@@ -63,27 +63,47 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::
             });
         }
         if buf.len() >= MAX_DETECT_BYTES {
-            return Ok(opaque(buf, false));
+            return Ok(undecided(buf, false));
         }
         if buf.capacity() == buf.len() {
             buf.reserve(buf.len().min(MAX_DETECT_BYTES - buf.len()));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) => return Ok(opaque(buf, true)),
-            Ok(Ok(0)) => return Ok(opaque(buf, false)),
+            Err(_elapsed) => return Ok(undecided(buf, true)),
+            Ok(Ok(0)) => return Ok(undecided(buf, false)),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
     }
 }
 
-fn opaque(buf: BytesMut, timed_out: bool) -> Detected {
-    // A TLS record cut short still goes through as TLS would: opaquely.
+/// No decision from the bytes read: the client stopped sending (EOF, the deadline) or
+/// sent more than detection reads. Bytes that begin like HTTP are HTTP even so: hyper
+/// then answers a slow or oversized request properly, and a client cannot pass HTTP to
+/// the application unexamined (headers such as gofe-client-id unstripped) by stalling
+/// or padding. Anything else is opaque; a TLS record cut short goes through as TLS
+/// would, opaquely.
+fn undecided(buf: BytesMut, timed_out: bool) -> Detected {
+    let protocol =
+        if !buf.is_empty() && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+            Protocol::Http2
+        } else if begins_like_http1(&buf) {
+            Protocol::Http1
+        } else {
+            Protocol::Opaque
+        };
     Detected {
-        protocol: Protocol::Opaque,
+        protocol,
         prefix: buf.freeze(),
         timed_out,
     }
+}
+
+/// A method token (upper-case letters, as every standard method) and, once there is
+/// more, a space: the start of an HTTP/1 request line.
+fn begins_like_http1(buf: &[u8]) -> bool {
+    let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    method > 0 && (method == buf.len() || (method <= 20 && buf[method] == b' '))
 }
 
 /// Decides from the bytes so far; `None` means more bytes are needed.
@@ -220,13 +240,42 @@ mod tests {
     #[tokio::test]
     async fn detect_times_out_to_opaque_with_what_was_read() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"GE")
+        // A TLS record header, cut short.
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"\x16\x03\x01")
             .await
             .unwrap();
         let d = detect(&mut b, Duration::from_millis(50)).await.unwrap();
         assert_eq!(d.protocol, Protocol::Opaque);
         assert!(d.timed_out);
-        assert_eq!(&d.prefix[..], b"GE");
+        assert_eq!(&d.prefix[..], b"\x16\x03\x01");
+    }
+
+    /// Stalling or padding the request line does not turn HTTP into opaque bytes.
+    #[tokio::test]
+    async fn a_stalled_or_oversized_request_line_is_still_http() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"G")
+            .await
+            .unwrap();
+        let d = detect(&mut b, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert!(d.timed_out);
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let mut long = b"GET /?pad=".to_vec();
+        long.resize(20 * 1024, b'x');
+        tokio::io::AsyncWriteExt::write_all(&mut a, &long)
+            .await
+            .unwrap();
+        let d = detect(&mut b, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1);
+        assert!(!d.timed_out);
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &H2_PREFACE[..5])
+            .await
+            .unwrap();
+        drop(a);
+        let d = detect(&mut b, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http2);
     }
 
     #[tokio::test]

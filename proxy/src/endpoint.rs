@@ -31,6 +31,10 @@ use tracing::debug;
 /// How long a pooled HTTP/1 connection may take to become ready before another is used.
 const POOLED_READY_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A connection between proxies is replaced after this long, so that both ends present
+/// (and check) current certificates and identities at least this often.
+const MESH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
+
 /// HTTP/2 pings on an idle pooled connection find a dead peer before a request does.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -51,8 +55,15 @@ pub enum ConnectError {
         addr: EndpointAddr,
         source: io::Error,
     },
-    /// The peer did not complete a mesh TLS handshake: it has no sidecar, or not one
-    /// of this mesh.
+    /// The peer does not speak mesh TLS at all: it answered with something that is not
+    /// TLS, closed on the ClientHello, refused the mesh's ALPN, or presented a
+    /// certificate that is not a mesh certificate. In auto mode, a peer to reach in
+    /// plaintext.
+    #[error("{addr} does not answer mTLS: {reason}")]
+    NotMeshed { addr: EndpointAddr, reason: String },
+    /// A mesh TLS handshake that failed otherwise (an alert about certificates, an
+    /// expired certificate, no answer in time): never a reason to fall back to
+    /// plaintext.
     #[error("mTLS handshake with {addr} failed: {reason}")]
     Tls { addr: EndpointAddr, reason: String },
     #[error("{addr} presented identity {presented}, expected {expected}")]
@@ -78,6 +89,7 @@ impl ConnectError {
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Loop { .. } => "loop",
             ConnectError::Io { .. } => "error",
+            ConnectError::NotMeshed { .. } => "not_meshed",
             ConnectError::Tls { .. } => "tls",
             ConnectError::Identity { .. } => "identity",
             ConnectError::Recent { reason, .. } => reason,
@@ -88,7 +100,7 @@ impl ConnectError {
     /// in plaintext.
     pub fn not_meshed(&self) -> bool {
         match self {
-            ConnectError::Tls { .. } => true,
+            ConnectError::NotMeshed { .. } => true,
             ConnectError::Recent { not_meshed, .. } => *not_meshed,
             _ => false,
         }
@@ -258,6 +270,10 @@ impl Connector {
                     addr,
                     reason: format!("no handshake within {:?}", self.timeout),
                 }),
+                Ok(Err(e)) if speaks_no_mesh_tls(&e) => Err(ConnectError::NotMeshed {
+                    addr,
+                    reason: e.to_string(),
+                }),
                 Ok(Err(e)) => Err(ConnectError::Tls {
                     addr,
                     reason: e.to_string(),
@@ -293,6 +309,37 @@ impl Connector {
             }
         }
     }
+}
+
+/// Whether a failed handshake shows a peer that does not speak the mesh's TLS, as
+/// opposed to a mesh peer with a problem (which must not be answered by dropping to
+/// plaintext). Auto mode is opportunistic all the same: a peer that presents a
+/// certificate not of this mesh is taken for one without a sidecar; where discovery
+/// names the identity to expect, or with GOFE_OUTBOUND_MTLS=strict, there is no
+/// fallback at all.
+fn speaks_no_mesh_tls(e: &io::Error) -> bool {
+    use rustls::{AlertDescription, CertificateError, Error as Tls};
+    if matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    ) {
+        return true;
+    }
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()),
+        Some(
+            Tls::InvalidMessage(_)
+                | Tls::AlertReceived(AlertDescription::NoApplicationProtocol)
+                | Tls::InvalidCertificate(
+                    CertificateError::UnknownIssuer
+                        | CertificateError::BadSignature
+                        | CertificateError::Other(_),
+                )
+        )
+    )
 }
 
 /// The HTTP version spoken to an endpoint.
@@ -369,7 +416,10 @@ struct IdleH1 {
 struct Pool {
     addr: EndpointAddr,
     h1_idle: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Peer)>>,
+    /// The HTTP/2 connection, its peer, and when it was made.
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Peer, Instant)>>,
+    /// Connections older than this are not used for new requests.
+    max_age: Option<Duration>,
     /// Held while an HTTP/2 connection is being made, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
     /// When the last HTTP/2 connect failed, and why: requests that waited for it fail
@@ -387,11 +437,12 @@ fn now_ms() -> u64 {
 }
 
 impl Pool {
-    fn new(addr: EndpointAddr) -> Self {
+    fn new(addr: EndpointAddr, max_age: Option<Duration>) -> Self {
         Self {
             addr,
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            max_age,
             h2_connecting: tokio::sync::Mutex::new(()),
             h2_failed: Mutex::new(None),
             last_used: AtomicU64::new(now_ms()),
@@ -413,7 +464,13 @@ impl Pool {
     fn cached_h2(&self) -> Option<(http2::SendRequest<RequestBody>, Peer)> {
         let mut h2 = self.h2.lock();
         match h2.as_ref() {
-            Some((tx, peer)) if !tx.is_closed() => Some((tx.clone(), peer.clone())),
+            Some((tx, peer, made))
+                if !tx.is_closed() && self.max_age.is_none_or(|max| made.elapsed() < max) =>
+            {
+                Some((tx.clone(), peer.clone()))
+            }
+            // Closed, or too old: requests in flight finish on it; new ones get a new
+            // connection.
             Some(_) => {
                 *h2 = None;
                 None
@@ -458,7 +515,12 @@ impl HttpEndpoints {
                 .pools
                 .write()
                 .entry((addr, kind))
-                .or_insert_with(|| Arc::new(Pool::new(addr)))
+                .or_insert_with(|| {
+                    Arc::new(Pool::new(
+                        addr,
+                        (kind == Kind::Mesh).then_some(MESH_CONNECTION_MAX_AGE),
+                    ))
+                })
                 .clone(),
         };
         pool.last_used.store(now_ms(), Ordering::Relaxed);
@@ -582,7 +644,7 @@ impl HttpEndpoints {
                     // opened: the request was not sent.
                     Some(unsent) if !fresh => {
                         let mut h2 = pool.h2.lock();
-                        if h2.as_ref().is_some_and(|(cur, _)| cur.is_closed()) {
+                        if h2.as_ref().is_some_and(|(cur, _, _)| cur.is_closed()) {
                             *h2 = None;
                         }
                         req = unsent;
@@ -649,7 +711,7 @@ impl HttpEndpoints {
                 )
             }
         };
-        *pool.h2.lock() = Some((tx.clone(), peer.clone()));
+        *pool.h2.lock() = Some((tx.clone(), peer.clone(), Instant::now()));
         Ok((tx, peer))
     }
 

@@ -83,6 +83,10 @@ impl State {
         match (direction, &self.mesh) {
             (Direction::Outbound, Some(m)) => match m.outbound(endpoint) {
                 Outbound::Plaintext => (None, false),
+                // Without a current certificate of its own, a proxy's handshakes fail
+                // for its own reasons: auto mode goes plaintext this time, and learns
+                // nothing about the peer from it.
+                Outbound::TryMtls if !m.store.is_ready() => (None, false),
                 Outbound::TryMtls => (Some(&m.tls), true),
                 Outbound::RequireMtls => (Some(&m.tls), false),
             },

@@ -67,7 +67,7 @@ impl Mesh {
         .map_err(MeshError::Client)?;
         let store = CertStore::new(client.signing_key());
         Ok(Some(Mesh {
-            tls: MeshTls::new(store.clone(), anchors.clone()),
+            tls: MeshTls::new(store.clone(), anchors.clone(), &config.trust_domain),
             store,
             anchors,
             client: Arc::new(client),
@@ -115,11 +115,19 @@ impl Mesh {
         if map.len() >= PLAINTEXT_MEMORY_MAX {
             map.retain(|_, at| at.elapsed() < PLAINTEXT_MEMORY);
         }
-        map.insert(endpoint, Instant::now());
+        // Still full of fresh entries: this one is tried again next time.
+        if map.len() < PLAINTEXT_MEMORY_MAX {
+            map.insert(endpoint, Instant::now());
+        }
     }
 
     pub fn inbound(&self) -> InboundMtls {
         self.inbound
+    }
+
+    /// Whether only listed identities may come in.
+    pub fn authorizes_a_list(&self) -> bool {
+        !self.authorize.is_empty()
     }
 
     /// Why `peer` may not come in, if it may not.

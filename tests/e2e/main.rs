@@ -44,6 +44,7 @@ fn all() -> Vec<(&'static str, Case)> {
         tcp::proxy_own_connections_are_not_redirected,
         tcp::connection_to_own_listener_is_refused,
         identity::traffic_is_mtls_on_the_wire_and_the_app_sees_the_client_identity,
+        identity::a_client_cannot_forge_its_identity,
         identity::strict_inbound_refuses_plaintext,
         identity::strict_inbound_refuses_a_foreign_ca_and_an_expired_certificate,
         identity::inbound_authorize_admits_only_listed_identities,

@@ -134,10 +134,20 @@ pub fn bootstrap(dir: &Path, trust_domain: &str) -> Result<(), MaterialError> {
         source,
     })?;
     let write = |file: &str, text: String, mode: u32| -> Result<(), MaterialError> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let path = dir.join(file);
-        std::fs::write(&path, text)
-            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)))
+        // Created with its mode, so the key is never readable by others, even briefly.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
+            })
             .map_err(|source| MaterialError::Write { path, source })
     };
     write(ANCHORS_FILE, root.pem(), 0o644)?;

@@ -14,7 +14,7 @@ use gofe_telemetry::prom::{Exposition, Kind};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::RwLock;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -34,6 +34,14 @@ pub const SERVER_NAME: &str = "gofe-identity.gofe-system.svc";
 const SERVING_REFRESH: Duration = Duration::from_secs(12 * 3600);
 const MAX_REQUEST: usize = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client has this long to send its request headers: slow clients cannot hold
+/// connections open at no cost.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed at accept rather than exhaust file
+/// descriptors.
+const MAX_CONNECTIONS: usize = 10_000;
+/// After an accept error (out of file descriptors, say), wait before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct IssuerConfig {
@@ -211,13 +219,24 @@ impl Bound {
             })
         };
         let admin_task = tokio::spawn(serve_admin(admin, issuer.clone()));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let accept = async {
             loop {
-                let Ok((tcp, peer)) = listener.accept().await else {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(a) => a,
+                    Err(error) => {
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!(%peer, "too many connections; closing this one");
                     continue;
                 };
                 let (issuer, tls) = (issuer.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
                     else {
@@ -227,9 +246,17 @@ impl Bound {
                         let issuer = issuer.clone();
                         async move { Ok::<_, Infallible>(issuer.handle(req, peer).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT);
+                    builder
+                        .http2()
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(HEADER_READ_TIMEOUT);
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         };
@@ -364,8 +391,12 @@ impl Issuer {
 
 async fn serve_admin(listener: tokio::net::TcpListener, issuer: Arc<Issuer>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(_) => {
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
         };
         let issuer = issuer.clone();
         tokio::spawn(async move {
@@ -386,6 +417,8 @@ async fn serve_admin(listener: tokio::net::TcpListener, issuer: Arc<Issuer>) {
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });

@@ -21,6 +21,8 @@ const LEEWAY_SECS: u64 = 30;
 /// does not hold (the cluster rotated its signing key).
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
 const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// A JWKS fetch that takes longer than this is abandoned (the keys held stay).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_JWKS: usize = 1024 * 1024;
 
 const ALGORITHMS: [Algorithm; 6] = [
@@ -65,6 +67,12 @@ impl JwksSource {
     ) -> Result<JwksSource, String> {
         if s.starts_with("https://") || s.starts_with("http://") {
             let url: http::Uri = s.parse().map_err(|e| format!("invalid URL: {e}"))?;
+            // Keys fetched in the clear could be replaced on the way (and a bearer token
+            // would travel in the clear): plain HTTP only to this host.
+            let loopback = matches!(url.host(), Some("localhost" | "127.0.0.1" | "[::1]"));
+            if url.scheme_str() == Some("http") && !loopback {
+                return Err("expected an https URL (plain http only to localhost)".into());
+            }
             Ok(JwksSource::Url { url, ca, bearer })
         } else if s.is_empty() {
             Err("expected a JWKS file or URL".into())
@@ -86,10 +94,13 @@ impl JwksSource {
             reason,
         };
         let bytes = match self {
-            JwksSource::File(p) => std::fs::read(p).map_err(|e| err(e.to_string()))?,
-            JwksSource::Url { url, ca, bearer } => fetch_url(url, ca.as_ref(), bearer.as_ref())
-                .await
-                .map_err(err)?,
+            JwksSource::File(p) => tokio::fs::read(p).await.map_err(|e| err(e.to_string()))?,
+            JwksSource::Url { url, ca, bearer } => {
+                tokio::time::timeout(FETCH_TIMEOUT, fetch_url(url, ca.as_ref(), bearer.as_ref()))
+                    .await
+                    .map_err(|_| err(format!("no answer within {FETCH_TIMEOUT:?}")))?
+                    .map_err(err)?
+            }
         };
         serde_json::from_slice(&bytes).map_err(|e| err(format!("not a JWKS: {e}")))
     }
@@ -187,6 +198,8 @@ struct Keys {
 pub struct TokenVerifier {
     source: JwksSource,
     keys: RwLock<Keys>,
+    /// Held by the one refresh under way; others go on with the keys held.
+    refreshing: tokio::sync::Mutex<()>,
     audience: String,
     issuer: Option<String>,
     trust_domain: String,
@@ -206,6 +219,7 @@ impl TokenVerifier {
                 set,
                 fetched: Instant::now(),
             }),
+            refreshing: tokio::sync::Mutex::new(()),
             audience,
             issuer,
             trust_domain,
@@ -222,20 +236,39 @@ impl TokenVerifier {
                 header.alg
             )));
         }
-        let stale = self.keys.read().fetched.elapsed() >= REFRESH_EVERY;
+        let age = self.keys.read().fetched.elapsed();
         let known = header
             .kid
             .as_ref()
             .is_none_or(|kid| self.keys.read().set.find(kid).is_some());
-        if stale || (!known && self.keys.read().fetched.elapsed() >= REFRESH_MIN_INTERVAL) {
-            match self.source.fetch().await {
-                Ok(set) => {
-                    *self.keys.write() = Keys {
-                        set,
-                        fetched: Instant::now(),
+        // One refresh at a time. A token naming an unknown key waits for it (the cluster
+        // may have rotated its signing key); otherwise a refresh under way is not waited
+        // for.
+        if age >= REFRESH_EVERY || (!known && age >= REFRESH_MIN_INTERVAL) {
+            let guard = if known {
+                self.refreshing.try_lock().ok()
+            } else {
+                Some(self.refreshing.lock().await)
+            };
+            if let Some(_refreshing) = guard
+                && self.keys.read().fetched.elapsed() >= REFRESH_MIN_INTERVAL
+            {
+                match self.source.fetch().await {
+                    Ok(set) => {
+                        *self.keys.write() = Keys {
+                            set,
+                            fetched: Instant::now(),
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "keeping the JWKS already loaded");
+                        // Not again at once for every request.
+                        let retry_from = Instant::now()
+                            .checked_sub(REFRESH_EVERY - REFRESH_MIN_INTERVAL)
+                            .unwrap_or_else(Instant::now);
+                        self.keys.write().fetched = retry_from;
                     }
                 }
-                Err(error) => tracing::warn!(%error, "keeping the JWKS already loaded"),
             }
         }
         let candidates: Vec<DecodingKey> = {

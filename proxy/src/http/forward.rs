@@ -5,7 +5,7 @@
 
 use super::body::{OnEnd, RequestBody, ResponseBody};
 use super::errors::{ProxyError, error_response};
-use super::mesh::{self, CLIENT_ID, ORIG_PROTO};
+use super::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
 use super::{HttpConn, headers, upgrade};
 use crate::addrs::{Direction, EndpointAddr};
 use crate::destination::ConnTarget;
@@ -33,13 +33,10 @@ pub(crate) async fn forward(
     }
     match conn.direction {
         Direction::Inbound => {
-            // Only this proxy says who the client is.
+            // Only this proxy says who the client is (set once the hop-by-hop headers,
+            // which a client could use to name it, are gone).
             req.headers_mut().remove(CLIENT_ID);
-            if let Some(peer) = &conn.peer
-                && let Ok(v) = HeaderValue::from_str(&peer.to_string())
-            {
-                req.headers_mut().insert(CLIENT_ID, v);
-            }
+            req.headers_mut().remove(CLIENT_ID_UNDERSCORED);
             if conn.peer.is_some() {
                 mesh::from_mesh(&mut req);
             } else {
@@ -72,6 +69,11 @@ pub(crate) async fn forward(
         }
     };
 
+    // An h2c upgrade would turn the connection into HTTP/2 the proxies never see: the
+    // request goes on as a plain HTTP/1.1 request instead.
+    if headers::is_upgrade_to(&req, "h2c") {
+        headers::drop_upgrade(req.headers_mut());
+    }
     if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
         return Box::pin(upgrade::forward(&conn, req, endpoint, grpc)).await;
     }
@@ -84,6 +86,7 @@ pub(crate) async fn forward(
     // unless the framing is spelled out.
     let streaming_body = !req.body().is_end_stream() && req.body().size_hint().exact().is_none();
     headers::strip_hop_by_hop(req.headers_mut(), false);
+    identify_client(&conn, req.headers_mut());
     let mut req = req.map(RequestBody::from);
     match version {
         HttpVersion::Http1 => prepare_http1(&conn, &mut req, endpoint, streaming_body),
@@ -93,7 +96,7 @@ pub(crate) async fn forward(
     }
 
     if let (Some(tls), may_fall_back) = conn.state.outbound_tls(conn.direction, endpoint) {
-        mesh::to_mesh(&mut req);
+        mesh::to_mesh(&mut req, &endpoint.to_string());
         match conn.state.http.send_mesh(endpoint, req, tls).await {
             Ok((rsp, peer)) => {
                 return respond(&conn, rsp, None, grpc, authority.as_ref(), Some(peer));
@@ -121,6 +124,17 @@ pub(crate) async fn forward(
     match conn.state.http.send(endpoint, version, req).await {
         Ok((rsp, checkin)) => respond(&conn, rsp, checkin, grpc, authority.as_ref(), None),
         Err(error) => fail(&conn, error, grpc, authority.as_ref()),
+    }
+}
+
+/// Tells the application who the client is: the identity the client's proxy presented
+/// over mTLS. Inbound only; called after the hop-by-hop headers are gone.
+pub(super) fn identify_client(conn: &HttpConn, headers: &mut http::HeaderMap) {
+    if conn.direction == Direction::Inbound
+        && let Some(peer) = &conn.peer
+        && let Ok(v) = HeaderValue::from_str(&peer.to_string())
+    {
+        headers.insert(CLIENT_ID, v);
     }
 }
 

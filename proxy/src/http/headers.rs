@@ -78,6 +78,27 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// An upgrade request naming `protocol` among its Upgrade tokens.
+pub fn is_upgrade_to<B>(req: &Request<B>, protocol: &str) -> bool {
+    is_upgrade(req)
+        && tokens(req.headers(), header::UPGRADE).any(|t| t.eq_ignore_ascii_case(protocol))
+}
+
+/// Turns an upgrade request back into a plain one.
+pub fn drop_upgrade(headers: &mut HeaderMap) {
+    headers.remove(header::UPGRADE);
+    headers.remove(HeaderName::from_static("http2-settings"));
+    let others: Vec<String> = tokens(headers, header::CONNECTION)
+        .filter(|t| !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings"))
+        .collect();
+    headers.remove(header::CONNECTION);
+    if !others.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&others.join(", "))
+    {
+        headers.insert(header::CONNECTION, v);
+    }
+}
+
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)

@@ -12,12 +12,17 @@ use http::{Request, Version};
 pub const ORIG_PROTO: &str = "gofe-orig-proto";
 /// The peer identity handed to the application on inbound requests.
 pub const CLIENT_ID: &str = "gofe-client-id";
+/// The same name as CGI-style stacks (PHP, WSGI) would read it: removed from clients'
+/// requests too, so it cannot stand in for the real one.
+pub const CLIENT_ID_UNDERSCORED: &str = "gofe_client_id";
 
 const HTTP11: &str = "HTTP/1.1";
 const HTTP11_ABSOLUTE: &str = "HTTP/1.1; absolute-form";
 
-/// An application's request, made fit for the HTTP/2 hop between proxies.
-pub fn to_mesh<B>(req: &mut Request<B>) {
+/// An application's request, made fit for the HTTP/2 hop between proxies. A request
+/// without a usable Host is given `fallback` (the endpoint's address) as its
+/// authority, as HTTP/2 requires one.
+pub fn to_mesh<B>(req: &mut Request<B>, fallback: &str) {
     if req.version() == Version::HTTP_2 {
         return;
     }
@@ -29,6 +34,7 @@ pub fn to_mesh<B>(req: &mut Request<B>) {
         req.headers_mut()
             .remove(header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| http::uri::Authority::try_from(fallback).ok())
     };
     *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());
     *req.version_mut() = Version::HTTP_2;
@@ -72,7 +78,7 @@ mod tests {
             .header("x-app", "1")
             .body(())
             .unwrap();
-        to_mesh(&mut req);
+        to_mesh(&mut req, "10.0.0.1:80");
         assert_eq!(req.version(), Version::HTTP_2);
         assert_eq!(req.uri(), "http://web:8080/a?b=1");
         assert!(!req.headers().contains_key("host"));
@@ -92,11 +98,23 @@ mod tests {
             .header("host", "squid:3128")
             .body(())
             .unwrap();
-        to_mesh(&mut req);
+        to_mesh(&mut req, "10.0.0.1:80");
         assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1; absolute-form");
         assert!(from_mesh(&mut req));
         assert_eq!(req.uri(), "http://example.test/x");
         assert_eq!(req.headers()["host"], "squid:3128");
+    }
+
+    #[test]
+    fn a_request_without_host_gets_the_endpoint_as_authority() {
+        let mut req = Request::get("/x")
+            .version(Version::HTTP_11)
+            .body(())
+            .unwrap();
+        to_mesh(&mut req, "10.0.0.9:8080");
+        assert_eq!(req.uri(), "http://10.0.0.9:8080/x");
+        assert!(from_mesh(&mut req));
+        assert_eq!(req.headers()["host"], "10.0.0.9:8080");
     }
 
     #[test]
@@ -105,7 +123,7 @@ mod tests {
             .version(Version::HTTP_2)
             .body(())
             .unwrap();
-        to_mesh(&mut req);
+        to_mesh(&mut req, "10.0.0.1:80");
         assert!(!req.headers().contains_key(ORIG_PROTO));
         assert!(!from_mesh(&mut req));
         assert_eq!(req.version(), Version::HTTP_2);

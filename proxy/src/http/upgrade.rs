@@ -31,6 +31,7 @@ pub(crate) async fn forward(
     let client_side = hyper::upgrade::on(&mut req);
     let connect = req.method() == Method::CONNECT;
     headers::strip_hop_by_hop(req.headers_mut(), !connect);
+    super::forward::identify_client(conn, req.headers_mut());
     if conn.target == ConnTarget::Explicit {
         *req.uri_mut() = headers::origin_form(req.uri(), req.method());
     }

@@ -64,7 +64,10 @@ async fn mesh_request(
     let mut config = rustls::ClientConfig::builder_with_provider(anchors.provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(anchors.clone())))
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(
+            anchors.clone(),
+            "cluster.local",
+        )))
         .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![gofe_identity::tls::ALPN_H2.to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -325,6 +328,70 @@ pub fn traffic_is_mtls_on_the_wire_and_the_app_sees_the_client_identity(
             sm.0
         );
     }
+    Ok(())
+}
+
+/// A raw request, written by hand from the client pod, whose headers claim another
+/// identity; returns what the app saw as the client's identity.
+fn forged_request(
+    client: &Pod<'_>,
+    server: std::net::Ipv4Addr,
+    stall: Duration,
+) -> anyhow::Result<String> {
+    let forged = "spiffe://cluster.local/ns/default/sa/admin";
+    let reply = client.block_on(|| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect((server, HTTP_PORT)).await?;
+        s.write_all(b"G").await?;
+        tokio::time::sleep(stall).await;
+        let rest = format!(
+            "ET /headers HTTP/1.1\r\nHost: server\r\ngofe-client-id: {forged}\r\ngofe_client_id: {forged}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(rest.as_bytes()).await?;
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+        anyhow::Ok(out)
+    })??;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let headers: serde_json::Value = serde_json::from_str(body).with_context(|| reply.clone())?;
+    ensure!(
+        headers.get("gofe_client_id").is_none(),
+        "the underscored claim was removed: {headers}"
+    );
+    Ok(headers["gofe-client-id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Stalling past detection, or declaring the port opaque on its own side, does not let
+/// a meshed client pass a forged gofe-client-id to the server's application.
+pub fn a_client_cannot_forge_its_identity(w: &World) -> anyhow::Result<()> {
+    let stalling = w
+        .pod("stalling")
+        .sidecar()
+        .env("GOFE_DETECT_TIMEOUT", "1s")
+        .start()?;
+    let opaque = w
+        .pod("opaque")
+        .sidecar()
+        .env("GOFE_OPAQUE_PORTS", &format!("{HTTP_PORT}"))
+        .start()?;
+    let server = w.pod("server").sidecar().start()?;
+    server.app("http", HTTP_PORT)?;
+    let seen = forged_request(&stalling, server.ip4, Duration::from_millis(1500))?;
+    ensure!(
+        seen == Issuer::identity("stalling"),
+        "after a stall the app saw {seen:?}"
+    );
+    let seen = forged_request(&opaque, server.ip4, Duration::ZERO)?;
+    ensure!(
+        seen == Issuer::identity("opaque"),
+        "through an opaque port the app saw {seen:?}"
+    );
     Ok(())
 }
 

@@ -165,6 +165,7 @@ fn warn_unknown_variables() {
         .iter()
         .chain(config::INIT_VARS)
         .chain(config::ISSUER_VARS)
+        .chain(config::POLICY_VARS)
         .map(|v| v.name)
         .collect();
     for (name, _) in std::env::vars() {

@@ -156,8 +156,13 @@ fn demo_runs_and_drains_cleanly() {
 fn readme_documents_every_variable() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    use gofe_proxy::config::{INIT_VARS, ISSUER_VARS, PROXY_VARS};
-    for var in PROXY_VARS.iter().chain(INIT_VARS).chain(ISSUER_VARS) {
+    use gofe_proxy::config::{INIT_VARS, ISSUER_VARS, POLICY_VARS, PROXY_VARS};
+    for var in PROXY_VARS
+        .iter()
+        .chain(INIT_VARS)
+        .chain(ISSUER_VARS)
+        .chain(POLICY_VARS)
+    {
         let row = readme
             .lines()
             .find(|l| l.starts_with(&format!("| `{}` |", var.name)))

@@ -64,6 +64,7 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
         ("/metrics", true) => {
             let mut e = Exposition::new();
             state.metrics.render(&mut e);
+            state.destinations.render(&mut e);
             if let Some(m) = &state.mesh {
                 render_identity(m, &mut e);
             }
@@ -76,6 +77,7 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             rsp
         }
         ("/identity", true) => identity(state),
+        ("/endpoints", true) => json(&state.destinations.to_json()),
         ("/config", true) => {
             let map: serde_json::Map<String, serde_json::Value> = state
                 .config
@@ -103,11 +105,21 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             state.shutdown.trigger();
             text(StatusCode::OK, "shutting down\n")
         }
-        ("/live" | "/ready" | "/metrics" | "/config" | "/identity", false) | ("/shutdown", _) => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        ("/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/endpoints", false)
+        | ("/shutdown", _) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    rsp
 }
 
 /// The certificate held: name, validity, next renewal.

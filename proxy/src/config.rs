@@ -85,6 +85,46 @@ vars! {
         "strict: only mTLS from the mesh; permissive: mTLS or plaintext; off: no TLS termination.";
     INBOUND_AUTHORIZE = "GOFE_INBOUND_AUTHORIZE", "",
         "SPIFFE IDs allowed in over mTLS, comma-separated; empty allows the whole mesh.";
+    REQUEST_TIMEOUT = "GOFE_REQUEST_TIMEOUT", "0",
+        "A whole request, retries included, until its response headers; on expiry 504 (gRPC: DEADLINE_EXCEEDED). 0: none.";
+    PER_TRY_TIMEOUT = "GOFE_PER_TRY_TIMEOUT", "0",
+        "One attempt, until its response headers; an attempt that runs out is retried like a 504. 0: none.";
+    RETRY_ON = "GOFE_RETRY_ON", "connect-failure,refused-stream",
+        "When to retry: connect-failure, refused-stream, 5xx, gateway-error (502/503/504), reset, retriable-status-codes, and for gRPC unavailable, cancelled, deadline-exceeded, resource-exhausted.";
+    RETRY_LIMIT = "GOFE_RETRY_LIMIT", "2",
+        "Retries of one request, after its first attempt.";
+    RETRY_BUDGET_RATIO = "GOFE_RETRY_BUDGET_RATIO", "0.2",
+        "Retries may be at most this share of a destination's requests (over 10 s)...";
+    RETRY_BUDGET_MIN_PER_SEC = "GOFE_RETRY_BUDGET_MIN_PER_SEC", "10",
+        "...plus this many a second, so a destination with little traffic can still retry.";
+    RETRY_BACKOFF = "GOFE_RETRY_BACKOFF", "25ms..250ms",
+        "Wait before retry n: a random time up to min(max, min x 2^(n-1)) (exponential, full jitter).";
+    RETRY_MAX_BODY = "GOFE_RETRY_MAX_BODY", "64KiB",
+        "Request bodies up to this size are kept while they stream, so a retry can replay them; larger ones are never retried.";
+    RETRY_STATUS_CODES = "GOFE_RETRY_STATUS_CODES", "",
+        "The statuses retriable-status-codes retries (e.g. 429,503).";
+    RETRYABLE = "GOFE_RETRYABLE", "false",
+        "true marks a destination's routes retryable: status and reset conditions then retry any method, not only idempotent ones (the application promises it is safe).";
+    LB = "GOFE_LB", "ewma",
+        "ewma (power of two choices over peak-EWMA latency), round-robin, or random.";
+    OUTLIER_CONSECUTIVE_5XX = "GOFE_OUTLIER_CONSECUTIVE_5XX", "5",
+        "Eject an endpoint after this many 5xx responses in a row (0: never).";
+    OUTLIER_CONSECUTIVE_GATEWAY = "GOFE_OUTLIER_CONSECUTIVE_GATEWAY", "5",
+        "...or after this many connect failures, 502s, 503s or 504s in a row (0: never).";
+    OUTLIER_BASE_EJECTION = "GOFE_OUTLIER_BASE_EJECTION", "30s",
+        "Ejection time: this times the number of times the endpoint has been ejected...";
+    OUTLIER_MAX_EJECTION = "GOFE_OUTLIER_MAX_EJECTION", "300s",
+        "...capped at this.";
+    OUTLIER_MAX_EJECTION_PERCENT = "GOFE_OUTLIER_MAX_EJECTION_PERCENT", "50",
+        "Never eject more than this share of a destination's endpoints (a destination with one endpoint keeps it).";
+    MAX_CONCURRENT_REQUESTS = "GOFE_MAX_CONCURRENT_REQUESTS", "1024",
+        "Requests in flight per destination; beyond it, 503 at once with gofe-overloaded: true.";
+    DISCOVERY = "GOFE_DISCOVERY", "dns",
+        "Endpoint sources, in order, comma-separated: dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint.";
+    POLICY_FILE = "GOFE_POLICY_FILE", "",
+        "YAML file of per-destination policy overriding these defaults; re-read when it changes, a bad file is logged and the last good one stays.";
+    DNS_REFRESH = "GOFE_DNS_REFRESH", "1s..60s",
+        "DNS records are re-resolved when their TTL runs out, but no sooner than the first and no later than the second.";
     ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
         "(issuer) Directory with ca.crt, tls.crt and tls.key, laid out like a kubernetes.io/tls Secret.";
     ISSUER_LISTEN = "GOFE_ISSUER_LISTEN", "0.0.0.0:8443",
@@ -129,6 +169,32 @@ pub const PROXY_VARS: &[&Var] = &[
     &OUTBOUND_MTLS,
     &INBOUND_MTLS,
     &INBOUND_AUTHORIZE,
+    &DISCOVERY,
+    &POLICY_FILE,
+    &DNS_REFRESH,
+];
+
+/// The variables a destination's policy is made of: each may be overridden per
+/// destination in the policy or discovery file, by its name in lower case without the
+/// prefix (`retry_on: 5xx`).
+pub const POLICY_VARS: &[&Var] = &[
+    &REQUEST_TIMEOUT,
+    &PER_TRY_TIMEOUT,
+    &RETRY_ON,
+    &RETRY_LIMIT,
+    &RETRY_BUDGET_RATIO,
+    &RETRY_BUDGET_MIN_PER_SEC,
+    &RETRY_BACKOFF,
+    &RETRY_MAX_BODY,
+    &RETRY_STATUS_CODES,
+    &RETRYABLE,
+    &LB,
+    &OUTLIER_CONSECUTIVE_5XX,
+    &OUTLIER_CONSECUTIVE_GATEWAY,
+    &OUTLIER_BASE_EJECTION,
+    &OUTLIER_MAX_EJECTION,
+    &OUTLIER_MAX_EJECTION_PERCENT,
+    &MAX_CONCURRENT_REQUESTS,
 ];
 
 /// The variables `gofe identity` reads (and GOFE_TRUST_DOMAIN).
@@ -229,6 +295,11 @@ impl<'a> Env<'a> {
     }
 
     /// Records a problem found by a check across several variables.
+    /// The value of `name` as given, if it is set.
+    pub fn raw(&self, name: &str) -> Option<String> {
+        (self.lookup)(name)
+    }
+
     pub fn reject(&mut self, var: &Var, value: impl ToString, expected: impl ToString) {
         self.errors.push(BadVar {
             name: var.name,
@@ -267,6 +338,14 @@ pub struct Config {
     pub outbound_mtls: OutboundMtls,
     pub inbound_mtls: InboundMtls,
     pub inbound_authorize: Vec<SpiffeId>,
+    /// GOFE_DISCOVERY: `dns`, `file:PATH`, in order.
+    pub discovery: Vec<String>,
+    pub policy_file: Option<PathBuf>,
+    pub dns_refresh: (Duration, Duration),
+    /// The default policy of every destination.
+    pub policy: crate::policy::Policy,
+    /// The policy variables as given, to which the files' overrides apply.
+    pub policy_vars: HashMap<String, String>,
 }
 
 /// Where the proxy gets its certificate.
@@ -383,9 +462,40 @@ impl Config {
                 _ => Err("expected strict, permissive or off".into()),
             }),
             inbound_authorize: env.get(&INBOUND_AUTHORIZE, parse_spiffe_ids),
+            discovery: env.get(&DISCOVERY, crate::discovery::parse_sources),
+            policy_file: env.get(&POLICY_FILE, |s| {
+                Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
+            }),
+            dns_refresh: env.get(&DNS_REFRESH, crate::policy::parse_range),
+            policy: crate::policy::Policy::read(env),
+            policy_vars: crate::policy::Policy::base_vars(|name| env.raw(name)),
         };
         let mut cfg = cfg;
         cfg.identity = read_identity(env, &cfg);
+        // The files must be good at start-up; later, a bad version keeps the last good.
+        let files = cfg
+            .policy_file
+            .iter()
+            .map(|p| (&POLICY_FILE, p.clone()))
+            .chain(
+                cfg.discovery
+                    .iter()
+                    .filter_map(|s| s.strip_prefix("file:"))
+                    .map(|p| (&DISCOVERY, PathBuf::from(p))),
+            )
+            .collect::<Vec<_>>();
+        for (var, path) in files {
+            let checked = std::fs::read_to_string(&path)
+                .map_err(|e| format!("a readable file ({e})"))
+                .and_then(|text| {
+                    crate::policy::file::Table::parse(&text, &cfg.policy_vars)
+                        .map(|_| ())
+                        .map_err(|e| format!("a valid destinations file: {e}"))
+                });
+            if let Err(expected) = checked {
+                env.reject(var, path.display(), expected);
+            }
+        }
         let ports = [
             (&OUTBOUND_LISTEN, cfg.outbound_listen),
             (&INBOUND_LISTEN, cfg.inbound_listen),
@@ -489,7 +599,29 @@ impl Config {
                     .collect::<Vec<_>>()
                     .join(","),
             ),
+            (DISCOVERY.name, self.discovery.join(",")),
+            (
+                POLICY_FILE.name,
+                self.policy_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                DNS_REFRESH.name,
+                format!("{}..{}", d(self.dns_refresh.0), d(self.dns_refresh.1)),
+            ),
         ]
+        .into_iter()
+        .chain(POLICY_VARS.iter().map(|v| {
+            let value = self
+                .policy_vars
+                .get(v.name)
+                .cloned()
+                .unwrap_or_else(|| v.default.to_string());
+            (v.name, value)
+        }))
+        .collect()
     }
 }
 

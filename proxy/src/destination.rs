@@ -2,13 +2,27 @@
 //! going (outbound) or to the application on localhost (inbound); a connection that
 //! reached a listener directly is either an explicit proxy client, routed per request
 //! by its authority, or (inbound) sent to the configured direct target.
+//!
+//! Outbound, the destination is the request's authority (HTTP) or the original
+//! destination (TCP); `Destinations` keeps one `Destination` per name, each with its
+//! endpoints from discovery, their balancer, and the policy that applies to it.
 
 use crate::addrs::{Direction, EndpointAddr, OrigDstAddr};
-use http::uri::Authority;
-use parking_lot::RwLock;
-use std::collections::HashMap;
+use crate::balance::{Balancer, DISCOVERY_WAIT, EndpointState};
+use crate::discovery::{DestKey, Discovery};
+use crate::metrics::Metrics;
+use crate::outlier::Outcome;
+use crate::policy::file::Watched;
+use crate::policy::{Policy, retry};
+use gofe_telemetry::prom::{Exposition, Kind};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tower::retry::budget::Budget;
+use tower::retry::budget::TpsBudget;
 
 /// Where a connection's traffic goes, decided when it is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,67 +67,328 @@ impl ConnTarget {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("no address found for {name}")]
-    NoAddress { name: String },
-    #[error("resolving {name} failed: {source}")]
-    Lookup {
-        name: String,
-        source: std::io::Error,
-    },
+/// How long a destination nobody has used is kept (with its endpoints' latency and
+/// ejection state, and its retry budget).
+const DESTINATION_IDLE: Duration = Duration::from_secs(600);
+/// Destinations kept at most; past this, new ones are made per request and not kept.
+const MAX_DESTINATIONS: usize = 10_000;
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_secs() -> u64 {
+    EPOCH.elapsed().as_secs()
 }
 
-/// How long a resolved name is reused. Names here are explicit-proxy authorities; the
-/// system resolver does not give TTLs, so a short fixed time bounds staleness.
-const NAME_CACHE_TTL: Duration = Duration::from_secs(5);
-const NAME_CACHE_MAX: usize = 10_000;
-
-/// Resolves authorities to an endpoint: IP literals at once, names through the system
-/// resolver with a short cache.
-#[derive(Default)]
-pub struct Resolver {
-    cache: RwLock<HashMap<String, (SocketAddr, Instant)>>,
+/// Where destinations get their policy: the policy file, then the discovery files,
+/// then the environment's defaults.
+pub struct Policies {
+    files: Vec<Arc<Watched>>,
+    /// Bumped whenever one of the files is reloaded.
+    generation: Arc<AtomicU64>,
+    base: Arc<Policy>,
 }
 
-impl Resolver {
-    pub async fn resolve(
-        &self,
-        authority: &Authority,
-        default_port: u16,
-    ) -> Result<EndpointAddr, ResolveError> {
-        let port = authority.port_u16().unwrap_or(default_port);
-        let host = authority.host();
-        let literal = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = literal.parse::<IpAddr>() {
-            return Ok(EndpointAddr(SocketAddr::new(ip, port)));
-        }
-        let key = format!("{host}:{port}");
-        if let Some((addr, at)) = self.cache.read().get(&key)
-            && at.elapsed() < NAME_CACHE_TTL
-        {
-            return Ok(EndpointAddr(*addr));
-        }
-        let addr = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| ResolveError::Lookup {
-                name: host.to_string(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| ResolveError::NoAddress {
-                name: host.to_string(),
-            })?;
-        let mut cache = self.cache.write();
-        if cache.len() >= NAME_CACHE_MAX {
-            cache.retain(|_, (_, at)| at.elapsed() < NAME_CACHE_TTL);
-        }
-        if cache.len() < NAME_CACHE_MAX {
-            cache.insert(key, (addr, Instant::now()));
-        }
-        Ok(EndpointAddr(addr))
+impl Policies {
+    fn lookup(&self, key: &DestKey) -> Arc<Policy> {
+        self.files
+            .iter()
+            .find_map(|f| f.current().destinations.get(key).map(|e| e.policy.clone()))
+            .unwrap_or_else(|| self.base.clone())
     }
 }
+
+/// One destination: its endpoints and their state, its policy, its retry budget and
+/// its count of requests in flight.
+pub struct Destination {
+    pub key: DestKey,
+    /// How metrics and `/endpoints` name it.
+    pub name: Arc<str>,
+    /// The original destination, used while discovery knows nothing better.
+    pub fallback: Option<EndpointAddr>,
+    pub balancer: Arc<Balancer>,
+    pub in_flight: Arc<AtomicUsize>,
+    policies: Arc<Policies>,
+    policy: RwLock<(u64, Arc<Policy>)>,
+    budget: Mutex<((f32, u32), Arc<TpsBudget>)>,
+    last_used: AtomicU64,
+}
+
+impl Destination {
+    /// The destination's policy now.
+    pub fn policy(&self) -> Arc<Policy> {
+        let generation = self.policies.generation.load(Ordering::Acquire);
+        {
+            let p = self.policy.read();
+            if p.0 == generation {
+                return p.1.clone();
+            }
+        }
+        let policy = self.policies.lookup(&self.key);
+        *self.policy.write() = (generation, policy.clone());
+        policy
+    }
+
+    /// The retry budget, made again if the policy's terms for it changed.
+    pub fn budget(&self, policy: &Policy) -> Arc<TpsBudget> {
+        let terms = (policy.retry.budget_ratio, policy.retry.budget_min_per_sec);
+        let mut b = self.budget.lock();
+        if b.0 != terms {
+            *b = (terms, Arc::new(retry::budget(&policy.retry)));
+        }
+        b.1.clone()
+    }
+
+    /// Picks an endpoint and runs `connect` on it, for a connection of its own (a
+    /// tunnel, an upgrade, opaque TCP). A connect failure is tried again on another
+    /// endpoint, within the policy's retry limit and budget.
+    pub async fn connect<T, E, F, Fut>(
+        &self,
+        metrics: &Metrics,
+        is_connect_failure: impl Fn(&E) -> bool,
+        mut connect: F,
+    ) -> Result<T, PickError<E>>
+    where
+        F: FnMut(Arc<EndpointState>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let policy = self.policy();
+        let budget = self.budget(&policy);
+        budget.deposit();
+        let on = &policy.retry.on;
+        let mut tried = Vec::new();
+        let mut attempt = 1;
+        loop {
+            self.balancer.refresh(DISCOVERY_WAIT).await;
+            let Some(endpoint) = self.balancer.pick(policy.lb, &tried) else {
+                return Err(PickError::NoEndpoints(self.name.clone()));
+            };
+            tried.push(endpoint.addr);
+            let flight = endpoint.start();
+            match connect(endpoint.clone()).await {
+                Ok(t) => {
+                    self.balancer
+                        .observe_connect(&flight, Outcome::Success, &policy.outlier);
+                    return Ok(t);
+                }
+                Err(e) if is_connect_failure(&e) => {
+                    let observed = self.balancer.observe_connect(
+                        &flight,
+                        Outcome::ConnectFailure,
+                        &policy.outlier,
+                    );
+                    if observed.ejected.is_some() {
+                        metrics.ejection(&self.name, &endpoint.addr.to_string());
+                    }
+                    let retry = attempt <= policy.retry.limit
+                        && (on.connect_failure || on.status_5xx || on.gateway_error);
+                    if !retry {
+                        return Err(PickError::Failed(e));
+                    }
+                    if !budget.withdraw() {
+                        metrics.retry_budget_exhausted(&self.name);
+                        return Err(PickError::Failed(e));
+                    }
+                    metrics.retry(&self.name, "connect-failure");
+                    tokio::time::sleep(retry::backoff(
+                        policy.retry.backoff_min,
+                        policy.retry.backoff_max,
+                        attempt,
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(PickError::Failed(e)),
+            }
+        }
+    }
+
+    fn touch(&self) {
+        self.last_used.store(now_secs(), Ordering::Relaxed);
+    }
+}
+
+/// A destination's name, and the original destination it falls back to.
+type DestinationId = (DestKey, Option<EndpointAddr>);
+
+/// Every destination the proxy has sent to lately.
+pub struct Destinations {
+    discovery: Discovery,
+    policies: Arc<Policies>,
+    map: RwLock<HashMap<DestinationId, Arc<Destination>>>,
+}
+
+impl Destinations {
+    /// `policy_file` (GOFE_POLICY_FILE) and the discovery's own files give policy over
+    /// `base`. The tasks returned keep the files current.
+    pub fn new(
+        sources: &[String],
+        dns_refresh: (Duration, Duration),
+        policy_file: Option<&std::path::Path>,
+        base: Policy,
+        base_vars: &HashMap<String, String>,
+    ) -> Result<(Destinations, Vec<BoxTask>), String> {
+        let generation = Arc::new(AtomicU64::new(0));
+        let (discovery, mut tasks) =
+            Discovery::new(sources, dns_refresh, base_vars, generation.clone())?;
+        let mut files = Vec::new();
+        if let Some(path) = policy_file {
+            let (watched, task) = Watched::start(path, base_vars.clone(), generation.clone())?;
+            files.push(Arc::new(watched));
+            tasks.push(Box::pin(task));
+        }
+        files.extend(discovery.files().cloned());
+        Ok((
+            Destinations {
+                discovery,
+                policies: Arc::new(Policies {
+                    files,
+                    generation,
+                    base: Arc::new(base),
+                }),
+                map: RwLock::new(HashMap::new()),
+            },
+            tasks,
+        ))
+    }
+
+    /// The destination `key` names, reached at `fallback` while discovery knows
+    /// nothing better. Must be called within a Tokio runtime.
+    pub fn get(&self, key: DestKey, fallback: Option<EndpointAddr>) -> Arc<Destination> {
+        let id = (key, fallback);
+        if let Some(d) = self.map.read().get(&id) {
+            d.touch();
+            return d.clone();
+        }
+        let mut map = self.map.write();
+        if let Some(d) = map.get(&id) {
+            return d.clone();
+        }
+        let (key, fallback) = id;
+        let rx = self.discovery.watch(key.clone(), fallback);
+        let policy = self.policies.lookup(&key);
+        let d = Arc::new(Destination {
+            name: key.to_string().into(),
+            balancer: Arc::new(Balancer::watching(rx, fallback)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            budget: Mutex::new((
+                (policy.retry.budget_ratio, policy.retry.budget_min_per_sec),
+                Arc::new(retry::budget(&policy.retry)),
+            )),
+            policy: RwLock::new((self.policies.generation.load(Ordering::Acquire), policy)),
+            policies: self.policies.clone(),
+            last_used: AtomicU64::new(now_secs()),
+            key: key.clone(),
+            fallback,
+        });
+        if map.len() < MAX_DESTINATIONS {
+            map.insert((key, fallback), d.clone());
+        }
+        d
+    }
+
+    /// Forgets destinations unused for a while (and stops discovering them).
+    pub fn sweep(&self) {
+        let now = now_secs();
+        self.map.write().retain(|_, d| {
+            now.saturating_sub(d.last_used.load(Ordering::Relaxed)) < DESTINATION_IDLE.as_secs()
+                || d.in_flight.load(Ordering::Relaxed) > 0
+        });
+    }
+
+    /// Every destination, by name.
+    pub fn all(&self) -> Vec<Arc<Destination>> {
+        let mut all: Vec<Arc<Destination>> = self.map.read().values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name).then(a.fallback.cmp(&b.fallback)));
+        all
+    }
+
+    /// `/endpoints`: each destination, where its endpoints come from, and each
+    /// endpoint's state.
+    pub fn to_json(&self) -> serde_json::Value {
+        let destinations: Vec<serde_json::Value> = self
+            .all()
+            .iter()
+            .map(|d| {
+                let policy = d.policy();
+                let set = d.balancer.set();
+                let endpoints: Vec<serde_json::Value> = d
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        let (ejected_until, times_ejected) = e.ejection();
+                        serde_json::json!({
+                            "address": e.addr.to_string(),
+                            "weight": e.weight,
+                            "identity": e.identity.as_ref().map(|i| i.to_string()),
+                            "state": if ejected_until.is_some() { "ejected" } else { "ready" },
+                            "ewma_ms": (e.ewma().as_secs_f64() * 1e6).round() / 1e3,
+                            "in_flight": e.pending(),
+                            "ejected_for_ms": ejected_until.map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
+                            "times_ejected": times_ejected,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": d.name.as_ref(),
+                    "original_destination": d.fallback.map(|f| f.to_string()),
+                    "source": set.map(|s| s.source.as_str()).unwrap_or("pending"),
+                    "lb": policy.lb.to_string(),
+                    "in_flight": d.in_flight.load(Ordering::Relaxed),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        serde_json::json!({ "destinations": destinations })
+    }
+
+    /// `gofe_endpoints{authority,state}`.
+    pub fn render(&self, e: &mut Exposition) {
+        let mut counts: BTreeMap<(Arc<str>, &'static str), u64> = BTreeMap::new();
+        for d in self.all() {
+            let (mut ready, mut ejected) = (0, 0);
+            for ep in d.balancer.endpoints().iter() {
+                if ep.ejection().0.is_some() {
+                    ejected += 1;
+                } else {
+                    ready += 1;
+                }
+            }
+            *counts.entry((d.name.clone(), "ready")).or_default() += ready;
+            *counts.entry((d.name.clone(), "ejected")).or_default() += ejected;
+        }
+        e.family(
+            "gofe_endpoints",
+            "Endpoints of each destination, ready or ejected by outlier detection.",
+            Kind::Gauge,
+        );
+        for ((authority, state), n) in counts {
+            e.sample(
+                "gofe_endpoints",
+                &[("authority", &authority), ("state", state)],
+                n,
+            );
+        }
+    }
+}
+
+/// Why no connection was made.
+#[derive(Debug)]
+pub enum PickError<E> {
+    NoEndpoints(Arc<str>),
+    Failed(E),
+}
+
+impl<E> PickError<E> {
+    pub fn map_failed<F>(self, f: impl FnOnce(E) -> F) -> PickError<F> {
+        match self {
+            PickError::NoEndpoints(d) => PickError::NoEndpoints(d),
+            PickError::Failed(e) => PickError::Failed(f(e)),
+        }
+    }
+}
+
+pub type BoxTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 #[cfg(test)]
 mod tests {
@@ -148,24 +423,5 @@ mod tests {
                 orig_dst: Some(orig)
             }
         );
-    }
-
-    #[tokio::test]
-    async fn literals_and_localhost_resolve() {
-        let r = Resolver::default();
-        let a: Authority = "10.1.2.3:8080".parse().unwrap();
-        assert_eq!(
-            r.resolve(&a, 80).await.unwrap().0,
-            "10.1.2.3:8080".parse().unwrap()
-        );
-        let a: Authority = "[::1]".parse().unwrap();
-        assert_eq!(
-            r.resolve(&a, 80).await.unwrap().0,
-            "[::1]:80".parse().unwrap()
-        );
-        let a: Authority = "localhost:9".parse().unwrap();
-        assert!(r.resolve(&a, 80).await.unwrap().0.ip().is_loopback());
-        let a: Authority = "no-such-host.invalid".parse().unwrap();
-        assert!(r.resolve(&a, 80).await.is_err());
     }
 }

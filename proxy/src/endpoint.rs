@@ -377,14 +377,46 @@ pub enum SendError {
     },
 }
 
-/// A mesh send that failed; the request comes back when it was never sent.
-pub enum MeshSendError {
-    /// The peer does not speak mesh TLS; nothing was sent.
-    NotMeshed {
-        error: ConnectError,
-        req: Box<Request<RequestBody>>,
-    },
-    Failed(SendError),
+/// A send that failed; the request comes back when it was never sent.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    pub unsent: Option<Box<Request<RequestBody>>>,
+}
+
+impl SendFailure {
+    fn unsent(error: impl Into<SendError>, req: Request<RequestBody>) -> Self {
+        Self {
+            error: error.into(),
+            unsent: Some(Box::new(req)),
+        }
+    }
+
+    fn sent(error: SendError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+impl SendError {
+    /// Whether the peer refused the stream (HTTP/2 REFUSED_STREAM), so that it was not
+    /// processed.
+    pub fn is_refused_stream(&self) -> bool {
+        let SendError::Http { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            std::error::Error::source(source);
+        while let Some(c) = cause {
+            if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = c.source();
+        }
+        false
+    }
 }
 
 /// An HTTP/1 connection lent to one request; `release` gives it back to its pool once
@@ -480,12 +512,6 @@ impl Pool {
     }
 }
 
-/// An HTTP/2 send that failed, with the request when it was never sent.
-enum H2Error {
-    Unsent(SendError, Box<Request<RequestBody>>),
-    Sent(SendError),
-}
-
 /// Every endpoint's connection pools.
 pub struct HttpEndpoints {
     connector: Connector,
@@ -534,36 +560,32 @@ impl HttpEndpoints {
         addr: EndpointAddr,
         version: HttpVersion,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         match version {
             HttpVersion::Http1 => self.send_h1(self.pool(addr, Kind::Http1), req).await,
-            HttpVersion::Http2 => {
-                match self.send_h2(&self.pool(addr, Kind::Http2), req, None).await {
-                    Ok((rsp, _)) => Ok((rsp, None)),
-                    Err(H2Error::Unsent(e, _) | H2Error::Sent(e)) => Err(e),
-                }
-            }
+            HttpVersion::Http2 => self
+                .send_h2(&self.pool(addr, Kind::Http2), req, None, None)
+                .await
+                .map(|(rsp, _)| (rsp, None)),
         }
     }
 
-    /// Sends `req` (HTTP/2, as the mesh speaks) to the proxy at `addr` over mesh TLS.
-    /// When the peer does not answer mesh TLS the request comes back unsent.
+    /// Sends `req` (HTTP/2, as the mesh speaks) to the proxy at `addr` over mesh TLS;
+    /// with `expected`, only if the peer presents that identity. When the peer does not
+    /// answer mesh TLS (or is not who was expected) the request comes back unsent.
     pub async fn send_mesh(
         &self,
         addr: EndpointAddr,
         req: Request<RequestBody>,
         tls: &MeshTls,
-    ) -> Result<(Response<Incoming>, Arc<SpiffeId>), MeshSendError> {
+        expected: Option<&SpiffeId>,
+    ) -> Result<(Response<Incoming>, Arc<SpiffeId>), SendFailure> {
         match self
-            .send_h2(&self.pool(addr, Kind::Mesh), req, Some(tls))
-            .await
+            .send_h2(&self.pool(addr, Kind::Mesh), req, Some(tls), expected)
+            .await?
         {
-            Ok((rsp, Some(peer))) => Ok((rsp, peer)),
-            Ok((_, None)) => unreachable!("mesh connections always have a peer identity"),
-            Err(H2Error::Unsent(SendError::Connect(error), req)) if error.not_meshed() => {
-                Err(MeshSendError::NotMeshed { error, req })
-            }
-            Err(H2Error::Unsent(e, _) | H2Error::Sent(e)) => Err(MeshSendError::Failed(e)),
+            (rsp, Some(peer)) => Ok((rsp, peer)),
+            (_, None) => unreachable!("mesh connections always have a peer identity"),
         }
     }
 
@@ -571,13 +593,16 @@ impl HttpEndpoints {
         &self,
         pool: Arc<Pool>,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailure> {
         loop {
             let (mut tx, reused) = match pool.take_idle(self.idle_timeout) {
                 Some(tx) => (tx, true),
                 // Connecting is rare next to reusing: boxed, it does not bloat every
                 // request's future.
-                None => (Box::pin(self.connect_h1(pool.addr, None)).await?.0, false),
+                None => match Box::pin(self.connect_h1(pool.addr, None)).await {
+                    Ok((tx, _)) => (tx, false),
+                    Err(e) => return Err(SendFailure::unsent(e, req)),
+                },
             };
             // A released connection is ready at once, or after hyper has read the end
             // of the last response; one that takes longer is not worth waiting for.
@@ -608,11 +633,18 @@ impl HttpEndpoints {
                         debug!(endpoint = %pool.addr, "pooled connection closed; sending on another");
                         req = unsent;
                     }
-                    _ => {
-                        return Err(SendError::Http {
+                    Some(unsent) => {
+                        let error = SendError::Http {
                             addr: pool.addr,
                             source: e.into_error(),
-                        });
+                        };
+                        return Err(SendFailure::unsent(error, unsent));
+                    }
+                    None => {
+                        return Err(SendFailure::sent(SendError::Http {
+                            addr: pool.addr,
+                            source: e.into_error(),
+                        }));
                     }
                 },
             }
@@ -624,7 +656,8 @@ impl HttpEndpoints {
         pool: &Pool,
         mut req: Request<RequestBody>,
         tls: Option<&MeshTls>,
-    ) -> Result<(Response<Incoming>, Peer), H2Error> {
+        expected: Option<&SpiffeId>,
+    ) -> Result<(Response<Incoming>, Peer), SendFailure> {
         let mut fresh = false;
         loop {
             let (mut tx, peer) = match pool.cached_h2() {
@@ -633,10 +666,20 @@ impl HttpEndpoints {
                     fresh = true;
                     match Box::pin(self.connect_h2(pool, tls)).await {
                         Ok(c) => c,
-                        Err(e) => return Err(H2Error::Unsent(e, Box::new(req))),
+                        Err(e) => return Err(SendFailure::unsent(e, req)),
                     }
                 }
             };
+            if let Some(expected) = expected
+                && peer.as_deref() != Some(expected)
+            {
+                let error = ConnectError::Identity {
+                    addr: pool.addr,
+                    presented: peer.map(|p| p.to_string()).unwrap_or_default(),
+                    expected: expected.to_string(),
+                };
+                return Err(SendFailure::unsent(error, req));
+            }
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok((rsp, peer)),
                 Err(mut e) => match e.take_message() {
@@ -650,16 +693,14 @@ impl HttpEndpoints {
                         req = unsent;
                     }
                     Some(unsent) => {
-                        return Err(H2Error::Unsent(
-                            SendError::Http {
-                                addr: pool.addr,
-                                source: e.into_error(),
-                            },
-                            Box::new(unsent),
-                        ));
+                        let error = SendError::Http {
+                            addr: pool.addr,
+                            source: e.into_error(),
+                        };
+                        return Err(SendFailure::unsent(error, unsent));
                     }
                     None => {
-                        return Err(H2Error::Sent(SendError::Http {
+                        return Err(SendFailure::sent(SendError::Http {
                             addr: pool.addr,
                             source: e.into_error(),
                         }));
@@ -897,9 +938,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(
-            matches!(err, SendError::Connect(ConnectError::Refused { .. })),
-            "{err}"
+            matches!(err.error, SendError::Connect(ConnectError::Refused { .. })),
+            "{}",
+            err.error
         );
+        assert!(err.unsent.is_some(), "a request that never left comes back");
     }
 
     #[test]

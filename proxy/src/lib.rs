@@ -6,22 +6,27 @@
 mod accept;
 pub mod addrs;
 mod admin;
+pub mod balance;
 pub mod config;
 pub mod destination;
 pub mod detect;
+pub mod discovery;
 pub mod endpoint;
 pub mod http;
 pub mod io;
 pub mod mesh;
 pub mod metrics;
 pub mod orig_dst;
+pub mod outlier;
+pub mod policy;
 pub mod socket;
 mod tcp;
 
 use addrs::{Direction, EndpointAddr};
 use config::Config;
-use destination::Resolver;
+use destination::Destinations;
 use endpoint::{ConnectError, Connector, HttpEndpoints, OwnListeners, Peer, Upstream};
+use gofe_identity::SpiffeId;
 use gofe_identity::tls::MeshTls;
 use mesh::{Mesh, Outbound};
 use metrics::Metrics;
@@ -61,7 +66,8 @@ pub(crate) struct State {
     pub sockets: SocketFactory,
     pub own: OwnListeners,
     pub http: HttpEndpoints,
-    pub resolver: Resolver,
+    /// Outbound destinations: their endpoints, balancers and policy.
+    pub destinations: Destinations,
     /// Cancelled when draining starts: listeners stop, HTTP connections wind down.
     pub drain: CancellationToken,
     /// Every connection and tunnel, so that draining can wait for them.
@@ -103,11 +109,24 @@ impl State {
         }
     }
 
-    /// An opaque stream to `endpoint`, mTLS to meshed peers.
+    /// The mesh TLS to reach an endpoint whose identity discovery named: mTLS with no
+    /// fallback, unless mTLS is off (or identity disabled) altogether.
+    pub fn required_tls(&self) -> (Option<&MeshTls>, bool) {
+        match &self.mesh {
+            Some(m) if self.config.outbound_mtls != config::OutboundMtls::Off => {
+                (Some(&m.tls), false)
+            }
+            _ => (None, false),
+        }
+    }
+
+    /// An opaque stream to `endpoint`, mTLS to meshed peers; with `expected`, mTLS to a
+    /// peer with that identity only.
     pub async fn connect_stream(
         &self,
         direction: Direction,
         endpoint: EndpointAddr,
+        expected: Option<&SpiffeId>,
     ) -> Result<(Upstream, Peer), ConnectError> {
         let connector = self.http.connector();
         let plain = || async {
@@ -116,7 +135,22 @@ impl State {
                 .await
                 .map(|(s, _)| (s, None))
         };
-        match self.outbound_tls(direction, endpoint) {
+        let tls = match expected {
+            Some(_) => self.required_tls(),
+            None => self.outbound_tls(direction, endpoint),
+        };
+        if let (Some(tls), Some(expected)) = (tls.0, expected) {
+            let (s, peer) = connector.connect_stream(endpoint, Some(tls)).await?;
+            return match peer {
+                Some(p) if &p == expected => Ok((s, Some(Arc::new(p)))),
+                p => Err(ConnectError::Identity {
+                    addr: endpoint,
+                    presented: p.map(|p| p.to_string()).unwrap_or_default(),
+                    expected: expected.to_string(),
+                }),
+            };
+        }
+        match tls {
             (None, _) => plain().await,
             (Some(tls), may_fall_back) => match connector.connect_stream(endpoint, Some(tls)).await
             {
@@ -145,6 +179,8 @@ pub enum BindError {
     },
     #[error(transparent)]
     Mesh(#[from] mesh::MeshError),
+    #[error("discovery: {0}")]
+    Discovery(String),
 }
 
 /// The addresses the proxy listens on (the first of each, when a listener also has
@@ -191,6 +227,17 @@ impl Proxy {
             metrics.clone(),
         );
         let http = HttpEndpoints::new(connector, config.idle_timeout);
+        let (destinations, background) = Destinations::new(
+            &config.discovery,
+            config.dns_refresh,
+            config.policy_file.as_deref(),
+            config.policy.clone(),
+            &config.policy_vars,
+        )
+        .map_err(BindError::Discovery)?;
+        for task in background {
+            tokio::spawn(task);
+        }
         let state = Arc::new(State {
             config,
             metrics,
@@ -198,7 +245,7 @@ impl Proxy {
             sockets,
             own,
             http,
-            resolver: Resolver::default(),
+            destinations,
             drain: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
@@ -263,6 +310,7 @@ impl Proxy {
                 loop {
                     tick.tick().await;
                     state.http.sweep();
+                    state.destinations.sweep();
                 }
             })
         };

@@ -136,6 +136,11 @@ pub struct Metrics {
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
     open: [Arc<Gauge>; 2],
     bytes: [ByteCounters; 2],
+    /// By destination and reason.
+    retries: Family<(Arc<str>, Arc<str>), Counter>,
+    retry_budget_exhausted: Family<Arc<str>, Counter>,
+    /// By destination and endpoint.
+    ejections: Family<(Arc<str>, Arc<str>), Counter>,
 }
 
 impl Default for Metrics {
@@ -169,7 +174,48 @@ impl Metrics {
             tls_handshakes: Family::new(MAX_LABEL_SETS, |l| *l),
             open: [Arc::new(Gauge::default()), Arc::new(Gauge::default())],
             bytes: [ByteCounters::default(), ByteCounters::default()],
+            retries: Family::new(MAX_LABEL_SETS, |(_, r)| (OVERFLOW.into(), r.clone())),
+            retry_budget_exhausted: Family::new(MAX_LABEL_SETS, |_| OVERFLOW.into()),
+            ejections: Family::new(MAX_LABEL_SETS, |_| (OVERFLOW.into(), OVERFLOW.into())),
         }
+    }
+
+    /// A retry of a request to `destination`, and why.
+    pub fn retry(&self, destination: &Arc<str>, reason: &str) {
+        self.retries
+            .get(&(destination.clone(), reason.into()))
+            .inc();
+    }
+
+    /// A retry the budget did not allow.
+    pub fn retry_budget_exhausted(&self, destination: &Arc<str>) {
+        self.retry_budget_exhausted.get(destination).inc();
+    }
+
+    /// An endpoint of `destination` ejected by outlier detection.
+    pub fn ejection(&self, destination: &Arc<str>, endpoint: &str) {
+        self.ejections
+            .get(&(destination.clone(), endpoint.into()))
+            .inc();
+    }
+
+    /// Retries to `destination` so far, for whatever reason.
+    pub fn retries_total(&self, destination: &str) -> u64 {
+        self.retries
+            .snapshot()
+            .iter()
+            .filter(|((d, _), _)| d.as_ref() == destination)
+            .map(|(_, c)| c.get())
+            .sum()
+    }
+
+    pub fn budget_exhausted_total(&self, destination: &str) -> u64 {
+        self.retry_budget_exhausted
+            .snapshot()
+            .iter()
+            .filter(|(d, _)| d.as_ref() == destination)
+            .map(|(_, c)| c.get())
+            .sum()
     }
 
     pub fn open(&self, d: Direction) -> &Arc<Gauge> {
@@ -297,6 +343,51 @@ impl Metrics {
             e.sample(
                 "gofe_tls_handshakes_total",
                 &[("direction", direction.as_str()), ("result", result)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_retries_total",
+            "Retries, by destination and reason (connect-failure, refused-stream, reset, per-try-timeout, the status code, or the gRPC status).",
+            Kind::Counter,
+        );
+        let mut retries = self.retries.snapshot();
+        retries.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((authority, reason), c) in retries {
+            e.sample(
+                "gofe_retries_total",
+                &[("authority", &authority), ("reason", &reason)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_retry_budget_exhausted_total",
+            "Retries not made because the destination's retry budget was spent.",
+            Kind::Counter,
+        );
+        let mut exhausted = self.retry_budget_exhausted.snapshot();
+        exhausted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (authority, c) in exhausted {
+            e.sample(
+                "gofe_retry_budget_exhausted_total",
+                &[("authority", &authority)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_outlier_ejections_total",
+            "Endpoints ejected by outlier detection.",
+            Kind::Counter,
+        );
+        let mut ejections = self.ejections.snapshot();
+        ejections.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((authority, endpoint), c) in ejections {
+            e.sample(
+                "gofe_outlier_ejections_total",
+                &[("authority", &authority), ("endpoint", &endpoint)],
                 c.get(),
             );
         }

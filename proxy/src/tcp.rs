@@ -5,8 +5,12 @@
 
 use crate::State;
 use crate::addrs::{Direction, EndpointAddr};
+use crate::destination::PickError;
+use crate::discovery::DestKey;
+use crate::endpoint::ConnectError;
 use crate::io::Io;
 use crate::socket;
+use gofe_identity::SpiffeId;
 use tracing::debug;
 
 /// Per-direction copy buffer: large enough for bulk transfers, small enough that many
@@ -19,11 +23,36 @@ pub(crate) async fn forward<I: Io>(
     direction: Direction,
     state: &State,
 ) {
-    let mut server = match state.connect_stream(direction, endpoint).await {
+    let connect = |addr: EndpointAddr, expected: Option<SpiffeId>| async move {
+        let r = state
+            .connect_stream(direction, addr, expected.as_ref())
+            .await;
+        if let Err(e) = &r {
+            state.metrics.connect_error(direction, e.reason());
+        }
+        r
+    };
+    let connected = match direction {
+        // Inbound goes to the application.
+        Direction::Inbound => connect(endpoint, None).await.map_err(PickError::Failed),
+        // Outbound, the original destination is the destination: its endpoints come
+        // from discovery (a file may list them), else it is its own one endpoint.
+        Direction::Outbound => {
+            let dest = state
+                .destinations
+                .get(DestKey::Addr(endpoint.0), Some(endpoint));
+            dest.connect(
+                &state.metrics,
+                |_: &ConnectError| true,
+                |ep| connect(ep.addr, ep.identity.clone()),
+            )
+            .await
+        }
+    };
+    let mut server = match connected {
         Ok((s, _peer)) => s,
         Err(error) => {
-            state.metrics.connect_error(direction, error.reason());
-            debug!(%endpoint, %error, "opaque connection failed; resetting the client");
+            debug!(%endpoint, ?error, "opaque connection failed; resetting the client");
             socket::reset(client.as_tcp());
             return;
         }

@@ -2,7 +2,10 @@
 //! an application UID. The test binary re-executes itself with `GOFE_TESTAPP` set to
 //! one of these kinds; each prints `READY` once it listens.
 //!
-//! - `http`: HTTP/1.1 and HTTP/2 (prior knowledge) with WebSocket and gRPC echo routes
+//! - `http`: HTTP/1.1 and HTTP/2 (prior knowledge) with WebSocket and gRPC echo routes;
+//!   it misbehaves on command (`/control/status/503`, `/control/delay/50`, or
+//!   GOFE_TESTAPP_STATUS / GOFE_TESTAPP_DELAY_MS from the start) and counts what it
+//!   served (`/control/served`)
 //! - `banner`: speaks first (a greeting), then echoes lines
 //! - `halfclose`: reads to EOF, then answers with what it got and closes
 //! - `speakfirst`: writes, half-closes, then reads to EOF and prints what it read
@@ -85,6 +88,19 @@ struct HttpState {
     held: AtomicU64,
     release: tokio::sync::Notify,
     released: std::sync::atomic::AtomicBool,
+    /// Requests served, control requests aside.
+    served: AtomicU64,
+    /// How the app misbehaves: every answer this status...
+    fail_status: AtomicU64,
+    /// ...after this many milliseconds.
+    delay_ms: AtomicU64,
+}
+
+fn env_u64(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn http(listener: TcpListener, name: String) -> std::io::Result<()> {
@@ -93,6 +109,9 @@ async fn http(listener: TcpListener, name: String) -> std::io::Result<()> {
         held: AtomicU64::new(0),
         release: tokio::sync::Notify::new(),
         released: false.into(),
+        served: AtomicU64::new(0),
+        fail_status: AtomicU64::new(env_u64("GOFE_TESTAPP_STATUS")),
+        delay_ms: AtomicU64::new(env_u64("GOFE_TESTAPP_DELAY_MS")),
     });
     let conn_ids = AtomicU64::new(0);
     loop {
@@ -134,7 +153,39 @@ async fn route(
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let path = req.uri().path().to_string();
-    let mut rsp = if req.method() == http::Method::CONNECT {
+    // Misbehaving on command: /control/status/503, /control/delay/50, /control/ok;
+    // /control/served counts the other requests.
+    if let Some(cmd) = path.strip_prefix("/control/") {
+        let (what, arg) = cmd.split_once('/').unwrap_or((cmd, ""));
+        let n: u64 = arg.parse().unwrap_or(0);
+        match what {
+            "status" => state.fail_status.store(n, Ordering::SeqCst),
+            "delay" => state.delay_ms.store(n, Ordering::SeqCst),
+            "ok" => {
+                state.fail_status.store(0, Ordering::SeqCst);
+                state.delay_ms.store(0, Ordering::SeqCst);
+            }
+            "served" => {
+                return text(
+                    StatusCode::OK,
+                    state.served.load(Ordering::SeqCst).to_string(),
+                );
+            }
+            _ => return text(StatusCode::NOT_FOUND, "no such control\n"),
+        }
+        return text(StatusCode::OK, "ok\n");
+    }
+    state.served.fetch_add(1, Ordering::SeqCst);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    let fail = state.fail_status.load(Ordering::SeqCst) as u16;
+    let mut rsp = if let Some(code) = StatusCode::from_u16(fail).ok().filter(|_| fail != 0) {
+        // Drain what the client sends, as a real server answering an error would.
+        let _ = req.into_body().collect().await;
+        text(code, format!("{} misbehaves\n", state.name))
+    } else if req.method() == http::Method::CONNECT {
         connect_tunnel(req)
     } else if is_grpc {
         crate::grpc::serve(req)
@@ -229,6 +280,9 @@ async fn route(
         h.insert("x-request-uri", v);
     }
     h.insert("x-conn-id", conn_id.into());
+    if let Ok(v) = state.name.parse() {
+        h.insert("x-served-by", v);
+    }
     // The listener is dual-stack: show IPv4 peers as IPv4.
     let peer = match peer {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {

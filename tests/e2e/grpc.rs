@@ -106,6 +106,18 @@ impl EchoClient {
         })
     }
 
+    /// Connects to `uri` with requests naming `origin` (`http://host:port`) as their
+    /// authority, as a client of a service name would.
+    pub async fn connect_as(uri: String, origin: &str) -> anyhow::Result<Self> {
+        let channel = tonic::transport::Endpoint::from_shared(uri)?
+            .origin(origin.parse()?)
+            .connect()
+            .await?;
+        Ok(Self {
+            grpc: tonic::client::Grpc::new(channel),
+        })
+    }
+
     pub async fn unary(&mut self, msg: EchoMsg) -> Result<EchoMsg, Status> {
         self.call(UNARY, msg).await
     }

@@ -9,7 +9,7 @@
 //! `World` kills its processes and deletes its namespaces when dropped, and if the
 //! process dies, its mount namespace and everything named in it go with it.
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow, bail, ensure};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -93,6 +93,7 @@ fn setup() -> Result<Setup, String> {
     let root = PathBuf::from("/run/gofe-e2e");
     let bin = root.join("bin");
     fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    private_resolv_conf(&root)?;
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
     // Copies the other UIDs can execute, whatever the permissions of the build
     // directory's parents.
@@ -119,6 +120,43 @@ fn setup() -> Result<Setup, String> {
         self_exe,
         root,
     })
+}
+
+/// Name lookups from the tests' pods go to 127.0.0.1 in the pod's own namespace
+/// (where a test may run a DNS server), never to the host's resolver.
+fn private_resolv_conf(root: &Path) -> Result<(), String> {
+    use nix::mount::{MsFlags, mount};
+    let conf = root.join("resolv.conf");
+    fs::write(
+        &conf,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .map_err(|e| e.to_string())?;
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+    let mut target = PathBuf::from("/etc/resolv.conf");
+    // A link (to systemd-resolved's file under /run, now hidden) is mounted over at
+    // its target.
+    if let Ok(link) = fs::read_link(&target) {
+        target = Path::new("/etc").join(link);
+        if !target.exists() {
+            if let Some(dir) = target.parent() {
+                fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            }
+            fs::write(&target, "").map_err(|e| e.to_string())?;
+        }
+    }
+    if !target.exists() {
+        // No resolver configuration at all: the proxies run without DNS discovery.
+        return Ok(());
+    }
+    mount(
+        Some(&conf),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot mount a private resolv.conf: {e}"))
 }
 
 fn setup_ref() -> &'static Setup {
@@ -628,8 +666,14 @@ impl<'w> Pod<'w> {
 
     /// Starts a test application of `kind` listening on `port`, as the app UID.
     pub fn app(&self, kind: &str, port: u16) -> anyhow::Result<App> {
+        self.app_with(kind, port, &[])
+    }
+
+    /// As `app`, with variables for the app (GOFE_TESTAPP_STATUS, ...).
+    pub fn app_with(&self, kind: &str, port: u16, env: &[(&str, &str)]) -> anyhow::Result<App> {
         let mut cmd = self.command(&setup_ref().self_exe, Some(APP_UID))?;
-        cmd.env("GOFE_TESTAPP", kind)
+        cmd.envs(env.iter().copied())
+            .env("GOFE_TESTAPP", kind)
             .env("GOFE_TESTAPP_PORT", port.to_string())
             .env("GOFE_TESTAPP_NAME", &self.name)
             .stdout(Stdio::piped());
@@ -731,6 +775,22 @@ impl<'w> Pod<'w> {
         let mut cmd = self.command(program, Some(APP_UID))?;
         cmd.args(args);
         self.world.spawn(&format!("{}-{label}", self.name), cmd)
+    }
+
+    /// What the pod's proxy has logged so far.
+    pub fn proxy_log(&self) -> anyhow::Result<String> {
+        Ok(fs::read_to_string(
+            self.world.dir.join(format!("{}-proxy.log", self.name)),
+        )?)
+    }
+
+    /// A request to the test app on `port` in this pod, from inside the pod (the app's
+    /// control routes: `/control/status/503`, `/control/served`, ...).
+    pub fn app_get(&self, port: u16, path: &str) -> anyhow::Result<String> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let (status, body) = self.in_ns(|| raw_http(addr, "GET", path))??;
+        ensure!(status == 200, "{path} in {}: {status} {body}", self.name);
+        Ok(body)
     }
 
     /// Peak resident memory of the proxy, from /proc.

@@ -7,6 +7,7 @@
 
 mod apps;
 mod cases;
+mod dns;
 mod grpc;
 mod harness;
 
@@ -58,6 +59,14 @@ fn all() -> Vec<(&'static str, Case)> {
         iptables::init_rules_nft_backend,
         iptables::init_rules_legacy_backend,
         iptables::traffic_flows_with_legacy_backend,
+        resilience::a_failing_endpoint_is_retried_around_ejected_and_returns,
+        resilience::retries_stay_within_the_budget,
+        resilience::only_safe_requests_are_replayed,
+        resilience::timeouts_fire_on_time_for_http_and_grpc,
+        resilience::ewma_sends_less_to_a_slow_endpoint_round_robin_does_not,
+        resilience::ejection_never_exceeds_the_max_percent,
+        resilience::dns_discovery_follows_a_changing_record_set,
+        resilience::policy_file_changes_apply_at_run_time_and_a_broken_file_changes_nothing,
     ]
 }
 

@@ -5,28 +5,134 @@
 
 use crate::endpoint::Checkin;
 use crate::metrics::RequestStats;
+use crate::policy::limit::Permit;
+use crate::policy::replay::ReplayBody;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a request body comes from: the client's connection, or (tests, replays of
+/// other kinds) any body.
+pub enum Source {
+    Incoming(Incoming),
+    Boxed(BoxBody<Bytes, BoxError>),
+}
+
+impl Source {
+    pub fn boxed<B>(body: B) -> Source
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Source::Boxed(BoxBody::new(body.map_err(Into::into)))
+    }
+}
+
+impl Body for Source {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Source::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Incoming(b) => b.is_end_stream(),
+            Source::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Incoming(b) => b.size_hint(),
+            Source::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+enum RequestInner {
+    Empty,
+    Stream(Source),
+    /// One attempt's copy of a body kept for retries.
+    Replay(ReplayBody),
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.inner {
+            RequestInner::Empty => "empty",
+            RequestInner::Stream(_) => "stream",
+            RequestInner::Replay(_) => "replay",
+        };
+        f.debug_struct("RequestBody").field("kind", &kind).finish()
+    }
+}
+
 /// A request body on its way upstream. It records when it has been sent to the end:
 /// an HTTP/1 connection may only be reused once both its request and its response are
 /// complete.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: RequestInner,
     ended: Arc<AtomicBool>,
 }
 
 impl RequestBody {
     pub fn empty() -> Self {
         Self {
-            inner: None,
+            inner: RequestInner::Empty,
             ended: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    pub fn new(source: Source) -> Self {
+        let ended = Arc::new(AtomicBool::new(source.is_end_stream()));
+        Self {
+            inner: RequestInner::Stream(source),
+            ended,
+        }
+    }
+
+    pub fn replay(body: ReplayBody) -> Self {
+        let ended = Arc::new(AtomicBool::new(body.is_end_stream()));
+        Self {
+            inner: RequestInner::Replay(body),
+            ended,
+        }
+    }
+
+    /// The client's body, to be kept for replays; None if this body is empty or is
+    /// already a replay.
+    pub fn into_source(self) -> Result<Source, RequestBody> {
+        match self.inner {
+            RequestInner::Stream(s) => Ok(s),
+            inner => Err(RequestBody {
+                inner,
+                ended: self.ended,
+            }),
+        }
+    }
+
+    /// The replay this body reads from, if it is one: its attempt id.
+    pub fn replay_id(&self) -> Option<u64> {
+        match &self.inner {
+            RequestInner::Replay(r) => Some(r.id()),
+            _ => None,
         }
     }
 
@@ -38,41 +144,43 @@ impl RequestBody {
 
 impl From<Incoming> for RequestBody {
     fn from(b: Incoming) -> Self {
-        let ended = Arc::new(AtomicBool::new(b.is_end_stream()));
-        Self {
-            inner: Some(b),
-            ended,
-        }
+        Self::new(Source::Incoming(b))
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let Some(b) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let frame = match &mut this.inner {
+            RequestInner::Empty => return Poll::Ready(None),
+            RequestInner::Stream(b) => ready!(Pin::new(&mut *b).poll_frame(cx)),
+            RequestInner::Replay(b) => ready!(Pin::new(&mut *b).poll_frame(cx)),
         };
-        let frame = ready!(Pin::new(&mut *b).poll_frame(cx));
-        if frame.is_none() || b.is_end_stream() {
+        if frame.is_none() || this.is_end_stream() {
             this.ended.store(true, Ordering::Release);
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.inner {
+            RequestInner::Empty => true,
+            RequestInner::Stream(b) => b.is_end_stream(),
+            RequestInner::Replay(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            None => SizeHint::with_exact(0),
-            Some(b) => b.size_hint(),
+            RequestInner::Empty => SizeHint::with_exact(0),
+            RequestInner::Stream(b) => b.size_hint(),
+            RequestInner::Replay(b) => b.size_hint(),
         }
     }
 }
@@ -85,6 +193,8 @@ pub struct OnEnd {
     grpc: bool,
     grpc_status: Option<u16>,
     checkin: Option<Checkin>,
+    /// The destination's concurrency slot, free once the response has ended.
+    _permit: Option<Permit>,
 }
 
 impl OnEnd {
@@ -101,7 +211,13 @@ impl OnEnd {
             // A trailers-only gRPC response carries its status in the headers.
             grpc_status: if grpc { grpc_status(headers) } else { None },
             checkin: None,
+            _permit: None,
         }
+    }
+
+    pub fn with_permit(mut self, permit: Option<Permit>) -> Self {
+        self._permit = permit;
+        self
     }
 
     pub fn with_checkin(mut self, checkin: Option<Checkin>) -> Self {

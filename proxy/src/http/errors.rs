@@ -3,13 +3,16 @@
 //! `gofe-proxy-error`, and for gRPC clients a gRPC status they understand.
 
 use super::body::{OnEnd, ResponseBody};
-use crate::destination::ResolveError;
 use crate::endpoint::{ConnectError, SendError};
 use crate::metrics::RequestStats;
+use crate::policy::call::Failure;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use std::sync::Arc;
 
 pub const PROXY_ERROR_HEADER: &str = "gofe-proxy-error";
+/// On a 503 the proxy answered itself because the destination had too many requests
+/// in flight.
+pub const OVERLOADED_HEADER: &str = "gofe-overloaded";
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyError {
@@ -20,9 +23,9 @@ pub(crate) enum ProxyError {
     )]
     NoAuthority,
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
-    #[error(transparent)]
     Send(#[from] SendError),
+    #[error(transparent)]
+    Call(#[from] Failure),
 }
 
 impl ProxyError {
@@ -30,10 +33,19 @@ impl ProxyError {
         match self {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
-            ProxyError::Send(SendError::Connect(ConnectError::Timeout { .. })) => {
+            ProxyError::Send(e)
+            | ProxyError::Call(Failure::Unsent { error: e, .. } | Failure::Lost { error: e, .. }) => {
+                match e {
+                    SendError::Connect(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::BAD_GATEWAY,
+                }
+            }
+            ProxyError::Call(Failure::TryTimeout { .. } | Failure::Timeout { .. }) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::Resolve(_) | ProxyError::Send(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Call(Failure::Overloaded { .. } | Failure::NoEndpoints { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -63,6 +75,9 @@ pub(crate) fn error_response(
         HeaderValue::from_str(&message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
     let mut headers = HeaderMap::new();
     headers.insert(PROXY_ERROR_HEADER, reason.clone());
+    if matches!(err, ProxyError::Call(Failure::Overloaded { .. })) {
+        headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+    }
     let (status, body) = if grpc {
         headers.insert("content-type", HeaderValue::from_static("application/grpc"));
         headers.insert("grpc-status", HeaderValue::from(err.grpc_status()));

@@ -1,25 +1,37 @@
-//! Forwarding one request: find its endpoint, make the request fit for the next hop
-//! (hop-by-hop headers off, the target in the right form, HTTP/2 with its original
-//! version noted when the next hop is another proxy), send it on a pooled connection
-//! (mTLS to meshed peers) and pass the response back, streaming both bodies.
+//! Forwarding one request: find where it goes, make it fit for the next hop (hop-by-hop
+//! headers off, the target in the right form), send it (outbound, through its
+//! destination's policy to an endpoint picked by the balancer, mTLS to meshed peers;
+//! inbound, straight to the application) and pass the response back, streaming both
+//! bodies.
 
 use super::body::{OnEnd, RequestBody, ResponseBody};
 use super::errors::{ProxyError, error_response};
 use super::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
+use super::upstream::Upstream;
 use super::{HttpConn, headers, upgrade};
 use crate::addrs::{Direction, EndpointAddr};
-use crate::destination::ConnTarget;
-use crate::endpoint::{Checkin, HttpVersion, MeshSendError, SendError};
+use crate::balance::BalanceLayer;
+use crate::destination::{ConnTarget, Destination};
+use crate::endpoint::{HttpVersion, SendError};
 use crate::metrics::RequestStats;
+use crate::policy::call::{Answer, Call, Failure};
+use crate::policy::limit::LimitLayer;
+use crate::policy::retry::{RetryLayer, RetryStats};
+use crate::policy::timeout::TimeoutLayer;
 use gofe_identity::SpiffeId;
 use http::{HeaderValue, Method, Request, Response, Version, header};
 use http_body::Body;
 use hyper::body::Incoming;
 use std::sync::Arc;
+use tower::{ServiceBuilder, ServiceExt};
 use tracing::debug;
 
-/// The port an authority without one means, for plain HTTP.
-const HTTP_PORT: u16 = 80;
+/// Where a request goes: straight to one endpoint (inbound, to the application), or
+/// to an outbound destination through its policy.
+enum Target {
+    Direct(EndpointAddr),
+    Destination(Arc<Destination>),
+}
 
 pub(crate) async fn forward(
     conn: Arc<HttpConn>,
@@ -48,24 +60,22 @@ pub(crate) async fn forward(
         }
     }
 
-    let endpoint = match conn.target {
-        ConnTarget::Endpoint { endpoint, .. } => endpoint,
+    let target = match (conn.direction, conn.target) {
+        (Direction::Inbound, ConnTarget::Endpoint { endpoint, .. }) => Target::Direct(endpoint),
+        (Direction::Outbound, ConnTarget::Endpoint { endpoint, .. }) => {
+            Target::Destination(conn.destination(authority.as_ref(), Some(endpoint)))
+        }
         // Rare, heavy branches are boxed: hyper moves this future into a task for every
         // HTTP/2 stream, so its size is paid per request.
-        ConnTarget::Explicit if req.method() == Method::CONNECT => {
+        (_, ConnTarget::Explicit) if req.method() == Method::CONNECT => {
             return Box::pin(upgrade::connect_explicit(&conn, req, grpc)).await;
         }
-        ConnTarget::Explicit => {
+        (_, ConnTarget::Explicit) => {
             let Some(authority) = authority.as_ref() else {
                 let stats = conn.stats(None, None);
                 return error_response(&ProxyError::NoAuthority, grpc, stats);
             };
-            match Box::pin(conn.state.resolver.resolve(authority, HTTP_PORT)).await {
-                Ok(ep) => ep,
-                Err(e) => {
-                    return error_response(&e.into(), grpc, conn.stats(Some(authority), None));
-                }
-            }
+            Target::Destination(conn.destination(Some(authority), None))
         }
     };
 
@@ -75,55 +85,105 @@ pub(crate) async fn forward(
         headers::drop_upgrade(req.headers_mut());
     }
     if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
-        return Box::pin(upgrade::forward(&conn, req, endpoint, grpc)).await;
+        return Box::pin(upgrade::forward(&conn, req, target_endpoints(target), grpc)).await;
     }
 
-    let version = match req.version() {
-        Version::HTTP_2 => HttpVersion::Http2,
-        _ => HttpVersion::Http1,
-    };
     // A body of unknown length still to come; hyper would send one on a GET as empty
     // unless the framing is spelled out.
     let streaming_body = !req.body().is_end_stream() && req.body().size_hint().exact().is_none();
     headers::strip_hop_by_hop(req.headers_mut(), false);
     identify_client(&conn, req.headers_mut());
     let mut req = req.map(RequestBody::from);
-    match version {
-        HttpVersion::Http1 => prepare_http1(&conn, &mut req, endpoint, streaming_body),
-        HttpVersion::Http2 => {
+    let explicit = conn.target == ConnTarget::Explicit;
+    let default_host = match &target {
+        Target::Direct(endpoint) => endpoint.to_string(),
+        Target::Destination(d) => d.name.to_string(),
+    };
+    match req.version() {
+        Version::HTTP_2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());
         }
+        _ => prepare_http1(explicit, &mut req, &default_host, streaming_body),
     }
 
-    if let (Some(tls), may_fall_back) = conn.state.outbound_tls(conn.direction, endpoint) {
-        mesh::to_mesh(&mut req, &endpoint.to_string());
-        match conn.state.http.send_mesh(endpoint, req, tls).await {
-            Ok((rsp, peer)) => {
-                return respond(&conn, rsp, None, grpc, authority.as_ref(), Some(peer));
-            }
-            Err(MeshSendError::NotMeshed { error, req: unsent }) if may_fall_back => {
-                conn.state.plaintext_from_now(endpoint, &error);
-                req = *unsent;
-                if mesh::from_mesh(&mut req) {
-                    prepare_http1(&conn, &mut req, endpoint, streaming_body);
+    match target {
+        Target::Direct(endpoint) => {
+            let version = match req.version() {
+                Version::HTTP_2 => HttpVersion::Http2,
+                _ => HttpVersion::Http1,
+            };
+            match conn.state.http.send(endpoint, version, req).await {
+                Ok((rsp, checkin)) => {
+                    let mut a = Answer::new(rsp, Some(endpoint));
+                    a.checkin = checkin;
+                    respond(&conn, a, grpc, authority.as_ref())
+                }
+                Err(f) => {
+                    if let SendError::Connect(e) = &f.error {
+                        conn.state.metrics.connect_error(conn.direction, e.reason());
+                    }
+                    fail(&conn, ProxyError::Send(f.error), grpc, authority.as_ref())
                 }
             }
-            Err(MeshSendError::NotMeshed { error, .. }) => {
-                return fail(&conn, SendError::Connect(error), grpc, authority.as_ref());
-            }
-            Err(MeshSendError::Failed(error)) => {
-                return fail(&conn, error, grpc, authority.as_ref());
+        }
+        Target::Destination(dest) => {
+            let upstream = Upstream {
+                state: conn.state.clone(),
+                explicit,
+                streaming_body,
+            };
+            match through_policy(&conn, &dest, upstream, req).await {
+                Ok(a) => respond(&conn, a, grpc, authority.as_ref()),
+                Err(f) => fail(&conn, ProxyError::Call(f), grpc, authority.as_ref()),
             }
         }
     }
+}
 
-    let version = match req.version() {
-        Version::HTTP_2 => HttpVersion::Http2,
-        _ => HttpVersion::Http1,
-    };
-    match conn.state.http.send(endpoint, version, req).await {
-        Ok((rsp, checkin)) => respond(&conn, rsp, checkin, grpc, authority.as_ref(), None),
-        Err(error) => fail(&conn, error, grpc, authority.as_ref()),
+/// Sends an outbound request through its destination's policy: the concurrency limit,
+/// the request timeout, retries, balancing and the per-try timeout, around the
+/// endpoint service.
+async fn through_policy(
+    conn: &HttpConn,
+    dest: &Destination,
+    upstream: Upstream,
+    req: Request<RequestBody>,
+) -> Result<Answer, Failure> {
+    let policy = dest.policy();
+    let metrics = conn.state.metrics.clone();
+    let stack = ServiceBuilder::new()
+        .layer(LimitLayer::new(
+            dest.in_flight.clone(),
+            policy.max_concurrent_requests,
+            dest.name.clone(),
+        ))
+        .layer(TimeoutLayer::request(policy.request_timeout))
+        .layer(RetryLayer::new(
+            policy.clone(),
+            dest.budget(&policy),
+            RetryStats {
+                destination: dest.name.clone(),
+                metrics: metrics.clone(),
+            },
+        ))
+        .layer(BalanceLayer::new(
+            dest.balancer.clone(),
+            policy.lb,
+            policy.outlier,
+            dest.name.clone(),
+            metrics,
+        ))
+        .layer(TimeoutLayer::attempt(policy.per_try_timeout))
+        .service(upstream);
+    stack.oneshot(Call::new(req)).await
+}
+
+/// For requests that take their connection over: the endpoint, or the destination
+/// whose endpoints to try.
+fn target_endpoints(target: Target) -> upgrade::Via {
+    match target {
+        Target::Direct(e) => upgrade::Via::Endpoint(e),
+        Target::Destination(d) => upgrade::Via::Destination(d),
     }
 }
 
@@ -138,14 +198,15 @@ pub(super) fn identify_client(conn: &HttpConn, headers: &mut http::HeaderMap) {
     }
 }
 
-/// An HTTP/1 request as an HTTP/1 upstream should get it.
-fn prepare_http1(
-    conn: &HttpConn,
+/// An HTTP/1 request as an HTTP/1 upstream should get it. `default_host` is the Host
+/// an HTTP/1.0 request without one is given.
+pub(super) fn prepare_http1(
+    explicit: bool,
     req: &mut Request<RequestBody>,
-    endpoint: EndpointAddr,
+    default_host: &str,
     streaming_body: bool,
 ) {
-    if conn.target == ConnTarget::Explicit {
+    if explicit {
         // The proxy is the target: the URI's authority names the origin and replaces
         // any Host header (RFC 9112 §3.2.2). A redirected connection keeps its
         // request-target, which may be meant for a forward proxy.
@@ -164,7 +225,7 @@ fn prepare_http1(
     if req.version() == Version::HTTP_10 {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(&endpoint.to_string())
+            && let Ok(host) = HeaderValue::from_str(default_host)
         {
             req.headers_mut().insert(header::HOST, host);
         }
@@ -177,19 +238,25 @@ fn prepare_http1(
     }
 }
 
-/// The upstream's response, on its way back; counted when its body ends. `upstream_peer`
-/// is the proxy it came from over mTLS (outbound).
+/// The upstream's response, on its way back; counted when its body ends.
 fn respond(
     conn: &HttpConn,
-    mut rsp: Response<Incoming>,
-    checkin: Option<Checkin>,
+    answer: Answer,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
-    upstream_peer: Option<Arc<SpiffeId>>,
 ) -> Response<ResponseBody> {
+    let Answer {
+        mut rsp,
+        checkin,
+        peer,
+        permit,
+        ..
+    } = answer;
     headers::strip_hop_by_hop(rsp.headers_mut(), false);
-    let stats = stats_for(conn, authority, upstream_peer.as_ref());
-    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers()).with_checkin(checkin);
+    let stats = stats_for(conn, authority, peer.as_ref());
+    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers())
+        .with_checkin(checkin)
+        .with_permit(permit);
     rsp.map(|body| ResponseBody::upstream(body, on_end))
 }
 
@@ -207,13 +274,10 @@ pub(super) fn stats_for(
 
 fn fail(
     conn: &HttpConn,
-    error: SendError,
+    error: ProxyError,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
 ) -> Response<ResponseBody> {
-    if let SendError::Connect(e) = &error {
-        conn.state.metrics.connect_error(conn.direction, e.reason());
-    }
     debug!(client = %conn.client, %error, "request failed");
-    error_response(&error.into(), grpc, stats_for(conn, authority, None))
+    error_response(&error, grpc, stats_for(conn, authority, None))
 }

@@ -8,10 +8,15 @@ mod forward;
 pub mod headers;
 pub mod mesh;
 mod upgrade;
+mod upstream;
+
+/// The port an authority without one means, for plain HTTP.
+const HTTP_PORT: u16 = 80;
 
 use crate::State;
-use crate::addrs::{ClientAddr, Direction};
-use crate::destination::ConnTarget;
+use crate::addrs::{ClientAddr, Direction, EndpointAddr};
+use crate::destination::{ConnTarget, Destination};
+use crate::discovery::DestKey;
 use crate::endpoint::HttpVersion;
 use crate::io::Io;
 use crate::metrics::{RequestLabels, RequestStats};
@@ -43,6 +48,8 @@ pub(crate) struct HttpConn {
     /// The stats of the last authority and peer seen: a connection's requests nearly
     /// always share them, so the metrics family is crossed once per connection.
     last_stats: Mutex<Option<(StatsKey, Arc<RequestStats>)>>,
+    /// Likewise the destination of the last authority (outbound).
+    last_destination: Mutex<Option<(Option<Authority>, Arc<Destination>)>>,
 }
 
 impl HttpConn {
@@ -60,7 +67,34 @@ impl HttpConn {
             peer: None,
             refused: None,
             last_stats: Mutex::new(None),
+            last_destination: Mutex::new(None),
         }
+    }
+
+    /// The destination a request to `authority` goes to: the authority's when it has
+    /// one, else the original destination's; `fallback` serves while discovery knows
+    /// nothing better.
+    fn destination(
+        &self,
+        authority: Option<&Authority>,
+        fallback: Option<EndpointAddr>,
+    ) -> Arc<Destination> {
+        let mut last = self.last_destination.lock();
+        if let Some((a, d)) = last.as_ref()
+            && a.as_ref() == authority
+        {
+            return d.clone();
+        }
+        let key = match (authority, fallback) {
+            (Some(a), _) => DestKey::from_authority(a, HTTP_PORT),
+            (None, Some(f)) => DestKey::Addr(f.0),
+            (None, None) => {
+                unreachable!("an explicit proxy request without authority is refused earlier")
+            }
+        };
+        let d = self.state.destinations.get(key, fallback);
+        *last = Some((authority.cloned(), d.clone()));
+        d
     }
 
     pub fn with_peer(mut self, peer: Option<Arc<SpiffeId>>) -> Self {

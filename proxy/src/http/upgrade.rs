@@ -8,23 +8,35 @@ use super::errors::{ProxyError, error_response};
 use super::forward::stats_for;
 use super::{HttpConn, headers};
 use crate::addrs::EndpointAddr;
-use crate::destination::ConnTarget;
-use crate::endpoint::{ConnectError, Peer, SendError, Upstream};
+use crate::destination::{ConnTarget, Destination, PickError};
+use crate::discovery::DestKey;
+use crate::endpoint::{ConnectError, Peer, SendError};
+use crate::policy::call::Failure;
+use gofe_identity::SpiffeId;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 const HTTPS_PORT: u16 = 443;
 
-/// Forwards an upgrade or CONNECT request to `endpoint` (the application, or the
+/// Where a request that takes its connection over goes.
+pub(crate) enum Via {
+    /// One endpoint (inbound: the application).
+    Endpoint(EndpointAddr),
+    /// An endpoint of an outbound destination, picked by its balancer.
+    Destination(Arc<Destination>),
+}
+
+/// Forwards an upgrade or CONNECT request to its endpoint (the application, or the
 /// proxy an application was talking to) and, if it agrees to switch, tunnels.
 pub(crate) async fn forward(
     conn: &HttpConn,
     mut req: Request<Incoming>,
-    endpoint: EndpointAddr,
+    via: Via,
     grpc: bool,
 ) -> Response<ResponseBody> {
     let authority = headers::authority(&req);
@@ -35,7 +47,24 @@ pub(crate) async fn forward(
     if conn.target == ConnTarget::Explicit {
         *req.uri_mut() = headers::origin_form(req.uri(), req.method());
     }
-    let (mut tx, peer) = match dedicated(conn, endpoint).await {
+    let connected = match &via {
+        Via::Endpoint(endpoint) => dedicated(conn, *endpoint, None)
+            .await
+            .map(|(tx, peer)| (tx, peer, *endpoint))
+            .map_err(ProxyError::Send),
+        Via::Destination(d) => d
+            .connect(
+                &conn.state.metrics,
+                |e: &SendError| matches!(e, SendError::Connect(_)),
+                |ep| async move {
+                    let (tx, peer) = dedicated(conn, ep.addr, ep.identity.as_ref()).await?;
+                    Ok((tx, peer, ep.addr))
+                },
+            )
+            .await
+            .map_err(picked),
+    };
+    let (mut tx, peer, endpoint) = match connected {
         Ok(c) => c,
         Err(e) => return fail(conn, e, grpc, authority.as_ref()),
     };
@@ -46,7 +75,7 @@ pub(crate) async fn forward(
                 addr: endpoint,
                 source,
             };
-            return fail(conn, e, grpc, authority.as_ref());
+            return fail(conn, ProxyError::Send(e), grpc, authority.as_ref());
         }
     };
     let switched = if connect {
@@ -70,14 +99,28 @@ pub(crate) async fn forward(
     rsp.map(|body| ResponseBody::upstream(body, on_end))
 }
 
+fn picked<E: Into<ProxyError>>(e: PickError<E>) -> ProxyError {
+    match e {
+        PickError::NoEndpoints(destination) => {
+            ProxyError::Call(Failure::NoEndpoints { destination })
+        }
+        PickError::Failed(e) => e.into(),
+    }
+}
+
 /// A connection of its own to `endpoint`: mTLS to a meshed peer (plaintext if auto mode
-/// finds it is not one).
+/// finds it is not one); with `expected`, mTLS to a peer with that identity only.
 async fn dedicated(
     conn: &HttpConn,
     endpoint: EndpointAddr,
+    expected: Option<&SpiffeId>,
 ) -> Result<(http1::SendRequest<RequestBody>, Peer), SendError> {
     let http = &conn.state.http;
-    match conn.state.outbound_tls(conn.direction, endpoint) {
+    let tls = match expected {
+        Some(_) => conn.state.required_tls(),
+        None => conn.state.outbound_tls(conn.direction, endpoint),
+    };
+    let result = match tls {
         (None, _) => http.connect_dedicated(endpoint, None).await,
         (Some(tls), may_fall_back) => match http.connect_dedicated(endpoint, Some(tls)).await {
             Err(SendError::Connect(e)) if may_fall_back && e.not_meshed() => {
@@ -86,15 +129,21 @@ async fn dedicated(
             }
             other => other,
         },
+    };
+    let result = match (result, expected) {
+        (Ok((_, peer)), Some(expected)) if peer.as_deref() != Some(expected) => {
+            Err(SendError::Connect(ConnectError::Identity {
+                addr: endpoint,
+                presented: peer.map(|p| p.to_string()).unwrap_or_default(),
+                expected: expected.to_string(),
+            }))
+        }
+        (result, _) => result,
+    };
+    if let Err(SendError::Connect(e)) = &result {
+        conn.state.metrics.connect_error(conn.direction, e.reason());
     }
-}
-
-/// An opaque stream to `endpoint`, by the same rule.
-pub(crate) async fn stream(
-    conn: &HttpConn,
-    endpoint: EndpointAddr,
-) -> Result<(Upstream, Peer), ConnectError> {
-    conn.state.connect_stream(conn.direction, endpoint).await
+    result
 }
 
 /// An explicit proxy client's CONNECT: the proxy itself opens the tunnel to the
@@ -107,13 +156,30 @@ pub(crate) async fn connect_explicit(
     let Some(authority) = req.uri().authority().cloned() else {
         return error_response(&ProxyError::NoAuthority, grpc, stats_for(conn, None, None));
     };
-    let endpoint = match conn.state.resolver.resolve(&authority, HTTPS_PORT).await {
-        Ok(ep) => ep,
-        Err(e) => return error_response(&e.into(), grpc, stats_for(conn, Some(&authority), None)),
-    };
-    let (server, peer) = match stream(conn, endpoint).await {
+    let dest = conn
+        .state
+        .destinations
+        .get(DestKey::from_authority(&authority, HTTPS_PORT), None);
+    let connected = dest
+        .connect(
+            &conn.state.metrics,
+            |_: &ConnectError| true,
+            |ep| async move {
+                let r = conn
+                    .state
+                    .connect_stream(conn.direction, ep.addr, ep.identity.as_ref())
+                    .await;
+                if let Err(e) = &r {
+                    conn.state.metrics.connect_error(conn.direction, e.reason());
+                }
+                r
+            },
+        )
+        .await
+        .map_err(|e| picked(e.map_failed(SendError::Connect)));
+    let (server, peer) = match connected {
         Ok(s) => s,
-        Err(e) => return fail(conn, SendError::Connect(e), grpc, Some(&authority)),
+        Err(e) => return fail(conn, e, grpc, Some(&authority)),
     };
     let client_side = hyper::upgrade::on(&mut req);
     let client = conn.client;
@@ -130,19 +196,12 @@ pub(crate) async fn connect_explicit(
 
 fn fail(
     conn: &HttpConn,
-    error: SendError,
+    error: ProxyError,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
 ) -> Response<ResponseBody> {
-    if let SendError::Connect(e) = &error {
-        conn.state.metrics.connect_error(conn.direction, e.reason());
-    }
     debug!(client = %conn.client, %error, "upgrade request failed");
-    error_response(
-        &ProxyError::Send(error),
-        grpc,
-        stats_for(conn, authority, None),
-    )
+    error_response(&error, grpc, stats_for(conn, authority, None))
 }
 
 async fn join<A, B>(mut a: A, mut b: B)

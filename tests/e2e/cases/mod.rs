@@ -4,6 +4,7 @@ pub mod http;
 pub mod identity;
 pub mod iptables;
 pub mod lifecycle;
+pub mod resilience;
 pub mod tcp;
 
 use crate::harness::{Pod, World};

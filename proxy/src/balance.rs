@@ -1,0 +1,609 @@
+//! Balancing a destination's requests over its endpoints: P2C over peak-EWMA latency
+//! (the default), round-robin, or random, each respecting weights; ejected endpoints
+//! are left out (never more than the policy's max percent of them); a retry prefers an
+//! endpoint it has not tried yet. Endpoint state (latency estimate, requests in flight,
+//! outlier counts) outlives changes to the endpoint set for the addresses that stay.
+
+use crate::addrs::EndpointAddr;
+use crate::discovery::{Endpoint, EndpointSet, Source};
+use crate::metrics::Metrics;
+use crate::outlier::{Outcome, Outlier};
+use crate::policy::call::{Answer, BoxFuture, Call, Failure};
+use crate::policy::{Lb, OutlierPolicy};
+use gofe_identity::SpiffeId;
+use parking_lot::{Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tower::{Layer, Service};
+use tracing::info;
+
+/// How fast the latency estimate forgets (Linkerd's default): after this long without
+/// news an endpoint's estimate has fallen to a third, so a slow endpoint is tried again
+/// now and then.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The estimate a new endpoint starts with: a typical in-cluster request.
+const EWMA_DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// Peak EWMA: jumps up to a slower observation at once, decays towards faster ones.
+#[derive(Debug)]
+struct PeakEwma {
+    estimate_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    fn new(now: Instant) -> Self {
+        Self {
+            estimate_ns: EWMA_DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+        }
+    }
+
+    fn decay(elapsed: Duration) -> f64 {
+        (-(elapsed.as_secs_f64() / EWMA_DECAY.as_secs_f64())).exp()
+    }
+
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        let decay = Self::decay(now.saturating_duration_since(self.stamp));
+        self.stamp = now;
+        self.estimate_ns = if rtt > self.estimate_ns {
+            rtt
+        } else {
+            self.estimate_ns * decay + rtt * (1.0 - decay)
+        };
+    }
+
+    fn estimate(&self, now: Instant) -> f64 {
+        self.estimate_ns * Self::decay(now.saturating_duration_since(self.stamp))
+    }
+}
+
+/// One endpoint as the balancer knows it.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: EndpointAddr,
+    pub weight: u32,
+    pub identity: Option<SpiffeId>,
+    ewma: Mutex<PeakEwma>,
+    pending: AtomicUsize,
+    outlier: Mutex<Outlier>,
+}
+
+impl EndpointState {
+    fn new(e: &Endpoint) -> Self {
+        Self {
+            addr: e.addr,
+            weight: e.weight.max(1),
+            identity: e.identity.clone(),
+            ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            pending: AtomicUsize::new(0),
+            outlier: Mutex::new(Outlier::default()),
+        }
+    }
+
+    /// Load: the latency estimate times the requests in flight (plus the one to come),
+    /// per unit of weight.
+    fn cost(&self, now: Instant) -> f64 {
+        let pending = self.pending.load(Ordering::Relaxed) as f64 + 1.0;
+        self.ewma.lock().estimate(now) * pending / self.weight as f64
+    }
+
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(self.ewma.lock().estimate(Instant::now()) as u64)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// `(ejected until, times ejected)`.
+    pub fn ejection(&self) -> (Option<Instant>, u32) {
+        let mut o = self.outlier.lock();
+        let now = Instant::now();
+        let out = o.is_ejected(now);
+        (out.then_some(o.ejected_until).flatten(), o.times_ejected)
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.outlier.lock().is_ejected(now)
+    }
+
+    /// Marks an attempt under way: counted as in flight until dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// An attempt in flight on an endpoint.
+pub struct InFlight {
+    endpoint: Arc<EndpointState>,
+    started: Instant,
+}
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Arc<EndpointState> {
+        &self.endpoint
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What happened to an attempt, for the latency estimate and outlier detection.
+pub struct Observed {
+    pub outcome: Outcome,
+    /// True when this observation ejected the endpoint.
+    pub ejected: Option<Duration>,
+}
+
+/// Where a balancer's endpoints come from: discovery, and the original destination to
+/// use while discovery has not answered yet.
+struct Feed {
+    rx: watch::Receiver<Arc<EndpointSet>>,
+    fallback: Option<Arc<EndpointSet>>,
+}
+
+/// The set the endpoints were made from, and the endpoints.
+type Current = (Option<Arc<EndpointSet>>, Arc<Vec<Arc<EndpointState>>>);
+
+#[derive(Default)]
+pub struct Balancer {
+    endpoints: RwLock<Current>,
+    next: AtomicUsize,
+    feed: Option<Feed>,
+}
+
+impl Balancer {
+    /// A balancer over what `rx` says. While it has not answered, `fallback` (the
+    /// original destination) serves; without one, requests wait for the answer.
+    pub fn watching(rx: watch::Receiver<Arc<EndpointSet>>, fallback: Option<EndpointAddr>) -> Self {
+        Self {
+            endpoints: RwLock::default(),
+            next: AtomicUsize::new(0),
+            feed: Some(Feed {
+                rx,
+                fallback: fallback.map(|addr| {
+                    Arc::new(EndpointSet {
+                        endpoints: vec![Endpoint {
+                            addr,
+                            weight: 1,
+                            identity: None,
+                        }],
+                        source: Source::Fallback,
+                    })
+                }),
+            }),
+        }
+    }
+
+    /// Brings the endpoints in line with discovery, waiting up to `wait` for its first
+    /// answer when there is nothing to use meanwhile.
+    pub async fn refresh(&self, wait: Duration) {
+        let Some(feed) = &self.feed else { return };
+        let set = feed.rx.borrow().clone();
+        let set = if set.source != Source::Pending {
+            set
+        } else if let Some(f) = &feed.fallback {
+            f.clone()
+        } else {
+            let mut rx = feed.rx.clone();
+            match tokio::time::timeout(wait, rx.wait_for(|s| s.source != Source::Pending)).await {
+                Ok(Ok(set)) => set.clone(),
+                _ => return,
+            }
+        };
+        self.sync(&set);
+    }
+
+    /// The set the endpoints come from now.
+    pub fn set(&self) -> Option<Arc<EndpointSet>> {
+        self.endpoints.read().0.clone()
+    }
+
+    /// Brings the endpoint list in line with `set`, keeping the state of addresses that
+    /// stay. Cheap when the set has not changed.
+    pub fn sync(&self, set: &Arc<EndpointSet>) {
+        if self
+            .endpoints
+            .read()
+            .0
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, set))
+        {
+            return;
+        }
+        let mut guard = self.endpoints.write();
+        if guard.0.as_ref().is_some_and(|s| Arc::ptr_eq(s, set)) {
+            return;
+        }
+        let old = guard.1.clone();
+        let list = set
+            .endpoints
+            .iter()
+            .map(|e| {
+                match old.iter().find(|s| {
+                    s.addr == e.addr && s.weight == e.weight.max(1) && s.identity == e.identity
+                }) {
+                    Some(s) => s.clone(),
+                    None => Arc::new(EndpointState::new(e)),
+                }
+            })
+            .collect();
+        *guard = (Some(set.clone()), Arc::new(list));
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<EndpointState>>> {
+        self.endpoints.read().1.clone()
+    }
+
+    /// An endpoint for the next attempt, avoiding those in `tried` when others remain.
+    pub fn pick(&self, lb: Lb, tried: &[EndpointAddr]) -> Option<Arc<EndpointState>> {
+        let all = self.endpoints();
+        let now = Instant::now();
+        let ready: Vec<&Arc<EndpointState>> = all.iter().filter(|e| !e.ejected(now)).collect();
+        // Ejection is capped below 100%, so only an empty set leaves nothing ready; be
+        // safe all the same.
+        let pool: Vec<&Arc<EndpointState>> = if ready.is_empty() {
+            all.iter().collect()
+        } else {
+            ready
+        };
+        let fresh: Vec<&Arc<EndpointState>> = pool
+            .iter()
+            .copied()
+            .filter(|e| !tried.contains(&e.addr))
+            .collect();
+        let candidates = if fresh.is_empty() { pool } else { fresh };
+        let chosen = match candidates.len() {
+            0 => return None,
+            1 => candidates[0],
+            _ => match lb {
+                Lb::Random => weighted(&candidates),
+                Lb::RoundRobin => {
+                    let total: u64 = candidates.iter().map(|e| e.weight as u64).sum();
+                    let mut n = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+                    candidates
+                        .iter()
+                        .copied()
+                        .find(|e| {
+                            if n < e.weight as u64 {
+                                true
+                            } else {
+                                n -= e.weight as u64;
+                                false
+                            }
+                        })
+                        .unwrap_or(candidates[0])
+                }
+                Lb::Ewma => {
+                    let a = weighted(&candidates);
+                    let b = loop {
+                        let b = weighted(&candidates);
+                        if !Arc::ptr_eq(a, b) {
+                            break b;
+                        }
+                    };
+                    if a.cost(now) <= b.cost(now) { a } else { b }
+                }
+            },
+        };
+        Some(chosen.clone())
+    }
+
+    /// Records how an attempt ended: its latency (for responses) and its outcome (for
+    /// outlier detection), ejecting the endpoint if it crossed a threshold and the
+    /// destination can spare it.
+    pub fn observe(&self, flight: &InFlight, outcome: Outcome, policy: &OutlierPolicy) -> Observed {
+        self.observe_with(flight, outcome, policy, true)
+    }
+
+    /// As `observe`, for a connection rather than a request: its outcome counts, its
+    /// time does not (a connect is no measure of an endpoint's request latency).
+    pub fn observe_connect(
+        &self,
+        flight: &InFlight,
+        outcome: Outcome,
+        policy: &OutlierPolicy,
+    ) -> Observed {
+        self.observe_with(flight, outcome, policy, false)
+    }
+
+    fn observe_with(
+        &self,
+        flight: &InFlight,
+        outcome: Outcome,
+        policy: &OutlierPolicy,
+        latency: bool,
+    ) -> Observed {
+        let endpoint = flight.endpoint();
+        let now = Instant::now();
+        if latency && outcome != Outcome::ConnectFailure {
+            endpoint
+                .ewma
+                .lock()
+                .observe(now.saturating_duration_since(flight.started), now);
+        }
+        let crossed = endpoint.outlier.lock().record(outcome, policy);
+        let mut ejected = None;
+        if crossed {
+            let all = self.endpoints();
+            let out = all
+                .iter()
+                .filter(|e| !Arc::ptr_eq(e, endpoint) && e.ejected(now))
+                .count();
+            // Never more than the max percent of the endpoints out at once.
+            if (out + 1) * 100 <= all.len() * policy.max_ejection_percent as usize {
+                ejected = Some(endpoint.outlier.lock().eject(now, policy));
+            }
+        }
+        Observed { outcome, ejected }
+    }
+}
+
+/// How long a request waits for discovery's first answer about a destination it has
+/// no original destination for (explicit proxy requests).
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(10);
+
+/// The balancing layer: picks the endpoint for each attempt, and learns from how the
+/// attempt went (latency, outlier detection).
+#[derive(Clone)]
+pub struct BalanceLayer {
+    balancer: Arc<Balancer>,
+    lb: Lb,
+    outlier: OutlierPolicy,
+    destination: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl BalanceLayer {
+    pub fn new(
+        balancer: Arc<Balancer>,
+        lb: Lb,
+        outlier: OutlierPolicy,
+        destination: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            balancer,
+            lb,
+            outlier,
+            destination,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+
+    fn layer(&self, inner: S) -> Balance<S> {
+        Balance {
+            inner,
+            cfg: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Balance<S> {
+    inner: S,
+    cfg: BalanceLayer,
+}
+
+impl<S, B> Service<Call> for Balance<S>
+where
+    S: Service<Call, Response = Answer<B>, Error = Failure> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Answer<B>;
+    type Error = Failure;
+    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Failure>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let cfg = self.cfg.clone();
+        // The inner service was made ready for this call; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            cfg.balancer.refresh(DISCOVERY_WAIT).await;
+            let Some(endpoint) = cfg.balancer.pick(cfg.lb, &call.tried) else {
+                return Err(Failure::NoEndpoints {
+                    destination: cfg.destination,
+                });
+            };
+            let flight = endpoint.start();
+            call.endpoint = Some(endpoint.clone());
+            let result = inner.call(call).await;
+            let outcome = match &result {
+                Ok(a) if a.rsp.status().is_server_error() => {
+                    Outcome::Status(a.rsp.status().as_u16())
+                }
+                Ok(_) => Outcome::Success,
+                Err(Failure::Unsent { .. } | Failure::Lost { .. }) => Outcome::ConnectFailure,
+                Err(Failure::TryTimeout { .. }) => Outcome::Status(504),
+                // Not the endpoint's doing.
+                Err(_) => return result,
+            };
+            let observed = cfg.balancer.observe(&flight, outcome, &cfg.outlier);
+            if let Some(time) = observed.ejected {
+                let addr = endpoint.addr.to_string();
+                info!(destination = %cfg.destination, endpoint = %addr, ?outcome, ejected_for = ?time, "endpoint ejected");
+                cfg.metrics.ejection(&cfg.destination, &addr);
+            }
+            result
+        })
+    }
+}
+
+/// A random endpoint, each as likely as its weight.
+fn weighted<'a>(candidates: &[&'a Arc<EndpointState>]) -> &'a Arc<EndpointState> {
+    let total: u64 = candidates.iter().map(|e| e.weight as u64).sum();
+    let mut n = fastrand::u64(0..total);
+    for e in candidates {
+        if n < e.weight as u64 {
+            return e;
+        }
+        n -= e.weight as u64;
+    }
+    candidates[candidates.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Source;
+
+    fn set(addrs: &[(&str, u32)]) -> Arc<EndpointSet> {
+        Arc::new(EndpointSet {
+            endpoints: addrs
+                .iter()
+                .map(|(a, w)| Endpoint {
+                    addr: EndpointAddr(a.parse().unwrap()),
+                    weight: *w,
+                    identity: None,
+                })
+                .collect(),
+            source: Source::File,
+        })
+    }
+
+    fn outlier(pct: u8) -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: 1,
+            consecutive_gateway: 1,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: pct,
+        }
+    }
+
+    fn counts(b: &Balancer, lb: Lb, n: usize) -> std::collections::HashMap<String, usize> {
+        let mut c = std::collections::HashMap::new();
+        for _ in 0..n {
+            let e = b.pick(lb, &[]).unwrap();
+            *c.entry(e.addr.to_string()).or_insert(0) += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_is_even_and_weights_count() {
+        let b = Balancer::default();
+        b.sync(&set(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 2),
+        ]));
+        let c = counts(&b, Lb::RoundRobin, 400);
+        assert_eq!(c["10.0.0.1:80"], 100);
+        assert_eq!(c["10.0.0.2:80"], 100);
+        assert_eq!(c["10.0.0.3:80"], 200);
+    }
+
+    #[test]
+    fn ewma_avoids_a_slow_endpoint() {
+        let b = Balancer::default();
+        b.sync(&set(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 1),
+        ]));
+        let p = outlier(50);
+        // Teach it: endpoint 3 answers in 50 ms, the others in 1 ms.
+        for e in b.endpoints().iter() {
+            let slow = e.addr.to_string() == "10.0.0.3:80";
+            let mut ewma = e.ewma.lock();
+            ewma.estimate_ns = if slow { 50e6 } else { 1e6 };
+        }
+        let c = counts(&b, Lb::Ewma, 3000);
+        assert!(c.get("10.0.0.3:80").copied().unwrap_or(0) < 100, "{c:?}");
+        let _ = p;
+    }
+
+    #[test]
+    fn retries_prefer_untried_endpoints() {
+        let b = Balancer::default();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]));
+        let tried = [EndpointAddr("10.0.0.1:80".parse().unwrap())];
+        for _ in 0..50 {
+            assert_eq!(
+                b.pick(Lb::Random, &tried).unwrap().addr.to_string(),
+                "10.0.0.2:80"
+            );
+        }
+        // With every endpoint tried, any will do.
+        let all = [tried[0], EndpointAddr("10.0.0.2:80".parse().unwrap())];
+        assert!(b.pick(Lb::Random, &all).is_some());
+    }
+
+    #[test]
+    fn ejection_never_exceeds_the_max_percent() {
+        let b = Balancer::default();
+        b.sync(&set(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 1),
+            ("10.0.0.4:80", 1),
+        ]));
+        let p = outlier(50);
+        let mut ejected = 0;
+        for e in b.endpoints().iter() {
+            let flight = e.start();
+            if b.observe(&flight, Outcome::Status(503), &p)
+                .ejected
+                .is_some()
+            {
+                ejected += 1;
+            }
+        }
+        assert_eq!(ejected, 2, "half of four");
+        let c = counts(&b, Lb::Random, 200);
+        assert_eq!(c.len(), 2, "the ejected two get nothing: {c:?}");
+    }
+
+    #[test]
+    fn a_single_endpoint_is_never_ejected() {
+        let b = Balancer::default();
+        b.sync(&set(&[("10.0.0.1:80", 1)]));
+        let e = b.endpoints()[0].clone();
+        for _ in 0..10 {
+            let flight = e.start();
+            assert!(
+                b.observe(&flight, Outcome::ConnectFailure, &outlier(99))
+                    .ejected
+                    .is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn state_survives_a_set_change_for_addresses_that_stay() {
+        let b = Balancer::default();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]));
+        let first = b.endpoints()[0].clone();
+        let _flight = first.start();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.5:80", 1)]));
+        let now = b.endpoints();
+        assert!(Arc::ptr_eq(&now[0], &first));
+        assert_eq!(now[0].pending(), 1);
+        assert_eq!(now[1].addr.to_string(), "10.0.0.5:80");
+    }
+}

@@ -1,0 +1,138 @@
+//! Outlier detection for one endpoint: consecutive 5xx responses, and consecutive
+//! gateway failures (connect failures, 502, 503, 504), each against its threshold. An
+//! ejected endpoint is out for the base ejection time times the number of times it has
+//! been ejected, up to the cap, then comes back with its counts cleared. Whether an
+//! ejection may happen at all (the destination's max percent) is the balancer's call.
+
+use crate::policy::OutlierPolicy;
+use std::time::{Duration, Instant};
+
+/// What one attempt on an endpoint came to, as outlier detection sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response below 500.
+    Success,
+    /// A 5xx response.
+    Status(u16),
+    /// No response: the connection failed or broke.
+    ConnectFailure,
+}
+
+#[derive(Debug, Default)]
+pub struct Outlier {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    pub times_ejected: u32,
+    pub ejected_until: Option<Instant>,
+}
+
+impl Outlier {
+    /// Counts `outcome`; true if the endpoint has now crossed a threshold.
+    pub fn record(&mut self, outcome: Outcome, policy: &OutlierPolicy) -> bool {
+        match outcome {
+            Outcome::Success => {
+                self.consecutive_5xx = 0;
+                self.consecutive_gateway = 0;
+                return false;
+            }
+            Outcome::Status(code) => {
+                self.consecutive_5xx += 1;
+                if matches!(code, 502..=504) {
+                    self.consecutive_gateway += 1;
+                } else {
+                    self.consecutive_gateway = 0;
+                }
+            }
+            Outcome::ConnectFailure => self.consecutive_gateway += 1,
+        }
+        let over = |count: u32, threshold: u32| threshold > 0 && count >= threshold;
+        over(self.consecutive_5xx, policy.consecutive_5xx)
+            || over(self.consecutive_gateway, policy.consecutive_gateway)
+    }
+
+    /// Ejects until now + base x times ejected (capped); returns for how long.
+    pub fn eject(&mut self, now: Instant, policy: &OutlierPolicy) -> Duration {
+        self.times_ejected += 1;
+        let time = policy
+            .base_ejection
+            .saturating_mul(self.times_ejected)
+            .min(policy.max_ejection);
+        self.ejected_until = Some(now + time);
+        self.consecutive_5xx = 0;
+        self.consecutive_gateway = 0;
+        time
+    }
+
+    /// Whether the endpoint is out at `now`; one whose time is up comes back.
+    pub fn is_ejected(&mut self, now: Instant) -> bool {
+        match self.ejected_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.ejected_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: 3,
+            consecutive_gateway: 2,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(75),
+            max_ejection_percent: 50,
+        }
+    }
+
+    #[test]
+    fn consecutive_5xx_cross_the_threshold_and_a_success_resets() {
+        let (mut o, p) = (Outlier::default(), policy());
+        assert!(!o.record(Outcome::Status(500), &p));
+        assert!(!o.record(Outcome::Status(500), &p));
+        assert!(!o.record(Outcome::Success, &p));
+        assert!(!o.record(Outcome::Status(500), &p));
+        assert!(!o.record(Outcome::Status(500), &p));
+        assert!(o.record(Outcome::Status(500), &p));
+    }
+
+    #[test]
+    fn gateway_failures_have_their_own_threshold() {
+        let (mut o, p) = (Outlier::default(), policy());
+        assert!(!o.record(Outcome::ConnectFailure, &p));
+        assert!(
+            o.record(Outcome::Status(503), &p),
+            "a connect failure then a 503: two gateway failures"
+        );
+    }
+
+    #[test]
+    fn ejection_grows_with_each_ejection_up_to_the_cap_and_ends() {
+        let (mut o, p) = (Outlier::default(), policy());
+        let t0 = Instant::now();
+        assert_eq!(o.eject(t0, &p), Duration::from_secs(30));
+        assert!(o.is_ejected(t0 + Duration::from_secs(29)));
+        assert!(
+            !o.is_ejected(t0 + Duration::from_secs(30)),
+            "back after the ejection time"
+        );
+        assert_eq!(o.eject(t0, &p), Duration::from_secs(60));
+        assert_eq!(o.eject(t0, &p), Duration::from_secs(75), "capped");
+    }
+
+    #[test]
+    fn zero_disables_a_threshold() {
+        let mut p = policy();
+        p.consecutive_5xx = 0;
+        p.consecutive_gateway = 0;
+        let mut o = Outlier::default();
+        for _ in 0..100 {
+            assert!(!o.record(Outcome::Status(503), &p));
+        }
+    }
+}

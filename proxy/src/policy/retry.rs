@@ -1,0 +1,599 @@
+//! Retries. A request that fails in a way its destination's policy names
+//! (GOFE_RETRY_ON) is tried again, on an endpoint picked again, up to
+//! GOFE_RETRY_LIMIT times, after an exponential backoff with full jitter, and only
+//! while the destination's retry budget allows (a share of its requests plus a few a
+//! second, so that retries never multiply the load on a failing destination).
+//!
+//! Only what is safe is replayed. A request that never left (connect failure) or that
+//! the peer refused unprocessed (HTTP/2 REFUSED_STREAM) is always safe; after a
+//! response (5xx, a gRPC status), a reset or a per-try timeout the endpoint may have
+//! acted on it, so only idempotent methods, or destinations whose routes are marked
+//! retryable, are tried again. Bodies are replayed from a bounded copy kept while they
+//! stream (GOFE_RETRY_MAX_BODY); a larger body is never retried once it has been sent.
+//! Each attempt carries `gofe-attempt: N`.
+
+use super::call::{Answer, BoxFuture, Call, Failure};
+use super::replay::Replay;
+use super::{Policy, RetryPolicy};
+use crate::http::body::{RequestBody, grpc_status};
+use crate::metrics::Metrics;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request};
+use http_body::Body;
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Layer, Service, ServiceExt};
+
+pub const ATTEMPT_HEADER: &str = "gofe-attempt";
+
+/// How long a request counts towards the budget.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// A destination's retry budget.
+pub fn budget(p: &RetryPolicy) -> TpsBudget {
+    // The budget allows one retry per 1/ratio requests, counted in whole requests;
+    // the nudge keeps 0.2 at one in five rather than one in four after rounding.
+    let ratio = if p.budget_ratio > 0.0 {
+        p.budget_ratio * 0.9999
+    } else {
+        0.0
+    };
+    TpsBudget::new(BUDGET_WINDOW, p.budget_min_per_sec, ratio.min(1000.0))
+}
+
+/// Where retries are counted: `gofe_retries_total` and
+/// `gofe_retry_budget_exhausted_total` under the destination's name.
+#[derive(Clone)]
+pub struct RetryStats {
+    pub destination: Arc<str>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct RetryLayer {
+    policy: Arc<Policy>,
+    budget: Arc<TpsBudget>,
+    stats: RetryStats,
+}
+
+impl RetryLayer {
+    pub fn new(policy: Arc<Policy>, budget: Arc<TpsBudget>, stats: RetryStats) -> Self {
+        Self {
+            policy,
+            budget,
+            stats,
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            cfg: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    cfg: RetryLayer,
+}
+
+impl<S, B> Service<Call> for Retry<S>
+where
+    S: Service<Call, Response = Answer<B>, Error = Failure> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Answer<B>;
+    type Error = Failure;
+    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        // Each attempt waits for the inner service itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        Box::pin(run(self.inner.clone(), self.cfg.clone(), call))
+    }
+}
+
+/// Methods whose repetition has the effect of doing them once (RFC 9110 §9.2.2).
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Why a result may be tried again, and whether that needs the request sent again
+/// (rather than handed back unsent).
+struct Verdict {
+    reason: Cow<'static, str>,
+    replay: bool,
+}
+
+fn grpc_name(code: u16) -> &'static str {
+    match code {
+        1 => "grpc-cancelled",
+        4 => "grpc-deadline-exceeded",
+        8 => "grpc-resource-exhausted",
+        14 => "grpc-unavailable",
+        _ => "grpc",
+    }
+}
+
+fn judge<B>(result: &Result<Answer<B>, Failure>, p: &RetryPolicy, safe: bool) -> Option<Verdict> {
+    let on = &p.on;
+    let verdict = |reason: Cow<'static, str>, replay| Some(Verdict { reason, replay });
+    match result {
+        Ok(a) => {
+            if !safe {
+                return None;
+            }
+            let status = a.rsp.status().as_u16();
+            // A trailers-only gRPC response has its status in the headers.
+            if let Some(g) = grpc_status(a.rsp.headers())
+                && on.grpc(g)
+            {
+                return verdict(grpc_name(g).into(), true);
+            }
+            let by_status = (on.status_5xx && status >= 500)
+                || (on.gateway_error && (502..=504).contains(&status))
+                || (on.retriable_status_codes && p.status_codes.contains(&status));
+            if by_status {
+                return verdict(status.to_string().into(), true);
+            }
+            None
+        }
+        Err(Failure::Unsent { .. }) => (on.connect_failure || on.status_5xx || on.gateway_error)
+            .then(|| Verdict {
+                reason: "connect-failure".into(),
+                replay: false,
+            }),
+        Err(Failure::Lost { refused: true, .. }) => {
+            (on.refused_stream || on.status_5xx).then(|| Verdict {
+                reason: "refused-stream".into(),
+                replay: true,
+            })
+        }
+        Err(Failure::Lost { refused: false, .. }) => {
+            (safe && (on.reset || on.status_5xx || on.gateway_error)).then(|| Verdict {
+                reason: "reset".into(),
+                replay: true,
+            })
+        }
+        Err(Failure::TryTimeout { .. }) => {
+            (safe && (on.status_5xx || on.gateway_error || on.reset)).then(|| Verdict {
+                reason: "per-try-timeout".into(),
+                replay: true,
+            })
+        }
+        Err(_) => None,
+    }
+}
+
+/// The wait before retry `n` (1 for the first): a random time up to
+/// min(max, min x 2^(n-1)).
+pub fn backoff(min: Duration, max: Duration, n: u32) -> Duration {
+    let ceiling = min
+        .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX))
+        .min(max);
+    Duration::from_nanos(fastrand::u64(0..=ceiling.as_nanos() as u64))
+}
+
+/// A copy of a request's head for a later attempt.
+fn copy_head(p: &Parts) -> Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}
+
+async fn run<S, B>(mut inner: S, cfg: RetryLayer, call: Call) -> Result<Answer<B>, Failure>
+where
+    S: Service<Call, Response = Answer<B>, Error = Failure>,
+{
+    let p = &cfg.policy.retry;
+    cfg.budget.deposit();
+    let safe = p.retryable || is_idempotent(call.req.method());
+    let on = &p.on;
+    let sent_again_possible = p.limit > 0
+        && (on.refused_stream
+            || (safe
+                && (on.status_5xx || on.gateway_error || on.reset || on.retriable_status_codes))
+            || (safe
+                && (on.grpc_cancelled
+                    || on.grpc_deadline_exceeded
+                    || on.grpc_resource_exhausted
+                    || on.grpc_unavailable)));
+    let (parts, body) = call.req.into_parts();
+    // What a later attempt needs when the first one went out: a copy of the head, and
+    // of the body while it stays small enough.
+    let empty = body.is_end_stream();
+    let mut replay = None;
+    let body = if sent_again_possible && !empty && body.size_hint().lower() <= p.max_body as u64 {
+        match body.into_source() {
+            Ok(source) => {
+                let r = Replay::new(source, p.max_body);
+                let b = r.body().expect("a new replay has a body");
+                replay = Some(r);
+                RequestBody::replay(b)
+            }
+            Err(body) => body,
+        }
+    } else {
+        body
+    };
+    let head = (sent_again_possible && (empty || replay.is_some())).then(|| copy_head(&parts));
+    let mut req = Request::from_parts(parts, body);
+    let mut tried = Vec::new();
+    let mut attempt: u32 = 1;
+    loop {
+        req.headers_mut()
+            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+        let body_id = req.body().replay_id();
+        let svc = inner.ready().await?;
+        let result = svc
+            .call(Call {
+                req,
+                endpoint: None,
+                tried: tried.clone(),
+            })
+            .await;
+        let endpoint = match &result {
+            Ok(a) => a.endpoint,
+            Err(f) => f.endpoint(),
+        };
+        tried.extend(endpoint);
+        let finish = |mut result: Result<Answer<B>, Failure>| {
+            if let (Some(r), Some(id)) = (&replay, body_id) {
+                r.commit(id);
+            }
+            if let Ok(a) = &mut result {
+                a.retries = attempt - 1;
+            }
+            result
+        };
+        let Some(verdict) = judge(&result, p, safe) else {
+            return finish(result);
+        };
+        if attempt > p.limit {
+            return finish(result);
+        }
+        // A request that went out is sent again from the copies; one that did not
+        // comes back with the failure.
+        let replayed = if verdict.replay {
+            let body = if empty {
+                Some(RequestBody::empty())
+            } else {
+                replay
+                    .as_ref()
+                    .and_then(|r| r.body())
+                    .map(RequestBody::replay)
+            };
+            match (head.as_ref(), body) {
+                (Some(head), Some(body)) => Some(Request::from_parts(copy_head(head), body)),
+                _ => return finish(result),
+            }
+        } else {
+            None
+        };
+        if !cfg.budget.withdraw() {
+            cfg.stats
+                .metrics
+                .retry_budget_exhausted(&cfg.stats.destination);
+            return finish(result);
+        }
+        let next = match (replayed, result) {
+            (Some(next), result) => {
+                // The failed attempt's response goes (its connection with it) now.
+                drop(result);
+                next
+            }
+            (None, Err(Failure::Unsent { req, .. })) => *req,
+            (None, _) => unreachable!("only an unsent request comes back"),
+        };
+        cfg.stats
+            .metrics
+            .retry(&cfg.stats.destination, &verdict.reason);
+        tokio::time::sleep(backoff(p.backoff_min, p.backoff_max, attempt)).await;
+        req = next;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addrs::EndpointAddr;
+    use crate::endpoint::{ConnectError, SendError};
+    use crate::http::body::Source;
+    use bytes::Bytes;
+    use http::{Response, StatusCode};
+    use http_body_util::BodyExt;
+    use parking_lot::Mutex;
+    use std::collections::HashMap;
+
+    /// What the fake endpoint saw: (attempt header, method, body) per attempt.
+    type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+    #[derive(Clone, Copy)]
+    enum Behaviour {
+        Status(u16),
+        Refuse,
+        Reset,
+    }
+
+    /// An endpoint that behaves as told for the first `n` attempts, then answers 200.
+    fn endpoint(
+        bad: Behaviour,
+        n: usize,
+        seen: Seen,
+    ) -> impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |call: Call| {
+            let seen = seen.clone();
+            async move {
+                let addr = EndpointAddr("10.0.0.1:80".parse().unwrap());
+                let attempt = call.req.headers()[ATTEMPT_HEADER]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let method = call.req.method().to_string();
+                let behaviour = if seen.lock().len() < n {
+                    Some(bad)
+                } else {
+                    None
+                };
+                if let Some(Behaviour::Refuse) = behaviour {
+                    seen.lock().push((attempt, method, Vec::new()));
+                    return Err(Failure::Unsent {
+                        error: SendError::Connect(ConnectError::Refused { addr }),
+                        req: Box::new(call.req),
+                        endpoint: Some(addr),
+                    });
+                }
+                let body = call
+                    .req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes().to_vec())
+                    .unwrap_or_default();
+                seen.lock().push((attempt, method, body));
+                match behaviour {
+                    Some(Behaviour::Status(s)) => {
+                        let mut rsp = Response::new(());
+                        *rsp.status_mut() = StatusCode::from_u16(s).unwrap();
+                        Ok(Answer::new(rsp, Some(addr)))
+                    }
+                    Some(Behaviour::Reset) => Err(Failure::Lost {
+                        error: SendError::Connect(ConnectError::Refused { addr }),
+                        refused: false,
+                        endpoint: Some(addr),
+                    }),
+                    _ => Ok(Answer::new(Response::new(()), Some(addr))),
+                }
+            }
+        })
+    }
+
+    fn policy(vars: &[(&str, &str)]) -> Arc<Policy> {
+        let base: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut p = Policy::with_overrides(&base, &HashMap::new()).unwrap();
+        // Tests do not wait.
+        p.retry.backoff_min = Duration::from_nanos(1);
+        p.retry.backoff_max = Duration::from_nanos(1);
+        Arc::new(p)
+    }
+
+    fn layer(p: &Arc<Policy>) -> (RetryLayer, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let stats = RetryStats {
+            destination: "api:80".into(),
+            metrics: metrics.clone(),
+        };
+        (
+            RetryLayer::new(p.clone(), Arc::new(budget(&p.retry)), stats),
+            metrics,
+        )
+    }
+
+    fn request(method: Method, body: &'static [u8]) -> Call {
+        let body = if body.is_empty() {
+            RequestBody::empty()
+        } else {
+            RequestBody::new(Source::boxed(http_body_util::Full::new(
+                Bytes::from_static(body),
+            )))
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        Call::new(req)
+    }
+
+    async fn status(
+        svc: Retry<
+            impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static>
+            + Clone
+            + Send
+            + 'static,
+        >,
+        call: Call,
+    ) -> Result<u16, String> {
+        svc.oneshot(call)
+            .await
+            .map(|a| a.rsp.status().as_u16())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_get_is_retried_on_503_with_the_attempt_numbered() {
+        let p = policy(&[("GOFE_RETRY_ON", "5xx")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 2, seen.clone()));
+        assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 200);
+        let attempts: Vec<String> = seen.lock().iter().map(|s| s.0.clone()).collect();
+        assert_eq!(attempts, ["1", "2", "3"]);
+    }
+
+    #[tokio::test]
+    async fn the_limit_holds_and_the_last_answer_is_returned() {
+        let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRY_LIMIT", "1")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 100, seen.clone()));
+        assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 503);
+        assert_eq!(seen.lock().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_post_is_not_retried_on_503_unless_retryable_and_then_its_body_is_replayed() {
+        let p = policy(&[("GOFE_RETRY_ON", "5xx")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::POST, b"order 66"))
+                .await
+                .unwrap(),
+            503
+        );
+        assert_eq!(seen.lock().len(), 1);
+
+        let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRYABLE", "true")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::POST, b"order 66"))
+                .await
+                .unwrap(),
+            200
+        );
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].2, b"order 66");
+        assert_eq!(
+            seen[1].2, b"order 66",
+            "the second attempt gets the same body"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_is_retried_even_for_a_post_with_its_body_intact() {
+        let p = policy(&[]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Refuse, 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::POST, b"payload"))
+                .await
+                .unwrap(),
+            200
+        );
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].2, b"payload");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_is_not_replayed() {
+        let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRY_MAX_BODY", "4")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::PUT, b"more than four"))
+                .await
+                .unwrap(),
+            503
+        );
+        assert_eq!(seen.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn resets_retry_idempotent_requests_only() {
+        let p = policy(&[("GOFE_RETRY_ON", "reset")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Reset, 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::DELETE, b"")).await.unwrap(),
+            200
+        );
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Reset, 1, seen.clone()));
+        assert!(status(svc, request(Method::POST, b"")).await.is_err());
+        assert_eq!(seen.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_budget_caps_retries_at_its_share_of_requests() {
+        let p = policy(&[
+            ("GOFE_RETRY_ON", "5xx"),
+            ("GOFE_RETRY_BUDGET_RATIO", "0.2"),
+            ("GOFE_RETRY_BUDGET_MIN_PER_SEC", "0"),
+        ]);
+        let (layer, metrics) = layer(&p);
+        let seen = Seen::default();
+        let svc = layer.layer(endpoint(Behaviour::Status(503), usize::MAX, seen.clone()));
+        for _ in 0..100 {
+            assert_eq!(
+                status(svc.clone(), request(Method::GET, b""))
+                    .await
+                    .unwrap(),
+                503
+            );
+        }
+        assert_eq!(
+            seen.lock().len(),
+            120,
+            "100 requests and one retry per five of them"
+        );
+        assert_eq!(metrics.retries_total("api:80"), 20);
+        // Every request ended wanting one more retry than the budget allowed.
+        assert_eq!(metrics.budget_exhausted_total("api:80"), 100);
+    }
+
+    #[test]
+    fn backoff_is_exponential_with_full_jitter() {
+        let (min, max) = (Duration::from_millis(25), Duration::from_millis(250));
+        for n in 1..8 {
+            let ceiling = (min * 2u32.pow(n - 1)).min(max);
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(min, max, n)).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "retry {n}");
+            assert!(
+                waits.iter().any(|w| *w < ceiling / 2),
+                "jitter reaches down"
+            );
+        }
+        assert!(backoff(min, max, 40) <= max);
+    }
+}

@@ -1,0 +1,134 @@
+//! Timeouts around a request (GOFE_REQUEST_TIMEOUT, over all its attempts and the
+//! waits between them) and around each attempt (GOFE_PER_TRY_TIMEOUT). Both run until
+//! the response's headers: a response that has begun streams for as long as it takes.
+
+use super::call::{Answer, BoxFuture, Call, Failure};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole request.
+    Request,
+    /// One attempt.
+    Attempt,
+}
+
+#[derive(Clone, Copy)]
+pub struct TimeoutLayer {
+    after: Option<Duration>,
+    scope: Scope,
+}
+
+impl TimeoutLayer {
+    pub fn request(after: Option<Duration>) -> Self {
+        Self {
+            after,
+            scope: Scope::Request,
+        }
+    }
+
+    pub fn attempt(after: Option<Duration>) -> Self {
+        Self {
+            after,
+            scope: Scope::Attempt,
+        }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout { inner, cfg: *self }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    cfg: TimeoutLayer,
+}
+
+impl<S, B> Service<Call> for Timeout<S>
+where
+    S: Service<Call, Response = Answer<B>, Error = Failure>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Answer<B>;
+    type Error = Failure;
+    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let endpoint = call.endpoint_addr();
+        let answer = self.inner.call(call);
+        let TimeoutLayer { after, scope } = self.cfg;
+        let Some(after) = after else {
+            return Box::pin(answer);
+        };
+        Box::pin(async move {
+            match tokio::time::timeout(after, answer).await {
+                Ok(result) => result,
+                Err(_) => Err(match scope {
+                    Scope::Request => Failure::Timeout { after },
+                    Scope::Attempt => Failure::TryTimeout { after, endpoint },
+                }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::body::RequestBody;
+    use http::{Request, Response};
+    use tower::ServiceExt;
+
+    fn slow(
+        delay: Duration,
+    ) -> impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static> + Clone
+    {
+        tower::service_fn(move |_c: Call| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, Failure>(Answer::new(Response::new(()), None))
+        })
+    }
+
+    fn get() -> Call {
+        Call::new(Request::new(RequestBody::empty()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_at_its_time_with_its_scope() {
+        let started = tokio::time::Instant::now();
+        let svc = TimeoutLayer::request(Some(Duration::from_millis(300)))
+            .layer(slow(Duration::from_secs(10)));
+        match svc.oneshot(get()).await {
+            Err(Failure::Timeout { after }) => assert_eq!(after, Duration::from_millis(300)),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        let svc = TimeoutLayer::attempt(Some(Duration::from_millis(50)))
+            .layer(slow(Duration::from_secs(10)));
+        assert!(matches!(
+            svc.oneshot(get()).await,
+            Err(Failure::TryTimeout { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_answer_and_no_timeout_pass() {
+        let svc = TimeoutLayer::request(Some(Duration::from_millis(300)))
+            .layer(slow(Duration::from_millis(100)));
+        assert!(svc.oneshot(get()).await.is_ok());
+        let svc = TimeoutLayer::request(None).layer(slow(Duration::from_secs(3600)));
+        assert!(svc.oneshot(get()).await.is_ok());
+    }
+}

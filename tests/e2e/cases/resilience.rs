@@ -1,0 +1,864 @@
+//! Resilience policy end to end: a client pod's sidecar sends to real HTTP servers in
+//! other pods that misbehave on command (fail with a status, answer slowly, are not
+//! there at all), with endpoints from a discovery file or a real DNS server, and
+//! policy from the environment, the discovery file and a policy file changed while
+//! the proxy runs.
+
+use super::HTTP_PORT;
+use crate::dns::DnsServer;
+use crate::grpc::{EchoClient, EchoMsg};
+use crate::harness::{Pod, World, eventually};
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for a change to be seen (a file reloaded, an endpoint back).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Timeouts fire within this much of their time.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(100);
+
+/// One request the load generator sends.
+#[derive(Clone)]
+struct Req {
+    method: &'static str,
+    path: String,
+    host: String,
+    body: Bytes,
+}
+
+impl Req {
+    fn get(host: &str) -> Req {
+        Req {
+            method: "GET",
+            path: "/".into(),
+            host: host.into(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn post(host: &str, path: &str, body: Vec<u8>) -> Req {
+        Req {
+            method: "POST",
+            path: path.into(),
+            host: host.into(),
+            body: body.into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    served_by: String,
+    proxy_error: String,
+    body: Bytes,
+    elapsed: Duration,
+}
+
+/// Sends `n` copies of `req`, `concurrency` at a time on kept-alive HTTP/1.1
+/// connections, from inside `client` to `target` (iptables hands them to the sidecar,
+/// which routes by the Host header).
+fn send(
+    client: &Pod,
+    target: SocketAddr,
+    req: &Req,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Reply>> {
+    let req = req.clone();
+    client.block_on(move || async move {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.max(1) {
+            workers.spawn(worker(target, req.clone(), n, next.clone()));
+        }
+        let mut replies = Vec::with_capacity(n);
+        let all = async {
+            while let Some(r) = workers.join_next().await {
+                replies.extend(r??);
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .context("requests did not finish within 120 s")??;
+        anyhow::Ok(replies)
+    })?
+}
+
+async fn worker(
+    target: SocketAddr,
+    req: Req,
+    n: usize,
+    next: Arc<AtomicUsize>,
+) -> anyhow::Result<Vec<Reply>> {
+    let mut out = Vec::new();
+    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    while next.fetch_add(1, Ordering::SeqCst) < n {
+        let mut tries = 0;
+        let reply = loop {
+            tries += 1;
+            let tx = match conn.as_mut().filter(|c| !c.is_closed()) {
+                Some(tx) => tx,
+                None => {
+                    let stream = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::TcpStream::connect(target),
+                    )
+                    .await
+                    .context("connect timed out")??;
+                    let (tx, c) =
+                        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                    tokio::spawn(c);
+                    conn.insert(tx)
+                }
+            };
+            let request = http::Request::builder()
+                .method(req.method)
+                .uri(&req.path)
+                .header("host", &req.host)
+                .body(Full::new(req.body.clone()))?;
+            let started = Instant::now();
+            let sent = async {
+                tx.ready().await?;
+                let rsp = tx.send_request(request).await?;
+                let (parts, body) = rsp.into_parts();
+                let body = body.collect().await?.to_bytes();
+                anyhow::Ok((parts, body))
+            };
+            match sent.await {
+                Ok((parts, body)) => {
+                    let header = |name: &str| {
+                        parts
+                            .headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    break Reply {
+                        status: parts.status.as_u16(),
+                        served_by: header("x-served-by"),
+                        proxy_error: header("gofe-proxy-error"),
+                        body,
+                        elapsed: started.elapsed(),
+                    };
+                }
+                // The connection to the local proxy went away between requests: a
+                // client would open another and send again.
+                Err(e) if tries < 3 => {
+                    conn = None;
+                    eprintln!("request failed ({e:#}); sending again on a new connection");
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        out.push(reply);
+    }
+    Ok(out)
+}
+
+fn count_status(replies: &[Reply], status: u16) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
+fn by_server(replies: &[Reply]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in replies {
+        *m.entry(r.served_by.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Servers without sidecars running the HTTP test app, each with its variables
+/// (GOFE_TESTAPP_STATUS, GOFE_TESTAPP_DELAY_MS).
+fn servers<'w>(w: &'w World, specs: &[(&str, &[(&str, &str)])]) -> anyhow::Result<Vec<Pod<'w>>> {
+    let mut pods = Vec::new();
+    for (name, env) in specs {
+        let pod = w.pod(name).start()?;
+        pod.app_with("http", HTTP_PORT, env)?;
+        pods.push(pod);
+    }
+    Ok(pods)
+}
+
+fn addr(pod: &Pod) -> SocketAddr {
+    SocketAddr::from((pod.ip4, HTTP_PORT))
+}
+
+/// A destination in a file: its name, endpoint addresses and policy.
+type DestSpec<'a> = (&'a str, Vec<String>, &'a [(&'a str, &'a str)]);
+
+/// A destinations file.
+fn destinations(dests: &[DestSpec<'_>]) -> String {
+    let mut y = String::from("destinations:\n");
+    for (name, endpoints, policy) in dests {
+        y += &format!("  - name: {name}\n");
+        if !endpoints.is_empty() {
+            y += "    endpoints:\n";
+            for e in endpoints {
+                y += &format!("      - address: \"{e}\"\n");
+            }
+        }
+        if !policy.is_empty() {
+            y += "    policy:\n";
+            for (k, v) in *policy {
+                y += &format!("      {k}: \"{v}\"\n");
+            }
+        }
+    }
+    y
+}
+
+fn endpoints_of(pods: &[&Pod]) -> Vec<String> {
+    pods.iter().map(|p| addr(p).to_string()).collect()
+}
+
+/// Writes `text` to `path` whole (a reader never sees half of it).
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A client pod whose sidecar reads `file` as its discovery source.
+fn client_with_file<'w>(
+    w: &'w World,
+    file: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Pod<'w>> {
+    let mut b = w
+        .pod("client")
+        .sidecar()
+        .no_identity()
+        .env("GOFE_DISCOVERY", &format!("file:{}", file.display()));
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+fn served(pod: &Pod) -> anyhow::Result<u64> {
+    Ok(pod.app_get(HTTP_PORT, "/control/served")?.trim().parse()?)
+}
+
+/// The client's view of `destination`'s endpoints, from `/endpoints`.
+fn endpoint_states(client: &Pod, destination: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (status, body) = client.admin("GET", "/endpoints")?;
+    ensure!(status == 200, "/endpoints: {status}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let d = v["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["name"] == destination)
+        .with_context(|| format!("{destination} not in /endpoints: {body}"))?;
+    Ok(d["endpoints"].as_array().cloned().unwrap_or_default())
+}
+
+fn endpoint_state(
+    client: &Pod,
+    destination: &str,
+    endpoint: SocketAddr,
+) -> anyhow::Result<serde_json::Value> {
+    endpoint_states(client, destination)?
+        .into_iter()
+        .find(|e| e["address"] == endpoint.to_string())
+        .with_context(|| format!("{endpoint} is not an endpoint of {destination}"))
+}
+
+fn world_file(w: &World, name: &str) -> PathBuf {
+    w.dir().join(name)
+}
+
+pub fn a_failing_endpoint_is_retried_around_ejected_and_returns(w: &World) -> anyhow::Result<()> {
+    let pods = servers(
+        w,
+        &[
+            ("a", &[]),
+            ("b", &[]),
+            ("c", &[("GOFE_TESTAPP_STATUS", "503")]),
+        ],
+    )?;
+    let (a, c) = (&pods[0], &pods[2]);
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[(&dest, endpoints_of(&pods.iter().collect::<Vec<_>>()), &[])]),
+    )?;
+    let client = client_with_file(
+        w,
+        &file,
+        &[
+            ("GOFE_RETRY_ON", "5xx"),
+            ("GOFE_LB", "round-robin"),
+            ("GOFE_OUTLIER_BASE_EJECTION", "2s"),
+        ],
+    )?;
+    let get = Req::get(&dest);
+
+    // One at a time: c fails five times in a row (each retried elsewhere), then is out.
+    let replies = send(&client, addr(a), &get, 24, 1)?;
+    ensure!(
+        count_status(&replies, 200) == 24,
+        "every request succeeds: {:?}",
+        by_server(&replies)
+    );
+    ensure!(
+        served(c)? == 5,
+        "c is ejected after GOFE_OUTLIER_CONSECUTIVE_5XX=5 failures, served {}",
+        served(c)?
+    );
+    let state = endpoint_state(&client, &dest, addr(c))?;
+    ensure!(
+        state["state"] == "ejected" && state["times_ejected"] == 1,
+        "{state}"
+    );
+    let ejected_for = state["ejected_for_ms"].as_u64().unwrap_or(0);
+    ensure!(
+        (1..=2000).contains(&ejected_for),
+        "ejected for the base time: {state}"
+    );
+    let back_at = Instant::now() + Duration::from_millis(ejected_for);
+    let m = client.metrics()?;
+    let c_label = addr(c).to_string();
+    ensure!(
+        m.sum(
+            "gofe_outlier_ejections_total",
+            &[("authority", &dest), ("endpoint", &c_label)]
+        ) == 1.0,
+        "{}",
+        m.0
+    );
+    ensure!(
+        m.sum(
+            "gofe_endpoints",
+            &[("authority", &dest), ("state", "ejected")]
+        ) == 1.0
+    );
+    ensure!(
+        m.sum(
+            "gofe_retries_total",
+            &[("authority", &dest), ("reason", "503")]
+        ) == 5.0
+    );
+
+    // It comes back after its time, fails again, and is out twice as long.
+    eventually("c back in", CHANGE_TIMEOUT, || {
+        Ok((endpoint_state(&client, &dest, addr(c))?["state"] == "ready").then_some(()))
+    })?;
+    ensure!(
+        Instant::now() + Duration::from_millis(50) >= back_at,
+        "c came back early"
+    );
+    let replies = send(&client, addr(a), &get, 30, 1)?;
+    ensure!(count_status(&replies, 200) == 30);
+    ensure!(
+        served(c)? == 10,
+        "c got traffic again until five more failures: {}",
+        served(c)?
+    );
+    let state = endpoint_state(&client, &dest, addr(c))?;
+    ensure!(
+        state["state"] == "ejected" && state["times_ejected"] == 2,
+        "{state}"
+    );
+    ensure!(
+        state["ejected_for_ms"].as_u64().unwrap_or(0) > 2000,
+        "the second ejection is longer: {state}"
+    );
+
+    // Under load: 10,000 requests, 8 at a time.
+    let replies = send(&client, addr(a), &get, 10_000, 8)?;
+    let ok = count_status(&replies, 200);
+    ensure!(
+        ok * 1000 >= 10_000 * 999,
+        "{ok} of 10000 succeeded: {:?}",
+        by_server(&replies)
+    );
+    Ok(())
+}
+
+pub fn retries_stay_within_the_budget(w: &World) -> anyhow::Result<()> {
+    let bad: &[(&str, &str)] = &[("GOFE_TESTAPP_STATUS", "503")];
+    let pods = servers(w, &[("a", bad), ("b", bad)])?;
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[(&dest, endpoints_of(&pods.iter().collect::<Vec<_>>()), &[])]),
+    )?;
+    let client = client_with_file(
+        w,
+        &file,
+        &[
+            ("GOFE_RETRY_ON", "5xx"),
+            ("GOFE_RETRY_LIMIT", "3"),
+            ("GOFE_RETRY_BUDGET_RATIO", "0.2"),
+            ("GOFE_RETRY_BUDGET_MIN_PER_SEC", "1"),
+            ("GOFE_RETRY_BACKOFF", "1ms..2ms"),
+            ("GOFE_OUTLIER_CONSECUTIVE_5XX", "0"),
+            ("GOFE_OUTLIER_CONSECUTIVE_GATEWAY", "0"),
+        ],
+    )?;
+    const N: usize = 500;
+    let started = Instant::now();
+    let replies = send(&client, addr(&pods[0]), &Req::get(&dest), N, 4)?;
+    let took = started.elapsed();
+    ensure!(count_status(&replies, 503) == N, "every request fails");
+    let attempts = served(&pods[0])? + served(&pods[1])?;
+    let retries = attempts - N as u64;
+    let m = client.metrics()?;
+    ensure!(
+        m.sum("gofe_retries_total", &[("authority", &dest)]) == retries as f64,
+        "the metric counts every retry the servers saw ({retries}): {}",
+        m.0
+    );
+    // Within the budget's 10 s window: 20% of the requests, plus 1 a second's reserve
+    // of 10. Without a budget, 3 retries each would be 1500.
+    ensure!(
+        took < Duration::from_secs(10),
+        "the run fits one budget window ({took:?})"
+    );
+    let allowed = N as u64 / 5 + 10;
+    ensure!(
+        retries <= allowed,
+        "{retries} retries, budget allows {allowed}"
+    );
+    ensure!(
+        retries >= allowed - 10,
+        "the budget is used: {retries} retries"
+    );
+    ensure!(
+        m.sum("gofe_retry_budget_exhausted_total", &[("authority", &dest)])
+            >= (N as u64 - retries) as f64
+    );
+    Ok(())
+}
+
+pub fn only_safe_requests_are_replayed(w: &World) -> anyhow::Result<()> {
+    let pods = servers(w, &[("a", &[("GOFE_TESTAPP_STATUS", "503")]), ("b", &[])])?;
+    let (a, b) = (&pods[0], &pods[1]);
+    // A pod with nothing listening: connections to it are refused.
+    let gone = w.pod("gone").start()?;
+    let file = world_file(w, "destinations.yaml");
+    let no_ejection: &[(&str, &str)] = &[
+        ("retry_on", "5xx"),
+        ("lb", "round-robin"),
+        ("outlier_consecutive_5xx", "0"),
+        ("outlier_consecutive_gateway", "0"),
+    ];
+    let retryable: &[(&str, &str)] = &[
+        ("retry_on", "5xx"),
+        ("lb", "round-robin"),
+        ("outlier_consecutive_5xx", "0"),
+        ("outlier_consecutive_gateway", "0"),
+        ("retryable", "true"),
+        ("retry_max_body", "1KiB"),
+    ];
+    let post = format!("post.test:{HTTP_PORT}");
+    let retry = format!("retryable.test:{HTTP_PORT}");
+    let refused = format!("refused.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[
+            (&post, endpoints_of(&[a, b]), no_ejection),
+            (&retry, endpoints_of(&[a, b]), retryable),
+            (
+                &refused,
+                endpoints_of(&[&gone, b]),
+                &[("lb", "round-robin")],
+            ),
+        ]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+    let sink = |host: &str, len: usize| {
+        let body: Vec<u8> = (0..len as u64).map(crate::apps::pattern_byte).collect();
+        (
+            Req::post(host, "/sink", body),
+            format!("{len} {}\n", crate::apps::pattern_sha256(len as u64)),
+        )
+    };
+
+    // A POST is not idempotent: a 503 goes back to the client as it is.
+    let before = served(a)?;
+    let (req, _) = sink(&post, 100);
+    let replies = send(&client, addr(b), &req, 10, 1)?;
+    let failed = count_status(&replies, 503) as u64;
+    ensure!(failed > 0, "round-robin sent some to a");
+    ensure!(served(a)? - before == failed, "no POST was sent twice");
+
+    // Marked retryable, it is replayed with the same body.
+    let before = served(a)?;
+    let (req, sha) = sink(&retry, 512);
+    let replies = send(&client, addr(b), &req, 10, 1)?;
+    ensure!(count_status(&replies, 200) == 10, "{replies:?}");
+    ensure!(
+        replies.iter().all(|r| r.body == sha.as_bytes()),
+        "b got every body whole"
+    );
+    ensure!(served(a)? > before, "a was tried");
+
+    // Larger than GOFE_RETRY_MAX_BODY: never replayed.
+    let before = served(a)?;
+    let (req, _) = sink(&retry, 4096);
+    let replies = send(&client, addr(b), &req, 10, 1)?;
+    let failed = count_status(&replies, 503) as u64;
+    ensure!(
+        failed > 0 && served(a)? - before == failed,
+        "4 KiB bodies are not retried"
+    );
+
+    // A connect failure: nothing was sent, so even a POST goes to another endpoint.
+    let (req, sha) = sink(&refused, 2000);
+    let replies = send(&client, addr(b), &req, 10, 1)?;
+    ensure!(count_status(&replies, 200) == 10, "{replies:?}");
+    ensure!(replies.iter().all(|r| r.body == sha.as_bytes()));
+    let m = client.metrics()?;
+    ensure!(
+        m.sum(
+            "gofe_retries_total",
+            &[("authority", &refused), ("reason", "connect-failure")]
+        ) >= 1.0,
+        "{}",
+        m.0
+    );
+    ensure!(m.sum("gofe_retries_total", &[("authority", &post)]) == 0.0);
+    Ok(())
+}
+
+pub fn timeouts_fire_on_time_for_http_and_grpc(w: &World) -> anyhow::Result<()> {
+    let pods = servers(w, &[("slow", &[("GOFE_TESTAPP_DELAY_MS", "3000")])])?;
+    let slow = &pods[0];
+    let file = world_file(w, "destinations.yaml");
+    let try_dest = format!("try.test:{HTTP_PORT}");
+    let whole = format!("whole.test:{HTTP_PORT}");
+    let deadline = format!("deadline.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[
+            (
+                &try_dest,
+                endpoints_of(&[slow]),
+                &[("per_try_timeout", "200ms"), ("retry_limit", "0")],
+            ),
+            (
+                &whole,
+                endpoints_of(&[slow]),
+                &[
+                    ("request_timeout", "500ms"),
+                    ("per_try_timeout", "200ms"),
+                    ("retry_on", "5xx"),
+                    ("retry_limit", "5"),
+                    ("retry_backoff", "1ms..2ms"),
+                ],
+            ),
+            (
+                &deadline,
+                endpoints_of(&[slow]),
+                &[("request_timeout", "300ms")],
+            ),
+        ]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+    let on_time = |what: &str, elapsed: Duration, timeout: Duration| {
+        ensure!(
+            elapsed >= timeout && elapsed < timeout + TIMEOUT_SLACK,
+            "{what}: answered after {elapsed:?}, timeout {timeout:?}"
+        );
+        Ok(())
+    };
+
+    for (dest, timeout, var) in [
+        (
+            &try_dest,
+            Duration::from_millis(200),
+            "GOFE_PER_TRY_TIMEOUT",
+        ),
+        (&whole, Duration::from_millis(500), "GOFE_REQUEST_TIMEOUT"),
+        (
+            &deadline,
+            Duration::from_millis(300),
+            "GOFE_REQUEST_TIMEOUT",
+        ),
+    ] {
+        let r = send(&client, addr(slow), &Req::get(dest), 1, 1)?.remove(0);
+        ensure!(r.status == 504, "{dest}: {r:?}");
+        ensure!(r.proxy_error.contains(var), "{dest}: {r:?}");
+        on_time(dest, r.elapsed, timeout)?;
+    }
+    let m = client.metrics()?;
+    ensure!(
+        m.sum(
+            "gofe_retries_total",
+            &[("authority", &whole), ("reason", "per-try-timeout")]
+        ) >= 1.0,
+        "timed-out tries of a GET are retried until the request timeout: {}",
+        m.0
+    );
+
+    // gRPC: the same timeouts end the call with DEADLINE_EXCEEDED.
+    for (dest, timeout) in [
+        (&try_dest, Duration::from_millis(200)),
+        (&deadline, Duration::from_millis(300)),
+    ] {
+        let uri = format!("http://{}", addr(slow));
+        let origin = format!("http://{dest}");
+        let (code, elapsed) = client.block_on(move || async move {
+            let mut echo = EchoClient::connect_as(uri, &origin).await?;
+            let started = Instant::now();
+            let result = echo
+                .unary(EchoMsg {
+                    text: "slow".into(),
+                    seq: 1,
+                })
+                .await;
+            anyhow::Ok((result.err().map(|s| s.code()), started.elapsed()))
+        })??;
+        ensure!(
+            code == Some(tonic::Code::DeadlineExceeded),
+            "{dest}: gRPC status {code:?}"
+        );
+        on_time(dest, elapsed, timeout)?;
+    }
+    Ok(())
+}
+
+pub fn ewma_sends_less_to_a_slow_endpoint_round_robin_does_not(w: &World) -> anyhow::Result<()> {
+    let pods = servers(
+        w,
+        &[
+            ("a", &[]),
+            ("b", &[]),
+            ("c", &[("GOFE_TESTAPP_DELAY_MS", "50")]),
+        ],
+    )?;
+    let file = world_file(w, "destinations.yaml");
+    let all = endpoints_of(&pods.iter().collect::<Vec<_>>());
+    let ewma = format!("ewma.test:{HTTP_PORT}");
+    let rr = format!("rr.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[
+            (&ewma, all.clone(), &[("lb", "ewma")]),
+            (&rr, all, &[("lb", "round-robin")]),
+        ]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+
+    let replies = send(&client, addr(&pods[0]), &Req::get(&rr), 300, 3)?;
+    ensure!(count_status(&replies, 200) == 300);
+    let shares = by_server(&replies);
+    for name in ["a", "b", "c"] {
+        let n = shares.get(name).copied().unwrap_or(0);
+        ensure!(
+            (95..=105).contains(&n),
+            "round-robin: an equal share each: {shares:?}"
+        );
+    }
+
+    let replies = send(&client, addr(&pods[0]), &Req::get(&ewma), 600, 3)?;
+    ensure!(count_status(&replies, 200) == 600);
+    let shares = by_server(&replies);
+    let slow = shares.get("c").copied().unwrap_or(0);
+    ensure!(
+        slow < 60,
+        "ewma: the slow endpoint gets clearly less than a third: {shares:?}"
+    );
+    let state = endpoint_state(&client, &ewma, addr(&pods[2]))?;
+    ensure!(
+        state["ewma_ms"].as_f64().unwrap_or(0.0) >= 20.0,
+        "its latency estimate shows it: {state}"
+    );
+    Ok(())
+}
+
+pub fn ejection_never_exceeds_the_max_percent(w: &World) -> anyhow::Result<()> {
+    let bad: &[(&str, &str)] = &[("GOFE_TESTAPP_STATUS", "503")];
+    let pods = servers(w, &[("a", bad), ("b", bad), ("c", bad), ("d", bad)])?;
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[(
+            &dest,
+            endpoints_of(&pods.iter().collect::<Vec<_>>()),
+            &[
+                ("outlier_consecutive_5xx", "2"),
+                ("outlier_max_ejection_percent", "50"),
+                ("lb", "round-robin"),
+            ],
+        )]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+    let replies = send(&client, addr(&pods[0]), &Req::get(&dest), 40, 1)?;
+    ensure!(count_status(&replies, 503) == 40);
+    let states = endpoint_states(&client, &dest)?;
+    let ejected: Vec<String> = states
+        .iter()
+        .filter(|e| e["state"] == "ejected")
+        .map(|e| e["address"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ensure!(ejected.len() == 2, "half of four, no more: {states:?}");
+    let m = client.metrics()?;
+    ensure!(
+        m.sum(
+            "gofe_endpoints",
+            &[("authority", &dest), ("state", "ejected")]
+        ) == 2.0
+    );
+    ensure!(
+        m.sum(
+            "gofe_endpoints",
+            &[("authority", &dest), ("state", "ready")]
+        ) == 2.0
+    );
+    // The ejected two get nothing while they are out.
+    let before: Vec<u64> = pods.iter().map(served).collect::<anyhow::Result<_>>()?;
+    send(&client, addr(&pods[0]), &Req::get(&dest), 20, 1)?;
+    for (pod, before) in pods.iter().zip(before) {
+        if ejected.contains(&addr(pod).to_string()) {
+            ensure!(
+                served(pod)? == before,
+                "{} is ejected yet got traffic",
+                pod.name
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn dns_discovery_follows_a_changing_record_set(w: &World) -> anyhow::Result<()> {
+    let pods = servers(w, &[("a", &[]), ("b", &[]), ("c", &[])])?;
+    let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
+    let client = w
+        .pod("client")
+        .sidecar()
+        .no_identity()
+        .env("GOFE_DISCOVERY", "dns")
+        .env("GOFE_DNS_REFRESH", "1s..2s")
+        .env("GOFE_LB", "round-robin")
+        .start()?;
+    // The DNS server listens in the client pod, where its resolv.conf points.
+    let mut dns = DnsServer::start(&client.ns, "dns.test.")?;
+    dns.set_a("api", &[a.ip4, b.ip4])?;
+    let dest = format!("api.dns.test:{HTTP_PORT}");
+    let get = Req::get(&dest);
+    let served_by = |n: usize| -> anyhow::Result<HashMap<String, usize>> {
+        // The connection goes to c's address; the authority decides.
+        let replies = send(&client, addr(c), &get, n, 1)?;
+        ensure!(count_status(&replies, 200) == n, "{replies:?}");
+        Ok(by_server(&replies))
+    };
+    eventually("both A records in use", CHANGE_TIMEOUT, || {
+        let s = served_by(10)?;
+        Ok((s.len() == 2 && s.contains_key("a") && s.contains_key("b")).then_some(()))
+    })?;
+    let states = endpoint_states(&client, &dest)?;
+    ensure!(states.len() == 2, "{states:?}");
+
+    // The record set changes: the proxy follows within the TTL (and refresh bounds).
+    dns.set_a("api", &[c.ip4])?;
+    eventually("the new record set in use", CHANGE_TIMEOUT, || {
+        let s = served_by(6)?;
+        Ok((s.len() == 1 && s.contains_key("c")).then_some(()))
+    })?;
+
+    // A name without records: the original destination.
+    let replies = send(
+        &client,
+        addr(b),
+        &Req::get(&format!("nothing.dns.test:{HTTP_PORT}")),
+        3,
+        1,
+    )?;
+    ensure!(
+        by_server(&replies).get("b") == Some(&3),
+        "{:?}",
+        by_server(&replies)
+    );
+
+    // The server goes away: the last good set stays.
+    dns.stop();
+    eventually("a failed lookup", CHANGE_TIMEOUT, || {
+        Ok(client
+            .proxy_log()?
+            .contains("DNS resolution failed")
+            .then_some(()))
+    })?;
+    let s = served_by(6)?;
+    ensure!(s.get("c") == Some(&6), "still c: {s:?}");
+    Ok(())
+}
+
+pub fn policy_file_changes_apply_at_run_time_and_a_broken_file_changes_nothing(
+    w: &World,
+) -> anyhow::Result<()> {
+    let pods = servers(w, &[("a", &[("GOFE_TESTAPP_STATUS", "503")]), ("b", &[])])?;
+    let discovery = world_file(w, "destinations.yaml");
+    let policy = world_file(w, "policy.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &discovery,
+        &destinations(&[(&dest, endpoints_of(&[&pods[0], &pods[1]]), &[])]),
+    )?;
+    let base: &[(&str, &str)] = &[
+        ("lb", "round-robin"),
+        ("outlier_consecutive_5xx", "0"),
+        ("outlier_consecutive_gateway", "0"),
+    ];
+    let with = |retry_on: &str| {
+        let mut p = base.to_vec();
+        p.push(("retry_on", retry_on));
+        destinations(&[(&dest, Vec::new(), &p)])
+    };
+    write_file(&policy, &with("connect-failure"))?;
+    let client = client_with_file(
+        w,
+        &discovery,
+        &[("GOFE_POLICY_FILE", &policy.display().to_string())],
+    )?;
+    let get = Req::get(&dest);
+    let failures = |n: usize| -> anyhow::Result<usize> {
+        Ok(count_status(
+            &send(&client, addr(&pods[1]), &get, n, 1)?,
+            503,
+        ))
+    };
+    ensure!(
+        failures(20)? > 0,
+        "without 5xx retries, a's 503s reach the client"
+    );
+
+    write_file(&policy, &with("5xx"))?;
+    eventually("the new policy applied", CHANGE_TIMEOUT, || {
+        Ok((failures(10)? == 0).then_some(()))
+    })?;
+
+    // A broken file is logged and changes nothing.
+    write_file(&policy, &with("5xx,sometimes"))?;
+    eventually("the broken file noticed", CHANGE_TIMEOUT, || {
+        Ok(client
+            .proxy_log()?
+            .contains("keeping the last good version of the file")
+            .then_some(()))
+    })?;
+    ensure!(failures(20)? == 0, "the last good policy still applies");
+    let (status, config) = client.admin("GET", "/config")?;
+    if status != 200 {
+        bail!("/config: {status}");
+    }
+    ensure!(config.contains("GOFE_POLICY_FILE"));
+    Ok(())
+}

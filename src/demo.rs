@@ -1,18 +1,23 @@
-//! `gofe demo`: a small mesh on this machine, without root. Two services, `web` and
-//! `api`, each behind its own gofe sidecar, and a client sending a steady stream:
+//! `gofe demo`: a small mesh on this machine, without root. A client sends a steady
+//! stream to `web`; each of web's requests calls `api`, which runs as three replicas.
+//! Every service is behind its own gofe sidecar:
 //!
 //! ```text
-//! client ──HTTP/1.1──▶ web sidecar ──▶ web ──HTTP/2──▶ web sidecar ──▶ api sidecar ──▶ api
-//!                       (inbound)            (outbound, explicit)       (inbound)
+//! client ─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ═mTLS═▶ [api-1 sidecar] ─▶ api-1  healthy
+//!                                                        ═mTLS═▶ [api-2 sidecar] ─▶ api-2  fails 70%
+//!                                                        ═mTLS═▶ [api-3 sidecar] ─▶ api-3  25 ms slower
 //! ```
 //!
 //! Without iptables, the sidecars are reached directly: each inbound listener forwards
-//! to its application (GOFE_INBOUND_DIRECT_TARGET) and `web` sends its calls to its
-//! sidecar's outbound listener as an explicit proxy. An embedded issuer (`gofe
-//! identity`, in development mode) gives each sidecar a SPIFFE identity with a short
-//! lifetime, so renewals show within seconds; web's sidecar reaches api's over mTLS.
-//! Every second the demo prints what the client saw and what each sidecar counted;
-//! Ctrl-C or `--duration` drains the sidecars and prints a summary.
+//! to its application (GOFE_INBOUND_DIRECT_TARGET) and `web` sends its calls for
+//! `api.demo` to its sidecar's outbound listener as an explicit proxy. The web sidecar
+//! learns api's three endpoints, and the identity they must present, from a discovery
+//! file, and applies its policy: retries on 5xx, outlier ejection, P2C over peak-EWMA
+//! latency. An embedded issuer (`gofe identity`, in development mode) gives each
+//! sidecar a SPIFFE identity with a short lifetime, so renewals show too. Every second
+//! the demo prints what the client saw, the retries that saved requests, and how api's
+//! traffic spread over its replicas; ejections and returns as they happen; Ctrl-C or
+//! `--duration` drains the sidecars and prints a summary.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -59,6 +64,7 @@ struct Sidecar {
     name: &'static str,
     ports: SidecarPorts,
     metrics: Arc<Metrics>,
+    destinations: Arc<gofe_proxy::destination::Destinations>,
     mesh: Arc<gofe_proxy::mesh::Mesh>,
     shutdown: gofe_proxy::Shutdown,
     done: tokio::task::JoinHandle<()>,
@@ -67,7 +73,75 @@ struct Sidecar {
 }
 
 /// Short-lived certificates, so that a renewal shows in a short run (renewed at ~70%).
-const DEMO_CERT_LIFETIME: Duration = Duration::from_secs(15);
+const DEMO_CERT_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The name web calls api by; the web sidecar's discovery file lists its endpoints.
+const API_AUTHORITY: &str = "api.demo";
+const API_DESTINATION: &str = "api.demo:80";
+
+/// How each api replica behaves.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    /// Percent of requests answered 503.
+    fail_percent: u64,
+    /// Added to every request.
+    extra_delay: Duration,
+    what: &'static str,
+}
+
+const REPLICAS: [(&str, Behaviour); 3] = [
+    (
+        "api-1",
+        Behaviour {
+            fail_percent: 0,
+            extra_delay: Duration::ZERO,
+            what: "healthy",
+        },
+    ),
+    (
+        "api-2",
+        Behaviour {
+            fail_percent: 70,
+            extra_delay: Duration::ZERO,
+            what: "fails 70% of its requests (503)",
+        },
+    ),
+    (
+        "api-3",
+        Behaviour {
+            fail_percent: 0,
+            extra_delay: Duration::from_millis(25),
+            what: "healthy, 25 ms slower",
+        },
+    ),
+];
+
+/// The web sidecar's view of api: the replicas' sidecars, the identity they must
+/// present, and the policy that keeps api's failures from reaching web.
+fn discovery_file(replica_inbound: &[u16]) -> String {
+    let mut y = format!("destinations:\n  - name: {API_DESTINATION}\n    endpoints:\n");
+    for port in replica_inbound {
+        y += &format!(
+            "      - address: {}\n        identity: {}\n",
+            local(*port),
+            spiffe("api")
+        );
+    }
+    y += "    policy:\n";
+    for (k, v) in [
+        ("retry_on", "5xx"),
+        ("retry_limit", "2"),
+        ("lb", "ewma"),
+        ("outlier_consecutive_5xx", "5"),
+        ("outlier_base_ejection", "5s"),
+        ("outlier_max_ejection", "20s"),
+        ("per_try_timeout", "1s"),
+        ("request_timeout", "3s"),
+    ] {
+        y += &format!("      {k}: {v}\n");
+    }
+    y
+}
 
 /// Where the embedded issuer is and what the sidecars need to reach it.
 struct Identity {
@@ -117,8 +191,9 @@ fn sidecar(
     ports: SidecarPorts,
     app_port: u16,
     identity: &Identity,
+    extra: &[(&str, String)],
 ) -> anyhow::Result<Sidecar> {
-    let vars: HashMap<String, String> = [
+    let mut vars: HashMap<String, String> = [
         (
             config::OUTBOUND_LISTEN.name,
             local(ports.outbound).to_string(),
@@ -147,9 +222,11 @@ fn sidecar(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
     let proxy = Proxy::bind(config).with_context(|| format!("{name} sidecar"))?;
     let metrics = proxy.metrics();
+    let destinations = proxy.destinations();
     let mesh = proxy
         .mesh()
         .context("the demo's sidecars have identities")?;
@@ -159,6 +236,7 @@ fn sidecar(
         name,
         ports,
         metrics,
+        destinations,
         mesh,
         shutdown,
         done,
@@ -210,13 +288,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         base <= u16::MAX - 30,
         "--port-base leaves no room for 30 ports"
     );
-    let api_app = base + 1;
     let web_app = base + 2;
-    let api_ports = SidecarPorts {
-        outbound: base + 10,
-        inbound: base + 11,
-        admin: base + 12,
-    };
+    let replica_apps = [base + 1, base + 5, base + 6];
+    let replica_ports = [0u16, 1, 2].map(|i| SidecarPorts {
+        outbound: base + 10 + 3 * i,
+        inbound: base + 11 + 3 * i,
+        admin: base + 12 + 3 * i,
+    });
     let web_ports = SidecarPorts {
         outbound: base + 20,
         inbound: base + 21,
@@ -224,41 +302,72 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
 
     let identity = start_issuer(base + 3, base + 4).await?;
-    tokio::spawn(serve_api(bind(api_app).await?));
-    tokio::spawn(serve_web(
-        bind(web_app).await?,
-        web_ports.outbound,
-        api_ports.inbound,
-    ));
-    let api = sidecar("api", api_ports, api_app, &identity)?;
-    let web = sidecar("web", web_ports, web_app, &identity)?;
+    let discovery = identity.dir.join("destinations.yaml");
+    std::fs::write(
+        &discovery,
+        discovery_file(&replica_ports.map(|p| p.inbound)),
+    )?;
+    for ((_, behaviour), port) in REPLICAS.iter().zip(replica_apps) {
+        tokio::spawn(serve_api(bind(port).await?, *behaviour));
+    }
+    tokio::spawn(serve_web(bind(web_app).await?, web_ports.outbound));
+    let mut replicas = Vec::new();
+    for (((name, _), ports), app) in REPLICAS.iter().zip(replica_ports).zip(replica_apps) {
+        let as_api = [(config::IDENTITY_NAME.name, spiffe("api"))];
+        replicas.push(sidecar(name, ports, app, &identity, &as_api)?);
+    }
+    let web = sidecar(
+        "web",
+        web_ports,
+        web_app,
+        &identity,
+        &[(
+            config::DISCOVERY.name,
+            format!("file:{}", discovery.display()),
+        )],
+    )?;
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), async {
-        for s in [&web, &api] {
+        for s in std::iter::once(&web).chain(&replicas) {
             s.mesh.store.wait_ready().await;
         }
     })
     .await
     .context("the sidecars did not get certificates from the embedded issuer")?;
 
-    println!("gofe demo: a client, two services, each behind its own gofe sidecar");
-    println!();
     println!(
-        "  client ─HTTP/1.1─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ═mTLS═▶ [api sidecar] ─▶ api"
+        "gofe demo: a client, web, and api as three replicas, each behind its own gofe sidecar"
     );
     println!();
+    println!(
+        "  client ─▶ [web sidecar] ─▶ web ─HTTP/2─▶ [web sidecar] ═mTLS═▶ [api-N sidecar] ─▶ api-N"
+    );
+    println!();
+    for ((name, behaviour), s) in REPLICAS.iter().zip(&replicas) {
+        println!(
+            "  {name}: {:<33} sidecar inbound 127.0.0.1:{}, admin http://127.0.0.1:{}/metrics",
+            behaviour.what, s.ports.inbound, s.ports.admin
+        );
+    }
+    println!(
+        "  web sidecar: outbound 127.0.0.1:{}, admin http://127.0.0.1:{}/endpoints",
+        web.ports.outbound, web.ports.admin
+    );
+    println!(
+        "  web calls http://{API_AUTHORITY}/: its sidecar finds api's endpoints, and the identity {}",
+        spiffe("api")
+    );
+    println!(
+        "  they must present, in {}; its policy: retries on 5xx, P2C over peak-EWMA latency,",
+        discovery.display()
+    );
+    println!("  outlier ejection after 5 failures in a row (5 s, growing with each ejection)");
     println!(
         "  issuer: https://{} (trust anchor {}), certificates for {}s",
         identity.addr,
         identity.dir.join("issuer/ca.crt").display(),
         DEMO_CERT_LIFETIME.as_secs()
     );
-    for s in [&web, &api] {
-        println!(
-            "  {} sidecar: inbound 127.0.0.1:{}, outbound 127.0.0.1:{}, admin http://127.0.0.1:{}/metrics",
-            s.name, s.ports.inbound, s.ports.outbound, s.ports.admin
-        );
-    }
     println!();
     match args.duration {
         Some(d) => println!(
@@ -269,11 +378,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "  {:>5} {:>7} {:>7} {:>5} {:>5} {:>9} {:>9}  | web sidecar in/out | api sidecar in",
-        "time", "sent", "2xx", "5xx", "fail", "p50", "p99"
+        "  {:>5} {:>6} {:>6} {:>4} {:>4} {:>8} {:>8} | {:>7} | api-1 api-2 api-3",
+        "time", "sent", "2xx", "5xx", "fail", "p50", "p99", "retries"
     );
 
-    for s in [&web, &api] {
+    for s in std::iter::once(&web).chain(&replicas) {
         s.report_certificate(started);
     }
     let stats = Arc::new(parking_lot::Mutex::new(Stats::new()));
@@ -290,13 +399,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     tick.tick().await;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut view = View::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for s in [&web, &api] {
+                for s in std::iter::once(&web).chain(&replicas) {
                     s.report_certificate(started);
                 }
-                print_line(started, &stats, &web, &api);
+                view.report_endpoints(started, &web, &replicas);
+                print_line(started, &stats, &web, &replicas, &mut view);
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
@@ -311,12 +422,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // Stop sending, let the last requests finish, then drain the sidecars.
     stop.notify_waiters();
     let _ = client.await;
-    for s in [&web, &api] {
+    for s in std::iter::once(&web).chain(&replicas) {
         s.shutdown.trigger();
     }
     let drained = Instant::now();
     print_mtls(&web.metrics);
-    for s in [web, api] {
+    print_resilience(&web, &replicas);
+    for s in std::iter::once(web).chain(replicas) {
         let name = s.name;
         let metrics = s.metrics.clone();
         s.done.await.with_context(|| format!("{name} sidecar"))?;
@@ -331,6 +443,57 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     print_summary(&stats.lock(), started.elapsed(), drained.elapsed());
     let _ = std::fs::remove_dir_all(&identity.dir);
     Ok(())
+}
+
+/// What the demo last showed: per replica, the requests counted and whether the web
+/// sidecar had it ejected; the retries counted.
+#[derive(Default)]
+struct View {
+    served: HashMap<&'static str, u64>,
+    ejected: HashMap<String, bool>,
+    retries: u64,
+}
+
+impl View {
+    /// A line when the web sidecar ejects a replica or takes it back.
+    fn report_endpoints(&mut self, started: Instant, web: &Sidecar, replicas: &[Sidecar]) {
+        let Some(dest) = web
+            .destinations
+            .all()
+            .into_iter()
+            .find(|d| d.name.as_ref() == API_DESTINATION)
+        else {
+            return;
+        };
+        for e in dest.balancer.endpoints().iter() {
+            let addr = e.addr.to_string();
+            let name = replicas
+                .iter()
+                .find(|r| local(r.ports.inbound).to_string() == addr)
+                .map_or("?", |r| r.name);
+            let (until, times) = e.ejection();
+            let now_ejected = until.is_some();
+            let was = self
+                .ejected
+                .insert(addr.clone(), now_ejected)
+                .unwrap_or(false);
+            match (was, until) {
+                (false, Some(until)) => println!(
+                    "  {:>4}s  web sidecar ejected {name} ({addr}) for {}s: failures in a row (ejection #{times})",
+                    started.elapsed().as_secs(),
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                        .round()
+                ),
+                (true, None) => println!(
+                    "  {:>4}s  {name} is back in the web sidecar's rotation",
+                    started.elapsed().as_secs()
+                ),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// How the web sidecar reached api: requests by whether they went over mTLS, and the
@@ -368,8 +531,9 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on 127.0.0.1:{port} (try --port-base)"))
 }
 
-/// `api`: answers `/item/N` after a little simulated work.
-async fn serve_api(listener: TcpListener) {
+/// An `api` replica: answers `/item/N` after a little simulated work, or fails, as
+/// its `behaviour` says.
+async fn serve_api(listener: TcpListener, behaviour: Behaviour) {
     let served = Arc::new(AtomicU64::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -383,7 +547,12 @@ async fn serve_api(listener: TcpListener) {
                 async move {
                     // 0.5 to 3 ms of "work", varied so the latency figures move.
                     let work = 500 + (n.wrapping_mul(7919) % 2500);
-                    tokio::time::sleep(Duration::from_micros(work)).await;
+                    tokio::time::sleep(Duration::from_micros(work) + behaviour.extra_delay).await;
+                    if fastrand::u64(0..100) < behaviour.fail_percent {
+                        let mut r = Response::new(Full::new(Bytes::from("overloaded\n")));
+                        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        return Ok::<_, Infallible>(r);
+                    }
                     let body = format!(
                         "{{\"item\":\"{}\",\"served_by\":\"api\"}}",
                         req.uri().path()
@@ -399,10 +568,10 @@ async fn serve_api(listener: TcpListener) {
 }
 
 /// `web`: each request calls `api` over HTTP/2 through its sidecar's outbound
-/// listener, naming `api` by its authority (the api sidecar's inbound address).
-async fn serve_web(listener: TcpListener, sidecar_outbound: u16, api_inbound: u16) {
+/// listener, naming it `api.demo`.
+async fn serve_web(listener: TcpListener, sidecar_outbound: u16) {
     let upstream = Arc::new(H2Upstream::new(local(sidecar_outbound)));
-    let api_authority = local(api_inbound).to_string();
+    let api_authority = API_AUTHORITY.to_string();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -615,7 +784,13 @@ fn ms(micros: u64) -> String {
     format!("{:.1}ms", micros as f64 / 1000.0)
 }
 
-fn print_line(started: Instant, stats: &parking_lot::Mutex<Stats>, web: &Sidecar, api: &Sidecar) {
+fn print_line(
+    started: Instant,
+    stats: &parking_lot::Mutex<Stats>,
+    web: &Sidecar,
+    replicas: &[Sidecar],
+    view: &mut View,
+) {
     let mut s = stats.lock();
     let (p50, p99) = if s.window.is_empty() {
         ("-".to_string(), "-".to_string())
@@ -626,8 +801,19 @@ fn print_line(started: Instant, stats: &parking_lot::Mutex<Stats>, web: &Sidecar
         )
     };
     s.window.reset();
+    let retries = web.metrics.retries_total(API_DESTINATION);
+    let new_retries = retries - view.retries;
+    view.retries = retries;
+    let per_replica: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            let n = r.requests(Direction::Inbound);
+            let last = view.served.insert(r.name, n).unwrap_or(0);
+            format!("{:>5}", n - last)
+        })
+        .collect();
     println!(
-        "  {:>4}s {:>7} {:>7} {:>5} {:>5} {:>9} {:>9}  | {:>8} / {:<8} | {:>8}",
+        "  {:>4}s {:>6} {:>6} {:>4} {:>4} {:>8} {:>8} | {:>7} | {}",
         started.elapsed().as_secs(),
         s.sent,
         s.count(|c| (200..300).contains(&c)),
@@ -635,10 +821,38 @@ fn print_line(started: Instant, stats: &parking_lot::Mutex<Stats>, web: &Sidecar
         s.failed,
         p50,
         p99,
-        web.requests(Direction::Inbound),
-        web.requests(Direction::Outbound),
-        api.requests(Direction::Inbound),
+        new_retries,
+        per_replica.join(" "),
     );
+}
+
+/// What the web sidecar's policy did for api: the retries, the ejections, and how the
+/// traffic spread.
+fn print_resilience(web: &Sidecar, replicas: &[Sidecar]) {
+    let retries = web.metrics.retries_by_reason(API_DESTINATION);
+    let total: u64 = retries.iter().map(|(_, n)| n).sum();
+    let reasons: Vec<String> = retries.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    println!(
+        "  web sidecar retried {total} calls to api ({}), {} refused by the retry budget",
+        reasons.join(", "),
+        web.metrics.budget_exhausted_total(API_DESTINATION)
+    );
+    let all: u64 = replicas
+        .iter()
+        .map(|r| r.requests(Direction::Inbound))
+        .sum();
+    for (r, (_, behaviour)) in replicas.iter().zip(REPLICAS) {
+        let n = r.requests(Direction::Inbound);
+        let ejected = web
+            .metrics
+            .ejections_total(API_DESTINATION, &local(r.ports.inbound).to_string());
+        println!(
+            "  {}: {n} requests ({:.0}%), ejected {ejected} times; {}",
+            r.name,
+            100.0 * n as f64 / all.max(1) as f64,
+            behaviour.what
+        );
+    }
 }
 
 fn print_summary(s: &Stats, ran: Duration, drain: Duration) {

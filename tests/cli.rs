@@ -97,8 +97,9 @@ fn await_gives_up_with_exit_1_when_no_proxy_answers() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
-/// The shop window: the demo runs without root, every request succeeds through both
-/// sidecars, and it drains and exits cleanly at the end of `--duration`.
+/// The shop window: the demo runs without root; every request succeeds through the
+/// sidecars although one api replica fails most of its requests (retries save them,
+/// the replica is ejected); it drains and exits cleanly at the end of `--duration`.
 #[test]
 fn demo_runs_and_drains_cleanly() {
     // 30 consecutive ports: take a free one as the base and hope its neighbours are
@@ -117,9 +118,9 @@ fn demo_runs_and_drains_cleanly() {
             &[
                 "demo",
                 "--duration",
-                "3s",
+                "6s",
                 "--rate",
-                "40",
+                "100",
                 "--port-base",
                 &base.to_string(),
             ],
@@ -132,8 +133,22 @@ fn demo_runs_and_drains_cleanly() {
         }
         assert!(out.status.success(), "{text}\n{}", stderr(&out));
         assert!(text.contains(" 0 failed"), "{text}");
-        assert!(text.contains("web sidecar drained"), "{text}");
-        assert!(text.contains("api sidecar drained"), "{text}");
+        for sidecar in ["web", "api-1", "api-2", "api-3"] {
+            assert!(
+                text.contains(&format!("{sidecar} sidecar drained")),
+                "{text}"
+            );
+        }
+        assert!(text.contains("web sidecar ejected api-2"), "{text}");
+        let retried = text
+            .lines()
+            .find(|l| l.contains("web sidecar retried"))
+            .unwrap();
+        assert!(!retried.contains("retried 0 calls"), "{text}");
+        assert!(
+            text.contains("over mTLS to spiffe://cluster.local/ns/demo/sa/api"),
+            "{text}"
+        );
         let client_line = text.lines().find(|l| l.contains("client:")).unwrap();
         let statuses = client_line
             .split("statuses {")
@@ -145,7 +160,7 @@ fn demo_runs_and_drains_cleanly() {
             "only 200s: {text}"
         );
         let ok: u64 = statuses["200: ".len()..].parse().unwrap();
-        assert!(ok >= 40, "a steady stream for 3s at 40/s: {text}");
+        assert!(ok >= 400, "a steady stream for 6s at 100/s: {text}");
         return;
     }
     panic!("no free port range for the demo: {last:?}");

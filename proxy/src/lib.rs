@@ -67,7 +67,7 @@ pub(crate) struct State {
     pub own: OwnListeners,
     pub http: HttpEndpoints,
     /// Outbound destinations: their endpoints, balancers and policy.
-    pub destinations: Destinations,
+    pub destinations: Arc<Destinations>,
     /// Cancelled when draining starts: listeners stop, HTTP connections wind down.
     pub drain: CancellationToken,
     /// Every connection and tunnel, so that draining can wait for them.
@@ -245,7 +245,7 @@ impl Proxy {
             sockets,
             own,
             http,
-            destinations,
+            destinations: Arc::new(destinations),
             drain: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
@@ -275,6 +275,11 @@ impl Proxy {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// The outbound destinations, their endpoints and their state.
+    pub fn destinations(&self) -> Arc<Destinations> {
+        self.state.destinations.clone()
     }
 
     /// The proxy's identity and mTLS, unless identity is disabled.

@@ -209,6 +209,29 @@ impl Metrics {
             .sum()
     }
 
+    /// Retries to `destination` by reason.
+    pub fn retries_by_reason(&self, destination: &str) -> Vec<(Arc<str>, u64)> {
+        let mut v: Vec<(Arc<str>, u64)> = self
+            .retries
+            .snapshot()
+            .into_iter()
+            .filter(|((d, _), _)| d.as_ref() == destination)
+            .map(|((_, r), c)| (r, c.get()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Times `endpoint` of `destination` was ejected.
+    pub fn ejections_total(&self, destination: &str, endpoint: &str) -> u64 {
+        self.ejections
+            .snapshot()
+            .iter()
+            .filter(|((d, e), _)| d.as_ref() == destination && e.as_ref() == endpoint)
+            .map(|(_, c)| c.get())
+            .sum()
+    }
+
     pub fn budget_exhausted_total(&self, destination: &str) -> u64 {
         self.retry_budget_exhausted
             .snapshot()

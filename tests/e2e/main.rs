@@ -67,6 +67,9 @@ fn all() -> Vec<(&'static str, Case)> {
         resilience::ejection_never_exceeds_the_max_percent,
         resilience::dns_discovery_follows_a_changing_record_set,
         resilience::policy_file_changes_apply_at_run_time_and_a_broken_file_changes_nothing,
+        resilience::a_destination_at_its_limit_answers_503_at_once,
+        resilience::endpoints_come_and_go_under_load_without_failing_requests,
+        resilience::discovery_names_the_identity_each_endpoint_must_present,
     ]
 }
 

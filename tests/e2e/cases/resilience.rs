@@ -59,6 +59,7 @@ struct Reply {
     status: u16,
     served_by: String,
     proxy_error: String,
+    overloaded: String,
     body: Bytes,
     elapsed: Duration,
 }
@@ -148,6 +149,7 @@ async fn worker(
                         status: parts.status.as_u16(),
                         served_by: header("x-served-by"),
                         proxy_error: header("gofe-proxy-error"),
+                        overloaded: header("gofe-overloaded"),
                         body,
                         elapsed: started.elapsed(),
                     };
@@ -860,5 +862,149 @@ pub fn policy_file_changes_apply_at_run_time_and_a_broken_file_changes_nothing(
         bail!("/config: {status}");
     }
     ensure!(config.contains("GOFE_POLICY_FILE"));
+    Ok(())
+}
+
+pub fn a_destination_at_its_limit_answers_503_at_once(w: &World) -> anyhow::Result<()> {
+    let pods = servers(w, &[("a", &[])])?;
+    let a = &pods[0];
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[(
+            &dest,
+            endpoints_of(&[a]),
+            &[("max_concurrent_requests", "2")],
+        )]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+    let hold = Req {
+        path: "/hold".into(),
+        ..Req::get(&dest)
+    };
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let held = s.spawn(|| send(&client, addr(a), &hold, 2, 2));
+        eventually("two requests held", CHANGE_TIMEOUT, || {
+            Ok((a.app_get(HTTP_PORT, "/held")?.trim() == "2").then_some(()))
+        })?;
+        let r = send(&client, addr(a), &Req::get(&dest), 1, 1)?.remove(0);
+        ensure!(r.status == 503 && r.overloaded == "true", "{r:?}");
+        ensure!(
+            r.proxy_error.contains("GOFE_MAX_CONCURRENT_REQUESTS"),
+            "{r:?}"
+        );
+        ensure!(
+            r.elapsed < Duration::from_secs(1),
+            "at once, not queued: {r:?}"
+        );
+        a.app_get(HTTP_PORT, "/release")?;
+        let held = held
+            .join()
+            .map_err(|_| anyhow::anyhow!("holding thread panicked"))??;
+        ensure!(count_status(&held, 200) == 2, "{held:?}");
+        Ok(())
+    })?;
+    // The slots came back with the responses.
+    let replies = send(&client, addr(a), &Req::get(&dest), 4, 2)?;
+    ensure!(count_status(&replies, 200) == 4, "{replies:?}");
+    Ok(())
+}
+
+pub fn endpoints_come_and_go_under_load_without_failing_requests(w: &World) -> anyhow::Result<()> {
+    let slowish: &[(&str, &str)] = &[("GOFE_TESTAPP_DELAY_MS", "10")];
+    let pods = servers(w, &[("a", slowish), ("b", slowish), ("c", slowish)])?;
+    let (a, b, c) = (&pods[0], &pods[1], &pods[2]);
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    let set = |eps: &[&Pod]| {
+        write_file(
+            &file,
+            &destinations(&[(&dest, endpoints_of(eps), &[("lb", "round-robin")])]),
+        )
+    };
+    set(&[a, b])?;
+    let client = client_with_file(w, &file, &[])?;
+    let replies = std::thread::scope(|s| -> anyhow::Result<Vec<Reply>> {
+        let load = s.spawn(|| send(&client, addr(a), &Req::get(&dest), 2000, 8));
+        let grows = |pod: &Pod, by: u64| -> anyhow::Result<()> {
+            let from = served(pod)?;
+            eventually(&format!("{} serving", pod.name), CHANGE_TIMEOUT, || {
+                Ok((served(pod)? >= from + by).then_some(()))
+            })
+        };
+        grows(a, 50)?;
+        // c comes, a goes (it keeps running: its requests in flight finish).
+        set(&[b, c])?;
+        grows(c, 50)?;
+        let a_after_removal = served(a)?;
+        // a comes back, b goes.
+        set(&[c, a])?;
+        grows(a, 50)?;
+        ensure!(served(a)? > a_after_removal);
+        load.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    })?;
+    ensure!(
+        count_status(&replies, 200) == 2000,
+        "every request succeeds: {:?}",
+        by_server(&replies)
+    );
+    let states = endpoint_states(&client, &dest)?;
+    let now: Vec<&str> = states
+        .iter()
+        .filter_map(|e| e["address"].as_str())
+        .collect();
+    ensure!(now == [addr(c).to_string(), addr(a).to_string()], "{now:?}");
+    Ok(())
+}
+
+pub fn discovery_names_the_identity_each_endpoint_must_present(w: &World) -> anyhow::Result<()> {
+    let a = w.pod("a").sidecar().start()?;
+    a.app("http", HTTP_PORT)?;
+    let b = w.pod("b").sidecar().start()?;
+    b.app("http", HTTP_PORT)?;
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    // a is who it should be; at b's address, discovery expects someone else.
+    let yaml = format!(
+        "destinations:\n  - name: {dest}\n    endpoints:\n      - address: \"{}\"\n        identity: {}\n      - address: \"{}\"\n        identity: {}\n    policy:\n      lb: round-robin\n",
+        addr(&a),
+        crate::harness::Issuer::identity("a"),
+        addr(&b),
+        crate::harness::Issuer::identity("somebody-else"),
+    );
+    write_file(&file, &yaml)?;
+    let client = w
+        .pod("client")
+        .sidecar()
+        .env("GOFE_DISCOVERY", &format!("file:{}", file.display()))
+        .start()?;
+    let replies = send(&client, addr(&a), &Req::get(&dest), 20, 1)?;
+    ensure!(count_status(&replies, 200) == 20, "{replies:?}");
+    ensure!(
+        by_server(&replies).get("a") == Some(&20),
+        "only a answers: {:?}",
+        by_server(&replies)
+    );
+    ensure!(served(&b)? == 0, "nothing reached b");
+    let m = client.metrics()?;
+    ensure!(
+        m.sum("gofe_tcp_connect_errors_total", &[("reason", "identity")]) >= 1.0,
+        "{}",
+        m.0
+    );
+    ensure!(
+        m.sum(
+            "gofe_requests_total",
+            &[
+                ("authority", &dest),
+                ("tls", "true"),
+                ("peer_identity", &crate::harness::Issuer::identity("a"))
+            ]
+        ) == 20.0,
+        "{}",
+        m.0
+    );
     Ok(())
 }

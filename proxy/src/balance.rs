@@ -6,12 +6,14 @@
 
 use crate::addrs::EndpointAddr;
 use crate::discovery::{Endpoint, EndpointSet, Source};
+use crate::endpoint::{ConnectError, SendError};
 use crate::metrics::Metrics;
 use crate::outlier::{Outcome, Outlier};
 use crate::policy::call::{Answer, BoxFuture, Call, Failure};
 use crate::policy::{Lb, OutlierPolicy};
 use gofe_identity::SpiffeId;
 use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -141,77 +143,130 @@ impl Drop for InFlight {
 
 /// What happened to an attempt, for the latency estimate and outlier detection.
 pub struct Observed {
-    pub outcome: Outcome,
-    /// True when this observation ejected the endpoint.
+    /// For how long, when this observation ejected the endpoint.
     pub ejected: Option<Duration>,
-}
-
-/// Where a balancer's endpoints come from: discovery, and the original destination to
-/// use while discovery has not answered yet.
-struct Feed {
-    rx: watch::Receiver<Arc<EndpointSet>>,
-    fallback: Option<Arc<EndpointSet>>,
 }
 
 /// The set the endpoints were made from, and the endpoints.
 type Current = (Option<Arc<EndpointSet>>, Arc<Vec<Arc<EndpointState>>>);
 
+/// Original destinations a balancer keeps state for (when discovery knows nothing
+/// better, each request goes to its own).
+const MAX_FALLBACKS: usize = 256;
+
+/// An endpoint's time-to-failure counted as its latency: a connection that failed makes
+/// its endpoint look slow for a while, so P2C steers around it (ejection aside).
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 pub struct Balancer {
     endpoints: RwLock<Current>,
     next: AtomicUsize,
-    feed: Option<Feed>,
+    /// Discovery's answers, when the balancer follows discovery.
+    feed: Option<watch::Receiver<Arc<EndpointSet>>>,
+    /// The original destinations used while discovery knows nothing better.
+    fallbacks: Mutex<HashMap<EndpointAddr, Arc<EndpointState>>>,
+    /// Held while deciding an ejection, so that concurrent failures cannot together
+    /// pass the max percent.
+    ejecting: Mutex<()>,
+}
+
+/// The endpoint for an attempt, and whether the balancer chose it from discovery's
+/// endpoints (rather than taking the request's original destination).
+pub struct Chosen {
+    pub endpoint: Arc<EndpointState>,
+    pub balanced: bool,
 }
 
 impl Balancer {
-    /// A balancer over what `rx` says. While it has not answered, `fallback` (the
-    /// original destination) serves; without one, requests wait for the answer.
-    pub fn watching(rx: watch::Receiver<Arc<EndpointSet>>, fallback: Option<EndpointAddr>) -> Self {
+    /// A balancer over what discovery says through `rx`.
+    pub fn watching(rx: watch::Receiver<Arc<EndpointSet>>) -> Self {
         Self {
-            endpoints: RwLock::default(),
-            next: AtomicUsize::new(0),
-            feed: Some(Feed {
-                rx,
-                fallback: fallback.map(|addr| {
-                    Arc::new(EndpointSet {
-                        endpoints: vec![Endpoint {
-                            addr,
-                            weight: 1,
-                            identity: None,
-                        }],
-                        source: Source::Fallback,
-                    })
-                }),
-            }),
+            feed: Some(rx),
+            ..Self::default()
         }
     }
 
-    /// Brings the endpoints in line with discovery, waiting up to `wait` for its first
-    /// answer when there is nothing to use meanwhile.
-    pub async fn refresh(&self, wait: Duration) {
-        let Some(feed) = &self.feed else { return };
-        let set = feed.rx.borrow().clone();
-        let set = if set.source != Source::Pending {
-            set
-        } else if let Some(f) = &feed.fallback {
-            f.clone()
-        } else {
-            let mut rx = feed.rx.clone();
-            match tokio::time::timeout(wait, rx.wait_for(|s| s.source != Source::Pending)).await {
-                Ok(Ok(set)) => set.clone(),
-                _ => return,
-            }
-        };
-        self.sync(&set);
+    /// The endpoint for the next attempt of a request whose original destination is
+    /// `fallback`: balanced over discovery's endpoints, avoiding those in `tried` when
+    /// others remain; while discovery knows no endpoint (or has not answered yet), the
+    /// original destination. Without one, waits up to `wait` for discovery's first
+    /// answer.
+    pub async fn next(
+        &self,
+        wait: Duration,
+        fallback: Option<EndpointAddr>,
+        lb: Lb,
+        tried: &[EndpointAddr],
+    ) -> Option<Chosen> {
+        if let Some(rx) = &self.feed {
+            let set = rx.borrow().clone();
+            let known = !matches!(set.source, Source::Pending | Source::Fallback);
+            let set = match (known, fallback) {
+                (true, _) => set,
+                (false, Some(addr)) => {
+                    return Some(Chosen {
+                        endpoint: self.fallback(addr),
+                        balanced: false,
+                    });
+                }
+                (false, None) if set.source == Source::Pending => {
+                    let mut rx = rx.clone();
+                    match tokio::time::timeout(wait, rx.wait_for(|s| s.source != Source::Pending))
+                        .await
+                    {
+                        Ok(Ok(set)) => set.clone(),
+                        _ => return None,
+                    }
+                }
+                (false, None) => set,
+            };
+            self.sync(&set);
+        }
+        self.pick(lb, tried).map(|endpoint| Chosen {
+            endpoint,
+            balanced: true,
+        })
+    }
+
+    /// The state kept for original destination `addr`.
+    fn fallback(&self, addr: EndpointAddr) -> Arc<EndpointState> {
+        let mut map = self.fallbacks.lock();
+        if let Some(e) = map.get(&addr) {
+            return e.clone();
+        }
+        if map.len() >= MAX_FALLBACKS {
+            map.retain(|_, e| e.pending() > 0);
+        }
+        let e = Arc::new(EndpointState::new(&Endpoint {
+            addr,
+            weight: 1,
+            identity: None,
+        }));
+        if map.len() < MAX_FALLBACKS {
+            map.insert(addr, e.clone());
+        }
+        e
+    }
+
+    /// The original destinations requests went to while discovery knew nothing better.
+    pub fn fallbacks(&self) -> Vec<Arc<EndpointState>> {
+        let mut v: Vec<Arc<EndpointState>> = self.fallbacks.lock().values().cloned().collect();
+        v.sort_by_key(|e| e.addr);
+        v
     }
 
     /// The set the endpoints come from now.
     pub fn set(&self) -> Option<Arc<EndpointSet>> {
-        self.endpoints.read().0.clone()
+        match &self.feed {
+            Some(rx) => Some(rx.borrow().clone()),
+            None => self.endpoints.read().0.clone(),
+        }
     }
 
     /// Brings the endpoint list in line with `set`, keeping the state of addresses that
-    /// stay. Cheap when the set has not changed.
+    /// stay; an address listed twice is one endpoint. Cheap when the set has not
+    /// changed.
     pub fn sync(&self, set: &Arc<EndpointSet>) {
         if self
             .endpoints
@@ -227,18 +282,19 @@ impl Balancer {
             return;
         }
         let old = guard.1.clone();
-        let list = set
-            .endpoints
-            .iter()
-            .map(|e| {
-                match old.iter().find(|s| {
-                    s.addr == e.addr && s.weight == e.weight.max(1) && s.identity == e.identity
-                }) {
-                    Some(s) => s.clone(),
-                    None => Arc::new(EndpointState::new(e)),
-                }
-            })
-            .collect();
+        let mut list: Vec<Arc<EndpointState>> = Vec::with_capacity(set.endpoints.len());
+        for e in &set.endpoints {
+            if list.iter().any(|s| s.addr == e.addr) {
+                continue;
+            }
+            let same = |s: &&Arc<EndpointState>| {
+                s.addr == e.addr && s.weight == e.weight.max(1) && s.identity == e.identity
+            };
+            list.push(match old.iter().find(same) {
+                Some(s) => s.clone(),
+                None => Arc::new(EndpointState::new(e)),
+            });
+        }
         *guard = (Some(set.clone()), Arc::new(list));
     }
 
@@ -268,7 +324,7 @@ impl Balancer {
             0 => return None,
             1 => candidates[0],
             _ => match lb {
-                Lb::Random => weighted(&candidates),
+                Lb::Random => candidates[weighted(&candidates, None)],
                 Lb::RoundRobin => {
                     let total: u64 = candidates.iter().map(|e| e.weight as u64).sum();
                     let mut n = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
@@ -286,13 +342,10 @@ impl Balancer {
                         .unwrap_or(candidates[0])
                 }
                 Lb::Ewma => {
-                    let a = weighted(&candidates);
-                    let b = loop {
-                        let b = weighted(&candidates);
-                        if !Arc::ptr_eq(a, b) {
-                            break b;
-                        }
-                    };
+                    // Two different endpoints, each as likely as its weight.
+                    let i = weighted(&candidates, None);
+                    let j = weighted(&candidates, Some(i));
+                    let (a, b) = (candidates[i], candidates[j]);
                     if a.cost(now) <= b.cost(now) { a } else { b }
                 }
             },
@@ -327,26 +380,31 @@ impl Balancer {
     ) -> Observed {
         let endpoint = flight.endpoint();
         let now = Instant::now();
-        if latency && outcome != Outcome::ConnectFailure {
+        if outcome == Outcome::ConnectFailure {
+            endpoint.ewma.lock().observe(FAILURE_PENALTY, now);
+        } else if latency {
             endpoint
                 .ewma
                 .lock()
                 .observe(now.saturating_duration_since(flight.started), now);
         }
-        let crossed = endpoint.outlier.lock().record(outcome, policy);
+        let crossed = endpoint.outlier.lock().record(outcome, policy, now);
         let mut ejected = None;
         if crossed {
+            let _deciding = self.ejecting.lock();
             let all = self.endpoints();
             let out = all
                 .iter()
                 .filter(|e| !Arc::ptr_eq(e, endpoint) && e.ejected(now))
                 .count();
             // Never more than the max percent of the endpoints out at once.
-            if (out + 1) * 100 <= all.len() * policy.max_ejection_percent as usize {
+            if all.iter().any(|e| Arc::ptr_eq(e, endpoint))
+                && (out + 1) * 100 <= all.len() * policy.max_ejection_percent as usize
+            {
                 ejected = Some(endpoint.outlier.lock().eject(now, policy));
             }
         }
-        Observed { outcome, ejected }
+        Observed { ejected }
     }
 }
 
@@ -423,8 +481,11 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            cfg.balancer.refresh(DISCOVERY_WAIT).await;
-            let Some(endpoint) = cfg.balancer.pick(cfg.lb, &call.tried) else {
+            let Some(Chosen { endpoint, balanced }) = cfg
+                .balancer
+                .next(DISCOVERY_WAIT, call.fallback, cfg.lb, &call.tried)
+                .await
+            else {
                 return Err(Failure::NoEndpoints {
                     destination: cfg.destination,
                 });
@@ -432,11 +493,21 @@ where
             let flight = endpoint.start();
             call.endpoint = Some(endpoint.clone());
             let result = inner.call(call).await;
+            if !balanced {
+                // The request's own original destination: nothing to balance or eject.
+                return result;
+            }
             let outcome = match &result {
                 Ok(a) if a.rsp.status().is_server_error() => {
                     Outcome::Status(a.rsp.status().as_u16())
                 }
                 Ok(_) => Outcome::Success,
+                // Another request's connect failed while this one waited for it: that
+                // request counts it.
+                Err(Failure::Unsent {
+                    error: SendError::Connect(ConnectError::Recent { .. }),
+                    ..
+                }) => return result,
                 Err(Failure::Unsent { .. } | Failure::Lost { .. }) => Outcome::ConnectFailure,
                 Err(Failure::TryTimeout { .. }) => Outcome::Status(504),
                 // Not the endpoint's doing.
@@ -453,17 +524,29 @@ where
     }
 }
 
-/// A random endpoint, each as likely as its weight.
-fn weighted<'a>(candidates: &[&'a Arc<EndpointState>]) -> &'a Arc<EndpointState> {
-    let total: u64 = candidates.iter().map(|e| e.weight as u64).sum();
-    let mut n = fastrand::u64(0..total);
-    for e in candidates {
-        if n < e.weight as u64 {
-            return e;
+/// The index of a random endpoint other than `skip`, each as likely as its weight.
+fn weighted(candidates: &[&Arc<EndpointState>], skip: Option<usize>) -> usize {
+    let weight = |i: usize| {
+        if Some(i) == skip {
+            0
+        } else {
+            candidates[i].weight as u64
         }
-        n -= e.weight as u64;
+    };
+    let total: u64 = (0..candidates.len()).map(weight).sum();
+    let mut n = fastrand::u64(0..total.max(1));
+    for i in 0..candidates.len() {
+        let w = weight(i);
+        if n < w {
+            return i;
+        }
+        n -= w;
     }
-    candidates[candidates.len() - 1]
+    // Only when every weight but the skipped one is zero, which weights of at least 1
+    // rule out.
+    (0..candidates.len())
+        .find(|i| Some(*i) != skip)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -526,7 +609,6 @@ mod tests {
             ("10.0.0.2:80", 1),
             ("10.0.0.3:80", 1),
         ]));
-        let p = outlier(50);
         // Teach it: endpoint 3 answers in 50 ms, the others in 1 ms.
         for e in b.endpoints().iter() {
             let slow = e.addr.to_string() == "10.0.0.3:80";
@@ -535,7 +617,62 @@ mod tests {
         }
         let c = counts(&b, Lb::Ewma, 3000);
         assert!(c.get("10.0.0.3:80").copied().unwrap_or(0) < 100, "{c:?}");
-        let _ = p;
+    }
+
+    #[test]
+    fn an_address_listed_twice_is_one_endpoint_and_p2c_still_picks() {
+        let b = Balancer::default();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.1:80", 1)]));
+        assert_eq!(b.endpoints().len(), 1);
+        assert!(b.pick(Lb::Ewma, &[]).is_some());
+        b.sync(&set(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1000),
+        ]));
+        let tried = [EndpointAddr("10.0.0.2:80".parse().unwrap())];
+        for _ in 0..100 {
+            assert_eq!(
+                b.pick(Lb::Ewma, &tried).unwrap().addr.to_string(),
+                "10.0.0.1:80"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_failures_never_eject_past_the_max_percent() {
+        for _ in 0..20 {
+            let b = Arc::new(Balancer::default());
+            b.sync(&set(&[
+                ("10.0.0.1:80", 1),
+                ("10.0.0.2:80", 1),
+                ("10.0.0.3:80", 1),
+                ("10.0.0.4:80", 1),
+            ]));
+            let p = outlier(50);
+            let barrier = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = b
+                .endpoints()
+                .iter()
+                .cloned()
+                .map(|e| {
+                    let (b, barrier) = (b.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let flight = e.start();
+                        barrier.wait();
+                        b.observe(&flight, Outcome::Status(503), &p)
+                            .ejected
+                            .is_some()
+                    })
+                })
+                .collect();
+            let ejected = threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .filter(|e| *e)
+                .count();
+            assert_eq!(ejected, 2);
+        }
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! endpoints from discovery, their balancer, and the policy that applies to it.
 
 use crate::addrs::{Direction, EndpointAddr, OrigDstAddr};
-use crate::balance::{Balancer, DISCOVERY_WAIT, EndpointState};
+use crate::balance::{Balancer, Chosen, DISCOVERY_WAIT, EndpointState};
 use crate::discovery::{DestKey, Discovery};
 use crate::metrics::Metrics;
 use crate::outlier::Outcome;
+use crate::policy::budget::RetryBudget;
 use crate::policy::file::Watched;
 use crate::policy::{Policy, retry};
 use gofe_telemetry::prom::{Exposition, Kind};
@@ -22,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tower::retry::budget::Budget;
-use tower::retry::budget::TpsBudget;
 
 /// Where a connection's traffic goes, decided when it is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +70,8 @@ impl ConnTarget {
 /// How long a destination nobody has used is kept (with its endpoints' latency and
 /// ejection state, and its retry budget).
 const DESTINATION_IDLE: Duration = Duration::from_secs(600);
-/// Destinations kept at most; past this, new ones are made per request and not kept.
-const MAX_DESTINATIONS: usize = 10_000;
+/// Destinations kept at most; past this, the one unused longest makes room.
+const MAX_DESTINATIONS: usize = 1_000;
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
@@ -103,13 +103,11 @@ pub struct Destination {
     pub key: DestKey,
     /// How metrics and `/endpoints` name it.
     pub name: Arc<str>,
-    /// The original destination, used while discovery knows nothing better.
-    pub fallback: Option<EndpointAddr>,
     pub balancer: Arc<Balancer>,
     pub in_flight: Arc<AtomicUsize>,
     policies: Arc<Policies>,
     policy: RwLock<(u64, Arc<Policy>)>,
-    budget: Mutex<((f32, u32), Arc<TpsBudget>)>,
+    budget: Mutex<((f32, u32), Arc<RetryBudget>)>,
     last_used: AtomicU64,
 }
 
@@ -129,7 +127,7 @@ impl Destination {
     }
 
     /// The retry budget, made again if the policy's terms for it changed.
-    pub fn budget(&self, policy: &Policy) -> Arc<TpsBudget> {
+    pub fn budget(&self, policy: &Policy) -> Arc<RetryBudget> {
         let terms = (policy.retry.budget_ratio, policy.retry.budget_min_per_sec);
         let mut b = self.budget.lock();
         if b.0 != terms {
@@ -144,6 +142,7 @@ impl Destination {
     pub async fn connect<T, E, F, Fut>(
         &self,
         metrics: &Metrics,
+        fallback: Option<EndpointAddr>,
         is_connect_failure: impl Fn(&E) -> bool,
         mut connect: F,
     ) -> Result<T, PickError<E>>
@@ -158,25 +157,33 @@ impl Destination {
         let mut tried = Vec::new();
         let mut attempt = 1;
         loop {
-            self.balancer.refresh(DISCOVERY_WAIT).await;
-            let Some(endpoint) = self.balancer.pick(policy.lb, &tried) else {
+            let Some(Chosen { endpoint, balanced }) = self
+                .balancer
+                .next(DISCOVERY_WAIT, fallback, policy.lb, &tried)
+                .await
+            else {
                 return Err(PickError::NoEndpoints(self.name.clone()));
             };
             tried.push(endpoint.addr);
             let flight = endpoint.start();
             match connect(endpoint.clone()).await {
                 Ok(t) => {
-                    self.balancer
-                        .observe_connect(&flight, Outcome::Success, &policy.outlier);
+                    if balanced {
+                        self.balancer
+                            .observe_connect(&flight, Outcome::Success, &policy.outlier);
+                    }
                     return Ok(t);
                 }
                 Err(e) if is_connect_failure(&e) => {
-                    let observed = self.balancer.observe_connect(
-                        &flight,
-                        Outcome::ConnectFailure,
-                        &policy.outlier,
-                    );
-                    if observed.ejected.is_some() {
+                    // The request's own original destination is not balanced, nor ejected.
+                    let observed = balanced.then(|| {
+                        self.balancer.observe_connect(
+                            &flight,
+                            Outcome::ConnectFailure,
+                            &policy.outlier,
+                        )
+                    });
+                    if observed.is_some_and(|o| o.ejected.is_some()) {
                         metrics.ejection(&self.name, &endpoint.addr.to_string());
                     }
                     let retry = attempt <= policy.retry.limit
@@ -202,19 +209,16 @@ impl Destination {
         }
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         self.last_used.store(now_secs(), Ordering::Relaxed);
     }
 }
-
-/// A destination's name, and the original destination it falls back to.
-type DestinationId = (DestKey, Option<EndpointAddr>);
 
 /// Every destination the proxy has sent to lately.
 pub struct Destinations {
     discovery: Discovery,
     policies: Arc<Policies>,
-    map: RwLock<HashMap<DestinationId, Arc<Destination>>>,
+    map: RwLock<HashMap<DestKey, Arc<Destination>>>,
 }
 
 impl Destinations {
@@ -251,24 +255,21 @@ impl Destinations {
         ))
     }
 
-    /// The destination `key` names, reached at `fallback` while discovery knows
-    /// nothing better. Must be called within a Tokio runtime.
-    pub fn get(&self, key: DestKey, fallback: Option<EndpointAddr>) -> Arc<Destination> {
-        let id = (key, fallback);
-        if let Some(d) = self.map.read().get(&id) {
+    /// The destination `key` names. Must be called within a Tokio runtime.
+    pub fn get(&self, key: DestKey) -> Arc<Destination> {
+        if let Some(d) = self.map.read().get(&key) {
             d.touch();
             return d.clone();
         }
         let mut map = self.map.write();
-        if let Some(d) = map.get(&id) {
+        if let Some(d) = map.get(&key) {
             return d.clone();
         }
-        let (key, fallback) = id;
-        let rx = self.discovery.watch(key.clone(), fallback);
+        let rx = self.discovery.watch(key.clone());
         let policy = self.policies.lookup(&key);
         let d = Arc::new(Destination {
             name: key.to_string().into(),
-            balancer: Arc::new(Balancer::watching(rx, fallback)),
+            balancer: Arc::new(Balancer::watching(rx)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             budget: Mutex::new((
                 (policy.retry.budget_ratio, policy.retry.budget_min_per_sec),
@@ -278,10 +279,20 @@ impl Destinations {
             policies: self.policies.clone(),
             last_used: AtomicU64::new(now_secs()),
             key: key.clone(),
-            fallback,
         });
+        if map.len() >= MAX_DESTINATIONS {
+            // Room for the new one: the one idle longest goes (its discovery stops).
+            let oldest = map
+                .iter()
+                .filter(|(_, d)| d.in_flight.load(Ordering::Relaxed) == 0)
+                .min_by_key(|(_, d)| d.last_used.load(Ordering::Relaxed))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                map.remove(&k);
+            }
+        }
         if map.len() < MAX_DESTINATIONS {
-            map.insert((key, fallback), d.clone());
+            map.insert(key, d.clone());
         }
         d
     }
@@ -298,7 +309,7 @@ impl Destinations {
     /// Every destination, by name.
     pub fn all(&self) -> Vec<Arc<Destination>> {
         let mut all: Vec<Arc<Destination>> = self.map.read().values().cloned().collect();
-        all.sort_by(|a, b| a.name.cmp(&b.name).then(a.fallback.cmp(&b.fallback)));
+        all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
@@ -331,7 +342,10 @@ impl Destinations {
                     .collect();
                 serde_json::json!({
                     "name": d.name.as_ref(),
-                    "original_destination": d.fallback.map(|f| f.to_string()),
+                    "original_destinations": d.balancer.fallbacks().iter().map(|e| serde_json::json!({
+                        "address": e.addr.to_string(),
+                        "in_flight": e.pending(),
+                    })).collect::<Vec<_>>(),
                     "source": set.map(|s| s.source.as_str()).unwrap_or("pending"),
                     "lb": policy.lb.to_string(),
                     "in_flight": d.in_flight.load(Ordering::Relaxed),

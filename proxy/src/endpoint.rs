@@ -401,6 +401,12 @@ impl SendFailure {
 }
 
 impl SendError {
+    /// Whether the failure came from the client's side: its request body failed
+    /// (the client went away, or sent a broken body) while it was being sent.
+    pub fn is_client_side(&self) -> bool {
+        matches!(self, SendError::Http { source, .. } if source.is_user())
+    }
+
     /// Whether the peer refused the stream (HTTP/2 REFUSED_STREAM), so that it was not
     /// processed.
     pub fn is_refused_stream(&self) -> bool {

@@ -1,8 +1,10 @@
 //! Outlier detection for one endpoint: consecutive 5xx responses, and consecutive
 //! gateway failures (connect failures, 502, 503, 504), each against its threshold. An
 //! ejected endpoint is out for the base ejection time times the number of times it has
-//! been ejected, up to the cap, then comes back with its counts cleared. Whether an
-//! ejection may happen at all (the destination's max percent) is the balancer's call.
+//! been ejected, up to the cap, then comes back with its counts cleared; each base
+//! ejection time it then stays healthy takes one off that number (as Envoy's
+//! multiplier does). Whether an ejection may happen at all (the destination's max
+//! percent) is the balancer's call.
 
 use crate::policy::OutlierPolicy;
 use std::time::{Duration, Instant};
@@ -24,15 +26,25 @@ pub struct Outlier {
     consecutive_gateway: u32,
     pub times_ejected: u32,
     pub ejected_until: Option<Instant>,
+    /// Since when the endpoint has been back without a new ejection (what takes the
+    /// count of ejections down).
+    healthy_since: Option<Instant>,
 }
 
 impl Outlier {
     /// Counts `outcome`; true if the endpoint has now crossed a threshold.
-    pub fn record(&mut self, outcome: Outcome, policy: &OutlierPolicy) -> bool {
+    pub fn record(&mut self, outcome: Outcome, policy: &OutlierPolicy, now: Instant) -> bool {
         match outcome {
             Outcome::Success => {
                 self.consecutive_5xx = 0;
                 self.consecutive_gateway = 0;
+                if self.times_ejected > 0 && self.ejected_until.is_none() {
+                    let since = *self.healthy_since.get_or_insert(now);
+                    if now.saturating_duration_since(since) >= policy.base_ejection {
+                        self.times_ejected -= 1;
+                        self.healthy_since = Some(now);
+                    }
+                }
                 return false;
             }
             Outcome::Status(code) => {
@@ -58,6 +70,7 @@ impl Outlier {
             .saturating_mul(self.times_ejected)
             .min(policy.max_ejection);
         self.ejected_until = Some(now + time);
+        self.healthy_since = None;
         self.consecutive_5xx = 0;
         self.consecutive_gateway = 0;
         time
@@ -69,6 +82,7 @@ impl Outlier {
             Some(until) if now < until => true,
             Some(_) => {
                 self.ejected_until = None;
+                self.healthy_since = Some(now);
                 false
             }
             None => false,
@@ -79,6 +93,10 @@ impl Outlier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t() -> Instant {
+        Instant::now()
+    }
 
     fn policy() -> OutlierPolicy {
         OutlierPolicy {
@@ -93,20 +111,20 @@ mod tests {
     #[test]
     fn consecutive_5xx_cross_the_threshold_and_a_success_resets() {
         let (mut o, p) = (Outlier::default(), policy());
-        assert!(!o.record(Outcome::Status(500), &p));
-        assert!(!o.record(Outcome::Status(500), &p));
-        assert!(!o.record(Outcome::Success, &p));
-        assert!(!o.record(Outcome::Status(500), &p));
-        assert!(!o.record(Outcome::Status(500), &p));
-        assert!(o.record(Outcome::Status(500), &p));
+        assert!(!o.record(Outcome::Status(500), &p, t()));
+        assert!(!o.record(Outcome::Status(500), &p, t()));
+        assert!(!o.record(Outcome::Success, &p, t()));
+        assert!(!o.record(Outcome::Status(500), &p, t()));
+        assert!(!o.record(Outcome::Status(500), &p, t()));
+        assert!(o.record(Outcome::Status(500), &p, t()));
     }
 
     #[test]
     fn gateway_failures_have_their_own_threshold() {
         let (mut o, p) = (Outlier::default(), policy());
-        assert!(!o.record(Outcome::ConnectFailure, &p));
+        assert!(!o.record(Outcome::ConnectFailure, &p, t()));
         assert!(
-            o.record(Outcome::Status(503), &p),
+            o.record(Outcome::Status(503), &p, t()),
             "a connect failure then a 503: two gateway failures"
         );
     }
@@ -126,13 +144,35 @@ mod tests {
     }
 
     #[test]
+    fn staying_healthy_brings_the_ejection_time_down() {
+        let (mut o, p) = (Outlier::default(), policy());
+        let t0 = Instant::now();
+        o.eject(t0, &p);
+        o.eject(t0, &p);
+        assert_eq!(o.times_ejected, 2);
+        let back = t0 + Duration::from_secs(60);
+        assert!(!o.is_ejected(back));
+        o.record(Outcome::Success, &p, back + Duration::from_secs(29));
+        assert_eq!(
+            o.times_ejected, 2,
+            "not healthy for a base ejection time yet"
+        );
+        o.record(Outcome::Success, &p, back + Duration::from_secs(30));
+        assert_eq!(o.times_ejected, 1);
+        o.record(Outcome::Success, &p, back + Duration::from_secs(60));
+        assert_eq!(o.times_ejected, 0);
+        let again = o.eject(back + Duration::from_secs(60), &p);
+        assert_eq!(again, Duration::from_secs(30), "back to the base time");
+    }
+
+    #[test]
     fn zero_disables_a_threshold() {
         let mut p = policy();
         p.consecutive_5xx = 0;
         p.consecutive_gateway = 0;
         let mut o = Outlier::default();
         for _ in 0..100 {
-            assert!(!o.record(Outcome::Status(503), &p));
+            assert!(!o.record(Outcome::Status(503), &p, t()));
         }
     }
 }

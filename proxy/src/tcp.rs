@@ -38,11 +38,10 @@ pub(crate) async fn forward<I: Io>(
         // Outbound, the original destination is the destination: its endpoints come
         // from discovery (a file may list them), else it is its own one endpoint.
         Direction::Outbound => {
-            let dest = state
-                .destinations
-                .get(DestKey::Addr(endpoint.0), Some(endpoint));
+            let dest = state.destinations.get(DestKey::Addr(endpoint.0));
             dest.connect(
                 &state.metrics,
+                Some(endpoint),
                 |_: &ConnectError| true,
                 |ep| connect(ep.addr, ep.identity.clone()),
             )

@@ -4,8 +4,9 @@
 //!
 //! - `http`: HTTP/1.1 and HTTP/2 (prior knowledge) with WebSocket and gRPC echo routes;
 //!   it misbehaves on command (`/control/status/503`, `/control/delay/50`, or
-//!   GOFE_TESTAPP_STATUS / GOFE_TESTAPP_DELAY_MS from the start) and counts what it
-//!   served (`/control/served`)
+//!   GOFE_TESTAPP_STATUS / GOFE_TESTAPP_DELAY_MS from the start; GOFE_TESTAPP_EARLY=1
+//!   fails without reading the request body) and counts what it served
+//!   (`/control/served`)
 //! - `banner`: speaks first (a greeting), then echoes lines
 //! - `halfclose`: reads to EOF, then answers with what it got and closes
 //! - `speakfirst`: writes, half-closes, then reads to EOF and prints what it read
@@ -92,8 +93,10 @@ struct HttpState {
     served: AtomicU64,
     /// How the app misbehaves: every answer this status...
     fail_status: AtomicU64,
-    /// ...after this many milliseconds.
+    /// ...after this many milliseconds...
     delay_ms: AtomicU64,
+    /// ...without reading the request body first (GOFE_TESTAPP_EARLY=1).
+    early: bool,
 }
 
 fn env_u64(name: &str) -> u64 {
@@ -112,6 +115,7 @@ async fn http(listener: TcpListener, name: String) -> std::io::Result<()> {
         served: AtomicU64::new(0),
         fail_status: AtomicU64::new(env_u64("GOFE_TESTAPP_STATUS")),
         delay_ms: AtomicU64::new(env_u64("GOFE_TESTAPP_DELAY_MS")),
+        early: env_u64("GOFE_TESTAPP_EARLY") == 1,
     });
     let conn_ids = AtomicU64::new(0);
     loop {
@@ -182,8 +186,11 @@ async fn route(
     }
     let fail = state.fail_status.load(Ordering::SeqCst) as u16;
     let mut rsp = if let Some(code) = StatusCode::from_u16(fail).ok().filter(|_| fail != 0) {
-        // Drain what the client sends, as a real server answering an error would.
-        let _ = req.into_body().collect().await;
+        // Drain what the client sends, as most servers answering an error would; or
+        // answer before reading it, as a server refusing a request at once does.
+        if !state.early {
+            let _ = req.into_body().collect().await;
+        }
         text(code, format!("{} misbehaves\n", state.name))
     } else if req.method() == http::Method::CONNECT {
         connect_tunnel(req)
@@ -215,6 +222,14 @@ async fn route(
                     }
                 }
                 text(StatusCode::OK, format!("{n} {}\n", hex(&h.finalize())))
+            }
+            // Headers and a first chunk, then nothing until the client goes away.
+            "/stall" => {
+                let first = futures_util::stream::once(async {
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"partial")))
+                });
+                let stream = first.chain(futures_util::stream::pending());
+                Response::new(StreamBody::new(stream).boxed_unsync())
             }
             "/chunked" => {
                 let chunks = (0..5)

@@ -70,6 +70,7 @@ fn all() -> Vec<(&'static str, Case)> {
         resilience::a_destination_at_its_limit_answers_503_at_once,
         resilience::endpoints_come_and_go_under_load_without_failing_requests,
         resilience::discovery_names_the_identity_each_endpoint_must_present,
+        resilience::a_streaming_upload_is_replayed_whole_after_an_early_503,
     ]
 }
 

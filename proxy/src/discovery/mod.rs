@@ -181,32 +181,29 @@ impl Discovery {
         })
     }
 
-    /// Starts keeping the endpoints of `key` current; `fallback` (the original
-    /// destination) is used when no source knows it. The task stops when the last
+    /// Starts keeping the endpoints of `key` current. With no source knowing it, the
+    /// set is empty (or, for an address, the address itself), marked `Fallback`: each
+    /// request then goes to its own original destination. The task stops when the last
     /// receiver is dropped.
-    pub fn watch(
-        &self,
-        key: DestKey,
-        fallback: Option<EndpointAddr>,
-    ) -> watch::Receiver<Arc<EndpointSet>> {
+    pub fn watch(&self, key: DestKey) -> watch::Receiver<Arc<EndpointSet>> {
         let (tx, rx) = watch::channel(Arc::new(EndpointSet::pending()));
         let this = self.clone();
-        tokio::spawn(async move { this.keep(key, fallback, tx).await });
+        tokio::spawn(async move { this.keep(key, tx).await });
         rx
     }
 
-    async fn keep(
-        self,
-        key: DestKey,
-        fallback: Option<EndpointAddr>,
-        tx: watch::Sender<Arc<EndpointSet>>,
-    ) {
+    async fn keep(self, key: DestKey, tx: watch::Sender<Arc<EndpointSet>>) {
         let mut files: Vec<watch::Receiver<Arc<crate::policy::file::Table>>> =
             self.files().map(|w| w.subscribe()).collect();
         let mut failures = 0u32;
         loop {
             let last = tx.borrow().clone();
-            let (set, mut recheck, failed) = self.resolve(&key, fallback, &last).await;
+            // Nobody listening any more: stop, even in the middle of a lookup.
+            let resolved = tokio::select! {
+                r = self.resolve(&key, &last) => r,
+                _ = tx.closed() => return,
+            };
+            let (set, mut recheck, failed) = resolved;
             if failed {
                 // Resolution failed: again soon, then less and less often.
                 failures = failures.saturating_add(1);
@@ -240,7 +237,6 @@ impl Discovery {
     async fn resolve(
         &self,
         key: &DestKey,
-        fallback: Option<EndpointAddr>,
         last: &EndpointSet,
     ) -> (EndpointSet, Option<Duration>, bool) {
         let mut recheck = None;
@@ -295,13 +291,13 @@ impl Discovery {
                             if last.source == Source::Dns {
                                 return (last.clone(), None, true);
                             }
-                            return (fallback_set(key, fallback), None, true);
+                            return (fallback_set(key), None, true);
                         }
                     }
                 }
             }
         }
-        (fallback_set(key, fallback), recheck, false)
+        (fallback_set(key), recheck, false)
     }
 }
 
@@ -312,21 +308,18 @@ async fn sleep_opt(d: Option<Duration>) {
     }
 }
 
-fn fallback_set(key: &DestKey, fallback: Option<EndpointAddr>) -> EndpointSet {
-    let addr = match (fallback, key) {
-        (Some(a), _) => Some(a),
-        (None, DestKey::Addr(a)) => Some(EndpointAddr(*a)),
-        (None, DestKey::Name { .. }) => None,
+/// What no source knows: an address stands for itself; a name has no endpoints.
+fn fallback_set(key: &DestKey) -> EndpointSet {
+    let endpoints = match key {
+        DestKey::Addr(a) => vec![Endpoint {
+            addr: EndpointAddr(*a),
+            weight: 1,
+            identity: None,
+        }],
+        DestKey::Name { .. } => Vec::new(),
     };
     EndpointSet {
-        endpoints: addr
-            .map(|addr| Endpoint {
-                addr,
-                weight: 1,
-                identity: None,
-            })
-            .into_iter()
-            .collect(),
+        endpoints,
         source: Source::Fallback,
     }
 }
@@ -385,7 +378,7 @@ mod tests {
         for t in tasks {
             tokio::spawn(t);
         }
-        let mut rx = d.watch(DestKey::parse("api:80").unwrap(), None);
+        let mut rx = d.watch(DestKey::parse("api:80").unwrap());
         let set = rx
             .wait_for(|s| s.source != Source::Pending)
             .await
@@ -393,22 +386,31 @@ mod tests {
             .clone();
         assert_eq!(set.source, Source::File);
         assert_eq!(set.endpoints.len(), 2);
-        let fallback = EndpointAddr("10.9.9.9:80".parse().unwrap());
-        let mut rx = d.watch(DestKey::parse("other:80").unwrap(), Some(fallback));
+        let mut rx = d.watch(DestKey::parse("other:80").unwrap());
         let set = rx
             .wait_for(|s| s.source != Source::Pending)
             .await
             .unwrap()
             .clone();
         assert_eq!(set.source, Source::Fallback);
-        assert_eq!(set.endpoints[0].addr, fallback);
+        assert!(
+            set.endpoints.is_empty(),
+            "each request goes to its original destination"
+        );
+        let mut rx = d.watch(DestKey::parse("10.9.9.9:5432").unwrap());
+        let set = rx
+            .wait_for(|s| s.source != Source::Pending)
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(set.endpoints[0].addr.0, "10.9.9.9:5432".parse().unwrap());
         // The file changes: the watcher follows.
         std::fs::write(
             &path,
             "destinations: [{name: api:80, endpoints: [{address: 10.0.0.3:8080}]}]",
         )
         .unwrap();
-        let mut rx = d.watch(DestKey::parse("api:80").unwrap(), None);
+        let mut rx = d.watch(DestKey::parse("api:80").unwrap());
         let set = tokio::time::timeout(
             Duration::from_secs(10),
             rx.wait_for(|s| s.endpoints.len() == 1),

@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,6 +259,9 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     on_end: Option<OnEnd>,
+    /// The request timeout, still running while the body streams: the body is cut
+    /// off (the stream reset, or the connection closed) when it fires.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ResponseBody {
@@ -265,6 +269,7 @@ impl ResponseBody {
         let mut b = Self {
             inner: Inner::Upstream(body),
             on_end: Some(on_end),
+            deadline: None,
         };
         // An empty body (204, HEAD, Content-Length: 0) may never be polled.
         if b.inner_is_end() {
@@ -273,11 +278,20 @@ impl ResponseBody {
         b
     }
 
+    /// Cuts the body off at `deadline` (the request timeout), if it has not ended.
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        if !self.inner_is_end() {
+            self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        }
+        self
+    }
+
     pub fn full(bytes: impl Into<Bytes>, on_end: Option<OnEnd>) -> Self {
         let bytes = bytes.into();
         Self {
             inner: Inner::Full((!bytes.is_empty()).then_some(bytes)),
             on_end,
+            deadline: None,
         }
     }
 
@@ -308,16 +322,27 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.deadline = None;
+            this.finish(false);
+            // Nothing more comes from upstream; the client sees the response cut off.
+            this.inner = Inner::Full(None);
+            return Poll::Ready(Some(Err(
+                "the request timed out (GOFE_REQUEST_TIMEOUT) while its response streamed".into(),
+            )));
+        }
         let frame = match &mut this.inner {
             Inner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
-            Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)),
+            Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into)),
         };
         match &frame {
             Some(Ok(f)) => {

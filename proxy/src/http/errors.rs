@@ -40,6 +40,7 @@ impl ProxyError {
                     _ => StatusCode::BAD_GATEWAY,
                 }
             }
+            ProxyError::Call(Failure::Client { .. }) => StatusCode::BAD_REQUEST,
             ProxyError::Call(Failure::TryTimeout { .. } | Failure::Timeout { .. }) => {
                 StatusCode::GATEWAY_TIMEOUT
             }

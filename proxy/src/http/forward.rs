@@ -30,7 +30,9 @@ use tracing::debug;
 /// to an outbound destination through its policy.
 enum Target {
     Direct(EndpointAddr),
-    Destination(Arc<Destination>),
+    /// The destination, and the request's original destination (redirected
+    /// connections), where it goes while discovery knows nothing better.
+    Destination(Arc<Destination>, Option<EndpointAddr>),
 }
 
 pub(crate) async fn forward(
@@ -62,9 +64,10 @@ pub(crate) async fn forward(
 
     let target = match (conn.direction, conn.target) {
         (Direction::Inbound, ConnTarget::Endpoint { endpoint, .. }) => Target::Direct(endpoint),
-        (Direction::Outbound, ConnTarget::Endpoint { endpoint, .. }) => {
-            Target::Destination(conn.destination(authority.as_ref(), Some(endpoint)))
-        }
+        (Direction::Outbound, ConnTarget::Endpoint { endpoint, .. }) => Target::Destination(
+            conn.destination(authority.as_ref(), Some(endpoint)),
+            Some(endpoint),
+        ),
         // Rare, heavy branches are boxed: hyper moves this future into a task for every
         // HTTP/2 stream, so its size is paid per request.
         (_, ConnTarget::Explicit) if req.method() == Method::CONNECT => {
@@ -75,7 +78,7 @@ pub(crate) async fn forward(
                 let stats = conn.stats(None, None);
                 return error_response(&ProxyError::NoAuthority, grpc, stats);
             };
-            Target::Destination(conn.destination(Some(authority), None))
+            Target::Destination(conn.destination(Some(authority), None), None)
         }
     };
 
@@ -97,7 +100,7 @@ pub(crate) async fn forward(
     let explicit = conn.target == ConnTarget::Explicit;
     let default_host = match &target {
         Target::Direct(endpoint) => endpoint.to_string(),
-        Target::Destination(d) => d.name.to_string(),
+        Target::Destination(d, _) => d.name.to_string(),
     };
     match req.version() {
         Version::HTTP_2 => {
@@ -126,13 +129,14 @@ pub(crate) async fn forward(
                 }
             }
         }
-        Target::Destination(dest) => {
+        Target::Destination(dest, fallback) => {
             let upstream = Upstream {
                 state: conn.state.clone(),
                 explicit,
                 streaming_body,
             };
-            match through_policy(&conn, &dest, upstream, req).await {
+            let call = Call::new(req).with_fallback(fallback);
+            match through_policy(&conn, &dest, upstream, call).await {
                 Ok(a) => respond(&conn, a, grpc, authority.as_ref()),
                 Err(f) => fail(&conn, ProxyError::Call(f), grpc, authority.as_ref()),
             }
@@ -147,7 +151,7 @@ async fn through_policy(
     conn: &HttpConn,
     dest: &Destination,
     upstream: Upstream,
-    req: Request<RequestBody>,
+    call: Call,
 ) -> Result<Answer, Failure> {
     let policy = dest.policy();
     let metrics = conn.state.metrics.clone();
@@ -175,7 +179,7 @@ async fn through_policy(
         ))
         .layer(TimeoutLayer::attempt(policy.per_try_timeout))
         .service(upstream);
-    stack.oneshot(Call::new(req)).await
+    stack.oneshot(call).await
 }
 
 /// For requests that take their connection over: the endpoint, or the destination
@@ -183,7 +187,7 @@ async fn through_policy(
 fn target_endpoints(target: Target) -> upgrade::Via {
     match target {
         Target::Direct(e) => upgrade::Via::Endpoint(e),
-        Target::Destination(d) => upgrade::Via::Destination(d),
+        Target::Destination(d, fallback) => upgrade::Via::Destination(d, fallback),
     }
 }
 
@@ -250,6 +254,7 @@ fn respond(
         checkin,
         peer,
         permit,
+        deadline,
         ..
     } = answer;
     headers::strip_hop_by_hop(rsp.headers_mut(), false);
@@ -257,7 +262,7 @@ fn respond(
     let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers())
         .with_checkin(checkin)
         .with_permit(permit);
-    rsp.map(|body| ResponseBody::upstream(body, on_end))
+    rsp.map(|body| ResponseBody::upstream(body, on_end).with_deadline(deadline))
 }
 
 /// Inbound requests count under their client's identity, outbound under the server's.

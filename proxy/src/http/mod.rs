@@ -72,8 +72,7 @@ impl HttpConn {
     }
 
     /// The destination a request to `authority` goes to: the authority's when it has
-    /// one, else the original destination's; `fallback` serves while discovery knows
-    /// nothing better.
+    /// one, else the original destination's (`fallback`).
     fn destination(
         &self,
         authority: Option<&Authority>,
@@ -83,16 +82,19 @@ impl HttpConn {
         if let Some((a, d)) = last.as_ref()
             && a.as_ref() == authority
         {
+            d.touch();
             return d.clone();
         }
         let key = match (authority, fallback) {
-            (Some(a), _) => DestKey::from_authority(a, HTTP_PORT),
+            // An authority without a port means the port the application connected to
+            // (80 for an explicit proxy request).
+            (Some(a), _) => DestKey::from_authority(a, fallback.map_or(HTTP_PORT, |f| f.0.port())),
             (None, Some(f)) => DestKey::Addr(f.0),
             (None, None) => {
                 unreachable!("an explicit proxy request without authority is refused earlier")
             }
         };
-        let d = self.state.destinations.get(key, fallback);
+        let d = self.state.destinations.get(key);
         *last = Some((authority.cloned(), d.clone()));
         d
     }

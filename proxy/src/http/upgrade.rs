@@ -27,8 +27,9 @@ const HTTPS_PORT: u16 = 443;
 pub(crate) enum Via {
     /// One endpoint (inbound: the application).
     Endpoint(EndpointAddr),
-    /// An endpoint of an outbound destination, picked by its balancer.
-    Destination(Arc<Destination>),
+    /// An endpoint of an outbound destination, picked by its balancer (or the original
+    /// destination while discovery knows nothing better).
+    Destination(Arc<Destination>, Option<EndpointAddr>),
 }
 
 /// Forwards an upgrade or CONNECT request to its endpoint (the application, or the
@@ -52,9 +53,10 @@ pub(crate) async fn forward(
             .await
             .map(|(tx, peer)| (tx, peer, *endpoint))
             .map_err(ProxyError::Send),
-        Via::Destination(d) => d
+        Via::Destination(d, fallback) => d
             .connect(
                 &conn.state.metrics,
+                *fallback,
                 |e: &SendError| matches!(e, SendError::Connect(_)),
                 |ep| async move {
                     let (tx, peer) = dedicated(conn, ep.addr, ep.identity.as_ref()).await?;
@@ -159,10 +161,11 @@ pub(crate) async fn connect_explicit(
     let dest = conn
         .state
         .destinations
-        .get(DestKey::from_authority(&authority, HTTPS_PORT), None);
+        .get(DestKey::from_authority(&authority, HTTPS_PORT));
     let connected = dest
         .connect(
             &conn.state.metrics,
+            None,
             |_: &ConnectError| true,
             |ep| async move {
                 let r = conn

@@ -51,6 +51,9 @@ async fn send(up: Upstream, call: Call) -> Result<Answer, Failure> {
         if let SendError::Connect(e) = &f.error {
             state.metrics.connect_error(Direction::Outbound, e.reason());
         }
+        if f.error.is_client_side() {
+            return Failure::Client { error: f.error };
+        }
         match f.unsent {
             Some(req) => Failure::Unsent {
                 error: f.error,

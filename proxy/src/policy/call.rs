@@ -18,6 +18,9 @@ pub struct Call {
     pub endpoint: Option<Arc<EndpointState>>,
     /// The endpoints earlier attempts of the request went to.
     pub tried: Vec<EndpointAddr>,
+    /// Where the application was sending the request (its original destination), used
+    /// while discovery knows no endpoint.
+    pub fallback: Option<EndpointAddr>,
 }
 
 impl Call {
@@ -26,7 +29,13 @@ impl Call {
             req,
             endpoint: None,
             tried: Vec::new(),
+            fallback: None,
         }
+    }
+
+    pub fn with_fallback(mut self, fallback: Option<EndpointAddr>) -> Call {
+        self.fallback = fallback;
+        self
     }
 
     pub fn endpoint_addr(&self) -> Option<EndpointAddr> {
@@ -46,6 +55,8 @@ pub struct Answer<B = Incoming> {
     pub permit: Option<Permit>,
     /// How many times the request was retried.
     pub retries: u32,
+    /// When the request timeout ends: the response body must be done by then.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 impl<B> Answer<B> {
@@ -57,6 +68,7 @@ impl<B> Answer<B> {
             endpoint,
             permit: None,
             retries: 0,
+            deadline: None,
         }
     }
 }
@@ -80,6 +92,10 @@ pub enum Failure {
         refused: bool,
         endpoint: Option<EndpointAddr>,
     },
+    /// The client's side failed (its request body broke off): nothing to retry, and
+    /// not the endpoint's doing.
+    #[error("the client's request failed: {error}")]
+    Client { error: SendError },
     #[error("attempt on {} timed out after {after:?} (GOFE_PER_TRY_TIMEOUT)", endpoint.map(|e| e.to_string()).unwrap_or_default())]
     TryTimeout {
         after: Duration,

@@ -4,6 +4,7 @@
 //! without `GOFE_`), parsed by the same code. The layers that carry the policy out
 //! live beside it, one a module: `limit` → `timeout` → `retry` → (balance) → endpoint.
 
+pub mod budget;
 pub mod call;
 pub mod file;
 pub mod limit;
@@ -181,10 +182,15 @@ impl Policy {
                         .filter(|r| (0.0..=10.0).contains(r))
                         .ok_or_else(|| "expected a ratio from 0 to 10, such as 0.2".to_string())
                 }),
-                budget_min_per_sec: env.get(
-                    &config::RETRY_BUDGET_MIN_PER_SEC,
-                    number("expected a whole number of retries a second"),
-                ),
+                budget_min_per_sec: env.get(&config::RETRY_BUDGET_MIN_PER_SEC, |s| {
+                    s.trim()
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n <= 1_000_000)
+                        .ok_or_else(|| {
+                            "expected a whole number of retries a second, up to 1000000".to_string()
+                        })
+                }),
                 backoff_min,
                 backoff_max,
                 max_body: env.get(&config::RETRY_MAX_BODY, parse_size),

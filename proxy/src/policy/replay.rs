@@ -4,10 +4,11 @@
 //! body that outgrows the cap stops being kept, and from then on only the attempt
 //! that outgrew it may read on: the request can no longer be retried.
 //!
-//! Attempts may overlap: an upstream that answered early (a 503 before the body was
-//! read) can leave its connection still reading the old attempt's body while the next
-//! attempt starts. Every chunk pulled from the client is kept in order before anyone
-//! sees it, so each attempt reads the same bytes whichever of them pulls.
+//! Only the latest attempt reads: an upstream that answered early (a 503 before the
+//! body was read), or an attempt that timed out, can leave its connection still
+//! reading the old attempt's body when the next attempt starts. The old body then
+//! fails at its next read, so that its upstream sees an aborted request (a reset, or a
+//! connection closed mid-message), never a complete-looking one to act on.
 
 use super::super::http::body::{BoxError, Source};
 use bytes::Bytes;
@@ -35,9 +36,17 @@ struct Shared {
     /// The size the client announced, if it did.
     exact: Option<u64>,
     next_id: u64,
-    /// Attempts waiting for the client: all are woken when one of them pulls, so none
-    /// waits on a waker another has replaced.
+    /// Attempts waiting for the client, woken when a newer attempt supersedes them or
+    /// one of them goes away (so that none waits on a waker another replaced).
     waiting: Vec<(u64, Waker)>,
+}
+
+impl Shared {
+    fn wake_all(&mut self) {
+        for (_, w) in self.waiting.drain(..) {
+            w.wake();
+        }
+    }
 }
 
 /// A request body that can be read again by later attempts.
@@ -76,6 +85,8 @@ impl Replay {
         }
         let id = s.next_id;
         s.next_id += 1;
+        // The attempts before this one fail at their next read.
+        s.wake_all();
         Some(ReplayBody {
             shared: self.shared.clone(),
             id,
@@ -114,12 +125,6 @@ impl ReplayBody {
     pub fn id(&self) -> u64 {
         self.id
     }
-
-    fn wake_others(s: &mut Shared, id: u64) {
-        for (_, w) in s.waiting.drain(..).filter(|(other, _)| *other != id) {
-            w.wake();
-        }
-    }
 }
 
 impl Body for ReplayBody {
@@ -133,6 +138,11 @@ impl Body for ReplayBody {
         let this = self.get_mut();
         let mut guard = this.shared.lock();
         let s = &mut *guard;
+        if this.id + 1 != s.next_id {
+            return Poll::Ready(Some(Err(
+                "the request was sent again: this attempt is abandoned".into(),
+            )));
+        }
         if let Some(chunk) = s.chunks.get(this.pos) {
             let chunk = chunk.clone();
             this.pos += 1;
@@ -151,12 +161,6 @@ impl Body for ReplayBody {
             }
             return Poll::Ready(None);
         }
-        if s.owner.is_some_and(|o| o != this.id) {
-            return Poll::Ready(Some(Err(
-                "the request body outgrew the retry buffer while another attempt was reading it"
-                    .into(),
-            )));
-        }
         let Some(source) = s.source.as_mut() else {
             return Poll::Ready(None);
         };
@@ -169,17 +173,14 @@ impl Body for ReplayBody {
             Poll::Ready(None) => {
                 s.ended = true;
                 s.source = None;
-                Self::wake_others(s, this.id);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 s.failed = Some(format!("reading the request body failed: {e}"));
                 s.source = None;
-                Self::wake_others(s, this.id);
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                Self::wake_others(s, this.id);
                 let frame = match frame.into_data() {
                     Ok(data) => {
                         this.sent += data.len() as u64;
@@ -237,13 +238,17 @@ impl Body for ReplayBody {
 
 impl Drop for ReplayBody {
     fn drop(&mut self) {
-        self.shared.lock().waiting.retain(|(id, _)| *id != self.id);
+        let mut s = self.shared.lock();
+        s.waiting.retain(|(id, _)| *id != self.id);
+        // Whoever still waits registers with the client's body again.
+        s.wake_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
 
@@ -302,36 +307,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn overlapping_attempts_see_the_same_bytes() {
+    async fn an_abandoned_attempt_fails_instead_of_ending_early() {
         let (tx, source) = client();
         let replay = Replay::new(source, 1024);
-        let old = replay.body().unwrap();
+        let mut old = replay.body().unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"half"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            old.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "half"
+        );
+        // The old attempt waits for more; a retry starts.
+        let old_reader = tokio::spawn(async move { old.frame().await.map(|f| f.is_err()) });
+        tokio::task::yield_now().await;
         let new = replay.body().unwrap();
-        let old_reader = tokio::spawn(collect(old));
-        let new_reader = tokio::spawn(collect(new));
-        for i in 0..20u8 {
-            tx.send(Ok(Frame::data(Bytes::from(vec![i; 10]))))
-                .await
-                .unwrap();
-            tokio::task::yield_now().await;
-        }
+        let abandoned = tokio::time::timeout(std::time::Duration::from_secs(5), old_reader)
+            .await
+            .expect("the waiting attempt is woken")
+            .unwrap();
+        assert_eq!(
+            abandoned,
+            Some(true),
+            "it fails, so its upstream never sees a whole body"
+        );
+        tx.send(Ok(Frame::data(Bytes::from_static(b" and the rest"))))
+            .await
+            .unwrap();
         drop(tx);
-        let expected: Vec<u8> = (0..20u8).flat_map(|i| vec![i; 10]).collect();
-        let deadline = std::time::Duration::from_secs(5);
-        let new_bytes = tokio::time::timeout(deadline, new_reader)
+        assert_eq!(collect(new).await.unwrap().0, b"half and the rest");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_attempt_wakes_the_one_still_waiting() {
+        let (tx, source) = client();
+        let replay = Replay::new(source, 1024);
+        let mut older = replay.body().unwrap();
+        let mut newer = replay.body().unwrap();
+        // The newer attempt waits on the client's body.
+        let mut waiting = std::pin::pin!(newer.frame());
+        assert!(waiting.as_mut().now_or_never().is_none());
+        // The older one polls last (and fails: it is abandoned), then goes away.
+        assert!(older.frame().await.unwrap().is_err());
+        drop(older);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
             .await
-            .expect("no stall")
-            .unwrap()
-            .unwrap()
-            .0;
-        let old_bytes = tokio::time::timeout(deadline, old_reader)
+            .unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
-            .expect("no stall")
-            .unwrap()
-            .unwrap()
-            .0;
-        assert_eq!(new_bytes, expected);
-        assert_eq!(old_bytes, expected);
+            .expect("the waiting attempt is woken");
+        assert_eq!(got.unwrap().unwrap().into_data().unwrap(), "x");
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! stream (GOFE_RETRY_MAX_BODY); a larger body is never retried once it has been sent.
 //! Each attempt carries `gofe-attempt: N`.
 
+use super::budget::RetryBudget;
 use super::call::{Answer, BoxFuture, Call, Failure};
 use super::replay::Replay;
 use super::{Policy, RetryPolicy};
@@ -24,24 +25,14 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 
 pub const ATTEMPT_HEADER: &str = "gofe-attempt";
 
-/// How long a request counts towards the budget.
-const BUDGET_WINDOW: Duration = Duration::from_secs(10);
-
 /// A destination's retry budget.
-pub fn budget(p: &RetryPolicy) -> TpsBudget {
-    // The budget allows one retry per 1/ratio requests, counted in whole requests;
-    // the nudge keeps 0.2 at one in five rather than one in four after rounding.
-    let ratio = if p.budget_ratio > 0.0 {
-        p.budget_ratio * 0.9999
-    } else {
-        0.0
-    };
-    TpsBudget::new(BUDGET_WINDOW, p.budget_min_per_sec, ratio.min(1000.0))
+pub fn budget(p: &RetryPolicy) -> RetryBudget {
+    RetryBudget::new(p.budget_ratio, p.budget_min_per_sec)
 }
 
 /// Where retries are counted: `gofe_retries_total` and
@@ -55,12 +46,12 @@ pub struct RetryStats {
 #[derive(Clone)]
 pub struct RetryLayer {
     policy: Arc<Policy>,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
     stats: RetryStats,
 }
 
 impl RetryLayer {
-    pub fn new(policy: Arc<Policy>, budget: Arc<TpsBudget>, stats: RetryStats) -> Self {
+    pub fn new(policy: Arc<Policy>, budget: Arc<RetryBudget>, stats: RetryStats) -> Self {
         Self {
             policy,
             budget,
@@ -207,13 +198,18 @@ where
     let p = &cfg.policy.retry;
     cfg.budget.deposit();
     let safe = p.retryable || is_idempotent(call.req.method());
+    let fallback = call.fallback;
     let on = &p.on;
+    // Whether any condition could send the request again after it went out (as
+    // `judge` decides: a refused stream whatever the method, the rest when safe).
     let sent_again_possible = p.limit > 0
         && (on.refused_stream
+            || on.status_5xx
             || (safe
-                && (on.status_5xx || on.gateway_error || on.reset || on.retriable_status_codes))
-            || (safe
-                && (on.grpc_cancelled
+                && (on.gateway_error
+                    || on.reset
+                    || on.retriable_status_codes
+                    || on.grpc_cancelled
                     || on.grpc_deadline_exceeded
                     || on.grpc_resource_exhausted
                     || on.grpc_unavailable)));
@@ -249,6 +245,7 @@ where
                 req,
                 endpoint: None,
                 tried: tried.clone(),
+                fallback,
             })
             .await;
         let endpoint = match &result {

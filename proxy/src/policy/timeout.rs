@@ -1,6 +1,9 @@
 //! Timeouts around a request (GOFE_REQUEST_TIMEOUT, over all its attempts and the
-//! waits between them) and around each attempt (GOFE_PER_TRY_TIMEOUT). Both run until
-//! the response's headers: a response that has begun streams for as long as it takes.
+//! waits between them) and around each attempt (GOFE_PER_TRY_TIMEOUT). Before the
+//! response's headers, either ends the request with a 504 (gRPC: DEADLINE_EXCEEDED);
+//! the request timeout then goes on running while the response body streams, and
+//! cuts it off when it fires (as Envoy's route timeout does). A per-try timeout ends
+//! with the attempt's headers.
 
 use super::call::{Answer, BoxFuture, Call, Failure};
 use std::task::{Context, Poll};
@@ -73,7 +76,12 @@ where
             return Box::pin(answer);
         };
         Box::pin(async move {
-            match tokio::time::timeout(after, answer).await {
+            let deadline = tokio::time::Instant::now() + after;
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(mut a)) if scope == Scope::Request => {
+                    a.deadline = Some(deadline);
+                    Ok(a)
+                }
                 Ok(result) => result,
                 Err(_) => Err(match scope {
                     Scope::Request => Failure::Timeout { after },

@@ -32,6 +32,8 @@ struct Req {
     path: String,
     host: String,
     body: Bytes,
+    /// Send the body in 1 KiB chunks a millisecond apart, without a length (chunked).
+    trickle: bool,
 }
 
 impl Req {
@@ -41,6 +43,7 @@ impl Req {
             path: "/".into(),
             host: host.into(),
             body: Bytes::new(),
+            trickle: false,
         }
     }
 
@@ -50,6 +53,7 @@ impl Req {
             path: path.into(),
             host: host.into(),
             body: body.into(),
+            trickle: false,
         }
     }
 }
@@ -102,7 +106,7 @@ async fn worker(
     next: Arc<AtomicUsize>,
 ) -> anyhow::Result<Vec<Reply>> {
     let mut out = Vec::new();
-    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    let mut conn: Option<hyper::client::conn::http1::SendRequest<ReqBody>> = None;
     while next.fetch_add(1, Ordering::SeqCst) < n {
         let mut tries = 0;
         let reply = loop {
@@ -126,7 +130,7 @@ async fn worker(
                 .method(req.method)
                 .uri(&req.path)
                 .header("host", &req.host)
-                .body(Full::new(req.body.clone()))?;
+                .body(req_body(&req))?;
             let started = Instant::now();
             let sent = async {
                 tx.ready().await?;
@@ -166,6 +170,21 @@ async fn worker(
         out.push(reply);
     }
     Ok(out)
+}
+
+type ReqBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+fn req_body(req: &Req) -> ReqBody {
+    if !req.trickle {
+        return Full::new(req.body.clone()).boxed_unsync();
+    }
+    let chunks: Vec<Bytes> = req.body.chunks(1024).map(Bytes::copy_from_slice).collect();
+    let stream = futures_util::stream::unfold(chunks.into_iter(), |mut rest| async move {
+        let chunk = rest.next()?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Some((Ok(hyper::body::Frame::data(chunk)), rest))
+    });
+    http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
 fn count_status(replies: &[Reply], status: u16) -> usize {
@@ -541,12 +560,19 @@ pub fn only_safe_requests_are_replayed(w: &World) -> anyhow::Result<()> {
 }
 
 pub fn timeouts_fire_on_time_for_http_and_grpc(w: &World) -> anyhow::Result<()> {
-    let pods = servers(w, &[("slow", &[("GOFE_TESTAPP_DELAY_MS", "3000")])])?;
-    let slow = &pods[0];
+    let pods = servers(
+        w,
+        &[
+            ("slow", &[("GOFE_TESTAPP_DELAY_MS", "3000")]),
+            ("stall", &[]),
+        ],
+    )?;
+    let (slow, stall) = (&pods[0], &pods[1]);
     let file = world_file(w, "destinations.yaml");
     let try_dest = format!("try.test:{HTTP_PORT}");
     let whole = format!("whole.test:{HTTP_PORT}");
     let deadline = format!("deadline.test:{HTTP_PORT}");
+    let stall_dest = format!("stall.test:{HTTP_PORT}");
     write_file(
         &file,
         &destinations(&[
@@ -569,6 +595,11 @@ pub fn timeouts_fire_on_time_for_http_and_grpc(w: &World) -> anyhow::Result<()> 
             (
                 &deadline,
                 endpoints_of(&[slow]),
+                &[("request_timeout", "300ms")],
+            ),
+            (
+                &stall_dest,
+                endpoints_of(&[stall]),
                 &[("request_timeout", "300ms")],
             ),
         ]),
@@ -609,6 +640,29 @@ pub fn timeouts_fire_on_time_for_http_and_grpc(w: &World) -> anyhow::Result<()> 
         "timed-out tries of a GET are retried until the request timeout: {}",
         m.0
     );
+
+    // A response that has begun but stalls is cut off when the request timeout fires.
+    let out = client.curl_output(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        "-H",
+        &format!("host: {stall_dest}"),
+        &format!("http://{}/stall", addr(stall)),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        !out.status.success(),
+        "the body does not end normally: {text}"
+    );
+    let fields: Vec<&str> = text.split(' ').collect();
+    ensure!(
+        fields.len() == 3 && fields[0] == "200" && fields[1] == "7",
+        "headers and the first chunk: {text}"
+    );
+    let took = Duration::from_secs_f64(fields[2].parse()?);
+    on_time("stalled body", took, Duration::from_millis(300))?;
 
     // gRPC: the same timeouts end the call with DEADLINE_EXCEEDED.
     for (dest, timeout) in [
@@ -749,7 +803,6 @@ pub fn dns_discovery_follows_a_changing_record_set(w: &World) -> anyhow::Result<
         .sidecar()
         .no_identity()
         .env("GOFE_DISCOVERY", "dns")
-        .env("GOFE_DNS_REFRESH", "1s..2s")
         .env("GOFE_LB", "round-robin")
         .start()?;
     // The DNS server listens in the client pod, where its resolv.conf points.
@@ -770,7 +823,8 @@ pub fn dns_discovery_follows_a_changing_record_set(w: &World) -> anyhow::Result<
     let states = endpoint_states(&client, &dest)?;
     ensure!(states.len() == 2, "{states:?}");
 
-    // The record set changes: the proxy follows within the TTL (and refresh bounds).
+    // The record set changes: the proxy follows as the records' TTL (1 s) says, not
+    // GOFE_DNS_REFRESH's ceiling (60 s by default).
     dns.set_a("api", &[c.ip4])?;
     eventually("the new record set in use", CHANGE_TIMEOUT, || {
         let s = served_by(6)?;
@@ -793,11 +847,12 @@ pub fn dns_discovery_follows_a_changing_record_set(w: &World) -> anyhow::Result<
 
     // The server goes away: the last good set stays.
     dns.stop();
-    eventually("a failed lookup", CHANGE_TIMEOUT, || {
-        Ok(client
-            .proxy_log()?
-            .contains("DNS resolution failed")
-            .then_some(()))
+    eventually("a failed lookup of api.dns.test", CHANGE_TIMEOUT, || {
+        let log = client.proxy_log()?;
+        let failed = log
+            .lines()
+            .any(|l| l.contains("DNS resolution failed") && l.contains(&dest));
+        Ok(failed.then_some(()))
     })?;
     let s = served_by(6)?;
     ensure!(s.get("c") == Some(&6), "still c: {s:?}");
@@ -1006,5 +1061,66 @@ pub fn discovery_names_the_identity_each_endpoint_must_present(w: &World) -> any
         "{}",
         m.0
     );
+    Ok(())
+}
+
+pub fn a_streaming_upload_is_replayed_whole_after_an_early_503(w: &World) -> anyhow::Result<()> {
+    let early: &[(&str, &str)] = &[("GOFE_TESTAPP_STATUS", "503"), ("GOFE_TESTAPP_EARLY", "1")];
+    let pods = servers(w, &[("a", early), ("b", &[])])?;
+    let (a, b) = (&pods[0], &pods[1]);
+    let file = world_file(w, "destinations.yaml");
+    let dest = format!("api.test:{HTTP_PORT}");
+    write_file(
+        &file,
+        &destinations(&[(
+            &dest,
+            endpoints_of(&[a, b]),
+            &[
+                ("retry_on", "5xx"),
+                ("lb", "round-robin"),
+                ("outlier_consecutive_5xx", "0"),
+                ("outlier_consecutive_gateway", "0"),
+            ],
+        )]),
+    )?;
+    let client = client_with_file(w, &file, &[])?;
+    let upload = |len: usize| {
+        let body: Vec<u8> = (0..len as u64).map(crate::apps::pattern_byte).collect();
+        let mut req = Req::post(&dest, "/sink", body);
+        req.method = "PUT";
+        req.trickle = true;
+        (
+            req,
+            format!("{len} {}\n", crate::apps::pattern_sha256(len as u64)),
+        )
+    };
+
+    // 32 KiB, sent as it comes: a answers 503 before reading it; the retry sends b
+    // what was kept and then the rest as it arrives. b must get every byte, in order.
+    let (req, sha) = upload(32 * 1024);
+    let before = served(a)?;
+    let replies = send(&client, addr(b), &req, 6, 1)?;
+    ensure!(count_status(&replies, 200) == 6, "{replies:?}");
+    ensure!(
+        replies.iter().all(|r| r.body == sha.as_bytes()),
+        "b got every body whole: {replies:?}"
+    );
+    ensure!(
+        served(a)? > before,
+        "a was tried (and refused) first for some"
+    );
+
+    // 200 KiB outgrows the 64 KiB retry buffer: a request a refused is either refused
+    // to the client (too late to replay) or replayed whole, never cut short.
+    let (req, sha) = upload(200 * 1024);
+    let before = served(a)?;
+    let replies = send(&client, addr(b), &req, 6, 1)?;
+    for r in &replies {
+        ensure!(
+            r.status == 503 || (r.status == 200 && r.body == sha.as_bytes()),
+            "neither refused nor whole: {r:?}"
+        );
+    }
+    ensure!(served(a)? > before);
     Ok(())
 }

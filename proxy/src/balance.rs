@@ -305,52 +305,79 @@ impl Balancer {
     /// An endpoint for the next attempt, avoiding those in `tried` when others remain.
     pub fn pick(&self, lb: Lb, tried: &[EndpointAddr]) -> Option<Arc<EndpointState>> {
         let all = self.endpoints();
-        let now = Instant::now();
-        let ready: Vec<&Arc<EndpointState>> = all.iter().filter(|e| !e.ejected(now)).collect();
-        // Ejection is capped below 100%, so only an empty set leaves nothing ready; be
-        // safe all the same.
-        let pool: Vec<&Arc<EndpointState>> = if ready.is_empty() {
-            all.iter().collect()
-        } else {
-            ready
-        };
-        let fresh: Vec<&Arc<EndpointState>> = pool
-            .iter()
-            .copied()
-            .filter(|e| !tried.contains(&e.addr))
-            .collect();
-        let candidates = if fresh.is_empty() { pool } else { fresh };
-        let chosen = match candidates.len() {
+        match all.len() {
             0 => return None,
-            1 => candidates[0],
-            _ => match lb {
-                Lb::Random => candidates[weighted(&candidates, None)],
-                Lb::RoundRobin => {
-                    let total: u64 = candidates.iter().map(|e| e.weight as u64).sum();
-                    let mut n = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
-                    candidates
-                        .iter()
-                        .copied()
-                        .find(|e| {
-                            if n < e.weight as u64 {
-                                true
-                            } else {
-                                n -= e.weight as u64;
-                                false
-                            }
-                        })
-                        .unwrap_or(candidates[0])
-                }
-                Lb::Ewma => {
-                    // Two different endpoints, each as likely as its weight.
-                    let i = weighted(&candidates, None);
-                    let j = weighted(&candidates, Some(i));
-                    let (a, b) = (candidates[i], candidates[j]);
-                    if a.cost(now) <= b.cost(now) { a } else { b }
-                }
-            },
+            1 => return Some(all[0].clone()),
+            _ => {}
+        }
+        let now = Instant::now();
+        // Per endpoint: bit 1 ready (not ejected), bit 2 ready and not tried yet. On the
+        // stack for any usual number of endpoints: this runs for every request.
+        const INLINE: usize = 64;
+        let mut inline = [0u8; INLINE];
+        let mut heap = Vec::new();
+        let flags: &mut [u8] = if all.len() <= INLINE {
+            &mut inline[..all.len()]
+        } else {
+            heap.resize(all.len(), 0);
+            &mut heap
         };
-        Some(chosen.clone())
+        let (mut any_ready, mut any_fresh) = (false, false);
+        for (f, e) in flags.iter_mut().zip(all.iter()) {
+            let ready = !e.ejected(now);
+            let fresh = ready && !tried.contains(&e.addr);
+            *f = u8::from(ready) | (u8::from(fresh) << 1);
+            any_ready |= ready;
+            any_fresh |= fresh;
+        }
+        // Untried ones when there are; else any ready one; else (ejection is capped
+        // below 100%, so only in theory) any.
+        let need = if any_fresh {
+            2
+        } else if any_ready {
+            1
+        } else {
+            0
+        };
+        let weight = |i: usize| -> u64 {
+            if need == 0 || flags[i] & need != 0 {
+                u64::from(all[i].weight)
+            } else {
+                0
+            }
+        };
+        let eligible = (0..all.len()).filter(|i| weight(*i) > 0).count();
+        let chosen = match (eligible, lb) {
+            (0, _) => return None,
+            (1, _) => (0..all.len()).find(|i| weight(*i) > 0).unwrap_or(0),
+            (_, Lb::Random) => weighted(all.len(), &weight, None),
+            (_, Lb::RoundRobin) => {
+                let total: u64 = (0..all.len()).map(weight).sum();
+                let mut n = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+                (0..all.len())
+                    .find(|i| {
+                        let w = weight(*i);
+                        if n < w {
+                            true
+                        } else {
+                            n -= w;
+                            false
+                        }
+                    })
+                    .unwrap_or(0)
+            }
+            (_, Lb::Ewma) => {
+                // Two different endpoints, each as likely as its weight.
+                let i = weighted(all.len(), &weight, None);
+                let j = weighted(all.len(), &weight, Some(i));
+                if all[i].cost(now) <= all[j].cost(now) {
+                    i
+                } else {
+                    j
+                }
+            }
+        };
+        Some(all[chosen].clone())
     }
 
     /// Records how an attempt ended: its latency (for responses) and its outcome (for
@@ -524,29 +551,20 @@ where
     }
 }
 
-/// The index of a random endpoint other than `skip`, each as likely as its weight.
-fn weighted(candidates: &[&Arc<EndpointState>], skip: Option<usize>) -> usize {
-    let weight = |i: usize| {
-        if Some(i) == skip {
-            0
-        } else {
-            candidates[i].weight as u64
-        }
-    };
-    let total: u64 = (0..candidates.len()).map(weight).sum();
-    let mut n = fastrand::u64(0..total.max(1));
-    for i in 0..candidates.len() {
-        let w = weight(i);
-        if n < w {
+/// The index (below `n`) of a random endpoint other than `skip`, each as likely as its
+/// weight; the caller makes sure another with a weight exists.
+fn weighted(n: usize, weight: &dyn Fn(usize) -> u64, skip: Option<usize>) -> usize {
+    let w = |i: usize| if Some(i) == skip { 0 } else { weight(i) };
+    let total: u64 = (0..n).map(w).sum();
+    let mut r = fastrand::u64(0..total.max(1));
+    for i in 0..n {
+        let wi = w(i);
+        if r < wi {
             return i;
         }
-        n -= w;
+        r -= wi;
     }
-    // Only when every weight but the skipped one is zero, which weights of at least 1
-    // rule out.
-    (0..candidates.len())
-        .find(|i| Some(*i) != skip)
-        .unwrap_or(0)
+    (0..n).find(|i| w(*i) > 0).unwrap_or(0)
 }
 
 #[cfg(test)]

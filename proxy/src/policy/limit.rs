@@ -3,7 +3,10 @@
 //! `gofe-overloaded: true`) instead of queueing behind the others. A request holds
 //! its slot until its response body has ended.
 
-use super::call::{Answer, BoxFuture, Call, Failure};
+use super::call::{Answer, Call, Failure};
+use futures_util::future::Either;
+use std::future::{Future, Ready};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -62,7 +65,7 @@ where
 {
     type Response = Answer<B>;
     type Error = Failure;
-    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+    type Future = Either<Ready<Result<Answer<B>, Failure>>, Held<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         self.inner.poll_ready(cx)
@@ -77,14 +80,35 @@ where
                 destination: self.cfg.destination.clone(),
                 limit: self.cfg.max,
             };
-            return Box::pin(std::future::ready(Err(failure)));
+            return Either::Left(std::future::ready(Err(failure)));
         }
-        let answer = self.inner.call(call);
-        Box::pin(async move {
-            let mut a = answer.await?;
-            a.permit = Some(permit);
-            Ok(a)
+        Either::Right(Held {
+            answer: self.inner.call(call),
+            permit: Some(permit),
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer on its way, holding its slot; the slot goes with the answer.
+    pub struct Held<F> {
+        #[pin]
+        answer: F,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F, B> Future for Held<F>
+where
+    F: Future<Output = Result<Answer<B>, Failure>>,
+{
+    type Output = Result<Answer<B>, Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut a = std::task::ready!(this.answer.poll(cx))?;
+        a.permit = this.permit.take();
+        Poll::Ready(Ok(a))
     }
 }
 

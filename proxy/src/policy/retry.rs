@@ -97,6 +97,15 @@ where
     }
 }
 
+/// `gofe-attempt`'s value: static for the attempts a retry limit allows.
+fn attempt_value(n: u32) -> HeaderValue {
+    const STATIC: [&str; 12] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+    match STATIC.get(n as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// Methods whose repetition has the effect of doing them once (RFC 9110 §9.2.2).
 pub fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -237,7 +246,7 @@ where
     let mut attempt: u32 = 1;
     loop {
         req.headers_mut()
-            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+            .insert(ATTEMPT_HEADER, attempt_value(attempt));
         let body_id = req.body().replay_id();
         let svc = inner.ready().await?;
         let result = svc

@@ -6,6 +6,7 @@
 //! with the attempt's headers.
 
 use super::call::{Answer, BoxFuture, Call, Failure};
+use futures_util::future::Either;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
@@ -62,7 +63,8 @@ where
 {
     type Response = Answer<B>;
     type Error = Failure;
-    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+    /// Without a timeout, the inner future as it is.
+    type Future = Either<S::Future, BoxFuture<Result<Answer<B>, Failure>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         self.inner.poll_ready(cx)
@@ -73,9 +75,9 @@ where
         let answer = self.inner.call(call);
         let TimeoutLayer { after, scope } = self.cfg;
         let Some(after) = after else {
-            return Box::pin(answer);
+            return Either::Left(answer);
         };
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let deadline = tokio::time::Instant::now() + after;
             match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(mut a)) if scope == Scope::Request => {
@@ -88,7 +90,7 @@ where
                     Scope::Attempt => Failure::TryTimeout { after, endpoint },
                 }),
             }
-        })
+        }))
     }
 }
 

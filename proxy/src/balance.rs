@@ -205,6 +205,10 @@ impl Balancer {
             let set = match (known, fallback) {
                 (true, _) => set,
                 (false, Some(addr)) => {
+                    // Discovery may have known endpoints before: they are gone.
+                    if set.source != Source::Pending {
+                        self.sync(&set);
+                    }
                     return Some(Chosen {
                         endpoint: self.fallback(addr),
                         balanced: false,
@@ -311,8 +315,9 @@ impl Balancer {
             _ => {}
         }
         let now = Instant::now();
-        // Per endpoint: bit 1 ready (not ejected), bit 2 ready and not tried yet. On the
-        // stack for any usual number of endpoints: this runs for every request.
+        // Per endpoint: bit 1 ready (not ejected), bit 2 ready and not tried yet, bit 4
+        // not tried yet. On the stack for any usual number of endpoints: this runs for
+        // every request.
         const INLINE: usize = 64;
         let mut inline = [0u8; INLINE];
         let mut heap = Vec::new();
@@ -322,20 +327,25 @@ impl Balancer {
             heap.resize(all.len(), 0);
             &mut heap
         };
-        let (mut any_ready, mut any_fresh) = (false, false);
+        let (mut any_ready, mut any_fresh, mut any_untried) = (false, false, false);
         for (f, e) in flags.iter_mut().zip(all.iter()) {
             let ready = !e.ejected(now);
-            let fresh = ready && !tried.contains(&e.addr);
-            *f = u8::from(ready) | (u8::from(fresh) << 1);
+            let untried = !tried.contains(&e.addr);
+            let fresh = ready && untried;
+            *f = u8::from(ready) | (u8::from(fresh) << 1) | (u8::from(untried) << 2);
             any_ready |= ready;
             any_fresh |= fresh;
+            any_untried |= untried;
         }
-        // Untried ones when there are; else any ready one; else (ejection is capped
-        // below 100%, so only in theory) any.
+        // Untried ready ones when there are; else any ready one; else (only when every
+        // endpoint is ejected, which a max percent of 100 allows) an untried one; else
+        // any.
         let need = if any_fresh {
             2
         } else if any_ready {
             1
+        } else if any_untried {
+            4
         } else {
             0
         };
@@ -424,11 +434,16 @@ impl Balancer {
                 .iter()
                 .filter(|e| !Arc::ptr_eq(e, endpoint) && e.ejected(now))
                 .count();
-            // Never more than the max percent of the endpoints out at once.
-            if all.iter().any(|e| Arc::ptr_eq(e, endpoint))
+            let mut outlier = endpoint.outlier.lock();
+            if outlier.is_ejected(now) {
+                // Requests that were in flight when it was ejected, failing late: it is
+                // out already, and stays out for the time it was given.
+                outlier.clear_counts();
+            } else if all.iter().any(|e| Arc::ptr_eq(e, endpoint))
                 && (out + 1) * 100 <= all.len() * policy.max_ejection_percent as usize
             {
-                ejected = Some(endpoint.outlier.lock().eject(now, policy));
+                // Never more than the max percent of the endpoints out at once.
+                ejected = Some(outlier.eject(now, policy));
             }
         }
         Observed { ejected }
@@ -732,6 +747,45 @@ mod tests {
         assert_eq!(ejected, 2, "half of four");
         let c = counts(&b, Lb::Random, 200);
         assert_eq!(c.len(), 2, "the ejected two get nothing: {c:?}");
+    }
+
+    #[test]
+    fn late_failures_of_an_ejected_endpoint_do_not_eject_it_again() {
+        let b = Balancer::default();
+        b.sync(&set(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 1),
+        ]));
+        let e = b.endpoints()[0].clone();
+        // Three requests in flight; all fail, one after the other.
+        let flights: Vec<InFlight> = (0..3).map(|_| e.start()).collect();
+        let ejections = flights
+            .iter()
+            .filter(|f| {
+                b.observe(f, Outcome::Status(503), &outlier(50))
+                    .ejected
+                    .is_some()
+            })
+            .count();
+        assert_eq!(ejections, 1);
+        assert_eq!(e.ejection().1, 1, "ejected once, for the base time");
+    }
+
+    #[test]
+    fn with_every_endpoint_ejected_a_retry_still_prefers_an_untried_one() {
+        let b = Balancer::default();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]));
+        for e in b.endpoints().iter() {
+            e.outlier.lock().eject(Instant::now(), &outlier(100));
+        }
+        let tried = [EndpointAddr("10.0.0.1:80".parse().unwrap())];
+        for _ in 0..50 {
+            assert_eq!(
+                b.pick(Lb::Random, &tried).unwrap().addr.to_string(),
+                "10.0.0.2:80"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tower::retry::budget::Budget;
 
@@ -109,6 +109,8 @@ pub struct Destination {
     policy: RwLock<(u64, Arc<Policy>)>,
     budget: Mutex<((f32, u32), Arc<RetryBudget>)>,
     last_used: AtomicU64,
+    /// Set when the registry forgets it: whoever still holds it looks it up again.
+    removed: AtomicBool,
 }
 
 impl Destination {
@@ -209,6 +211,12 @@ impl Destination {
         }
     }
 
+    /// Whether the registry has forgotten this destination (a new one stands for its
+    /// name now).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
     pub fn touch(&self) {
         self.last_used.store(now_secs(), Ordering::Relaxed);
     }
@@ -278,6 +286,7 @@ impl Destinations {
             policy: RwLock::new((self.policies.generation.load(Ordering::Acquire), policy)),
             policies: self.policies.clone(),
             last_used: AtomicU64::new(now_secs()),
+            removed: AtomicBool::new(false),
             key: key.clone(),
         });
         if map.len() >= MAX_DESTINATIONS {
@@ -287,8 +296,8 @@ impl Destinations {
                 .filter(|(_, d)| d.in_flight.load(Ordering::Relaxed) == 0)
                 .min_by_key(|(_, d)| d.last_used.load(Ordering::Relaxed))
                 .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                map.remove(&k);
+            if let Some(d) = oldest.and_then(|k| map.remove(&k)) {
+                d.removed.store(true, Ordering::Release);
             }
         }
         if map.len() < MAX_DESTINATIONS {
@@ -301,8 +310,13 @@ impl Destinations {
     pub fn sweep(&self) {
         let now = now_secs();
         self.map.write().retain(|_, d| {
-            now.saturating_sub(d.last_used.load(Ordering::Relaxed)) < DESTINATION_IDLE.as_secs()
-                || d.in_flight.load(Ordering::Relaxed) > 0
+            let keep = now.saturating_sub(d.last_used.load(Ordering::Relaxed))
+                < DESTINATION_IDLE.as_secs()
+                || d.in_flight.load(Ordering::Relaxed) > 0;
+            if !keep {
+                d.removed.store(true, Ordering::Release);
+            }
+            keep
         });
     }
 

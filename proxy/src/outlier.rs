@@ -62,6 +62,12 @@ impl Outlier {
             || over(self.consecutive_gateway, policy.consecutive_gateway)
     }
 
+    /// Forgets the failures counted so far.
+    pub fn clear_counts(&mut self) {
+        self.consecutive_5xx = 0;
+        self.consecutive_gateway = 0;
+    }
+
     /// Ejects until now + base x times ejected (capped); returns for how long.
     pub fn eject(&mut self, now: Instant, policy: &OutlierPolicy) -> Duration {
         self.times_ejected += 1;

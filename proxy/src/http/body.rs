@@ -242,6 +242,8 @@ impl OnEnd {
     }
 }
 
+const GRPC_DEADLINE_EXCEEDED: u16 = 4;
+
 pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
     headers
         .get("grpc-status")
@@ -333,12 +335,25 @@ impl Body for ResponseBody {
             && deadline.as_mut().poll(cx).is_ready()
         {
             this.deadline = None;
-            this.finish(false);
-            // Nothing more comes from upstream; the client sees the response cut off.
+            // Nothing more comes from upstream (its connection is not reused).
             this.inner = Inner::Full(None);
-            return Poll::Ready(Some(Err(
-                "the request timed out (GOFE_REQUEST_TIMEOUT) while its response streamed".into(),
-            )));
+            const WHY: &str =
+                "the request timed out (GOFE_REQUEST_TIMEOUT) while its response streamed";
+            let grpc = this.on_end.as_ref().is_some_and(|o| o.grpc);
+            if grpc {
+                // A gRPC client is told so in the trailers: DEADLINE_EXCEEDED.
+                if let Some(o) = this.on_end.as_mut() {
+                    o.grpc_status = Some(GRPC_DEADLINE_EXCEEDED);
+                }
+                this.finish(false);
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", GRPC_DEADLINE_EXCEEDED.into());
+                t.insert("grpc-message", http::HeaderValue::from_static(WHY));
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            // Anyone else sees the response cut off (a reset, or the connection closed).
+            this.finish(false);
+            return Poll::Ready(Some(Err(WHY.into())));
         }
         let frame = match &mut this.inner {
             Inner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),

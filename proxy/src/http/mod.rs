@@ -81,6 +81,7 @@ impl HttpConn {
         let mut last = self.last_destination.lock();
         if let Some((a, d)) = last.as_ref()
             && a.as_ref() == authority
+            && !d.is_removed()
         {
             d.touch();
             return d.clone();

@@ -277,9 +277,21 @@ where
         if attempt > p.limit {
             return finish(result);
         }
-        // A request that went out is sent again from the copies; one that did not
-        // comes back with the failure.
-        let replayed = if verdict.replay {
+        // A request that went out is sent again from the copies, if they are whole; one
+        // that did not comes back with the failure.
+        let can_replay =
+            head.is_some() && (empty || replay.as_ref().is_some_and(|r| r.replayable()));
+        if verdict.replay && !can_replay {
+            return finish(result);
+        }
+        if !cfg.budget.withdraw() {
+            cfg.stats
+                .metrics
+                .retry_budget_exhausted(&cfg.stats.destination);
+            return finish(result);
+        }
+        let next = if verdict.replay {
+            // Only now is the attempt given up: its body fails from here on.
             let body = if empty {
                 Some(RequestBody::empty())
             } else {
@@ -289,26 +301,19 @@ where
                     .map(RequestBody::replay)
             };
             match (head.as_ref(), body) {
-                (Some(head), Some(body)) => Some(Request::from_parts(copy_head(head), body)),
+                (Some(head), Some(body)) => {
+                    // The failed attempt's response goes (its connection with it) now.
+                    drop(result);
+                    Request::from_parts(copy_head(head), body)
+                }
+                // The body outgrew the copy between the check and now.
                 _ => return finish(result),
             }
         } else {
-            None
-        };
-        if !cfg.budget.withdraw() {
-            cfg.stats
-                .metrics
-                .retry_budget_exhausted(&cfg.stats.destination);
-            return finish(result);
-        }
-        let next = match (replayed, result) {
-            (Some(next), result) => {
-                // The failed attempt's response goes (its connection with it) now.
-                drop(result);
-                next
+            match result {
+                Err(Failure::Unsent { req, .. }) => *req,
+                _ => unreachable!("only an unsent request comes back"),
             }
-            (None, Err(Failure::Unsent { req, .. })) => *req,
-            (None, _) => unreachable!("only an unsent request comes back"),
         };
         cfg.stats
             .metrics

@@ -17,7 +17,11 @@
 //! sidecar a SPIFFE identity with a short lifetime, so renewals show too. Every second
 //! the demo prints what the client saw, the retries that saved requests, and how api's
 //! traffic spread over its replicas; ejections and returns as they happen; Ctrl-C or
-//! `--duration` drains the sidecars and prints a summary.
+//! `--duration` drains the sidecars and prints a summary: each sidecar's latency
+//! quantiles from its histograms, and one request's trace across both hops as a
+//! waterfall. Every sidecar makes spans (web passes the trace context on, as an
+//! instrumented application does); with GOFE_TRACE_COLLECTOR set they are exported
+//! there too (Jaeger, say).
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -62,6 +66,8 @@ struct SidecarPorts {
 
 struct Sidecar {
     name: &'static str,
+    /// The spans this sidecar made, as its exporter got them.
+    spans: gofe_telemetry::trace::LocalSpans,
     ports: SidecarPorts,
     metrics: Arc<Metrics>,
     destinations: Arc<gofe_proxy::destination::Destinations>,
@@ -223,8 +229,20 @@ fn sidecar(
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    // A collector named in the demo's environment gets the spans too.
+    for var in [
+        &config::TRACE_COLLECTOR,
+        &config::TRACE_PROTOCOL,
+        &config::TRACE_SAMPLE_RATIO,
+    ] {
+        if let Ok(v) = std::env::var(var.name) {
+            vars.entry(var.name.to_string()).or_insert(v);
+        }
+    }
     let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
-    let proxy = Proxy::bind(config).with_context(|| format!("{name} sidecar"))?;
+    let spans = gofe_telemetry::trace::LocalSpans::default();
+    let proxy =
+        Proxy::bind_with(config, Some(spans.clone())).with_context(|| format!("{name} sidecar"))?;
     let metrics = proxy.metrics();
     let destinations = proxy.destinations();
     let mesh = proxy
@@ -234,6 +252,7 @@ fn sidecar(
     let done = tokio::spawn(proxy.run());
     Ok(Sidecar {
         name,
+        spans,
         ports,
         metrics,
         destinations,
@@ -313,7 +332,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     tokio::spawn(serve_web(bind(web_app).await?, web_ports.outbound));
     let mut replicas = Vec::new();
     for (((name, _), ports), app) in REPLICAS.iter().zip(replica_ports).zip(replica_apps) {
-        let as_api = [(config::IDENTITY_NAME.name, spiffe("api"))];
+        let as_api = [
+            (config::IDENTITY_NAME.name, spiffe("api")),
+            (config::SERVICE_NAME.name, "api".to_string()),
+        ];
         replicas.push(sidecar(name, ports, app, &identity, &as_api)?);
     }
     let web = sidecar(
@@ -321,10 +343,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         web_ports,
         web_app,
         &identity,
-        &[(
-            config::DISCOVERY.name,
-            format!("file:{}", discovery.display()),
-        )],
+        &[
+            (
+                config::DISCOVERY.name,
+                format!("file:{}", discovery.display()),
+            ),
+            (config::SERVICE_NAME.name, "web".to_string()),
+        ],
     )?;
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -362,6 +387,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         discovery.display()
     );
     println!("  outlier ejection after 5 failures in a row (5 s, growing with each ejection)");
+    match std::env::var(config::TRACE_COLLECTOR.name) {
+        Ok(c) if !c.trim().is_empty() => println!(
+            "  traces: every sidecar exports its spans to {c} (GOFE_TRACE_COLLECTOR); look for services web and api"
+        ),
+        _ => println!(
+            "  traces: kept in memory for the summary; set GOFE_TRACE_COLLECTOR (e.g. http://127.0.0.1:4317) to see them in Jaeger"
+        ),
+    }
     println!(
         "  issuer: https://{} (trust anchor {}), certificates for {}s",
         identity.addr,
@@ -428,10 +461,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let drained = Instant::now();
     print_mtls(&web.metrics);
     print_resilience(&web, &replicas);
+    let mut latencies = Vec::new();
+    let mut spans = Vec::new();
     for s in std::iter::once(web).chain(replicas) {
         let name = s.name;
         let metrics = s.metrics.clone();
         s.done.await.with_context(|| format!("{name} sidecar"))?;
+        // Drained: its last spans are exported.
+        latencies.push((name, metrics.clone()));
+        spans.extend(s.spans.spans().into_iter().map(|span| (name, span)));
         let (inbound, outbound) = (
             total(&metrics, Direction::Inbound),
             total(&metrics, Direction::Outbound),
@@ -441,6 +479,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     print_summary(&stats.lock(), started.elapsed(), drained.elapsed());
+    print_latencies(&latencies);
+    print_trace(&spans);
     let _ = std::fs::remove_dir_all(&identity.dir);
     Ok(())
 }
@@ -585,7 +625,13 @@ async fn serve_web(listener: TcpListener, sidecar_outbound: u16) {
                 let authority = authority.clone();
                 async move {
                     let uri = format!("http://{authority}/item{}", req.uri().path());
-                    let rsp = match upstream.get(&uri).await {
+                    // As an instrumented application does: the call to api continues
+                    // the trace of the request being served.
+                    let context: Vec<_> = ["traceparent", "tracestate"]
+                        .into_iter()
+                        .filter_map(|h| req.headers().get(h).map(|v| (h, v.clone())))
+                        .collect();
+                    let rsp = match upstream.get(&uri, &context).await {
                         Ok((status, body)) if status.is_success() => {
                             let mut r =
                                 Response::new(Full::new(Bytes::from(format!("web saw {body}\n"))));
@@ -650,9 +696,16 @@ impl H2Upstream {
         Ok(t)
     }
 
-    async fn get(&self, uri: &str) -> anyhow::Result<(StatusCode, String)> {
+    async fn get(
+        &self,
+        uri: &str,
+        headers: &[(&'static str, http::HeaderValue)],
+    ) -> anyhow::Result<(StatusCode, String)> {
         let mut tx = self.sender().await?;
-        let req = Request::get(uri).body(Empty::new())?;
+        let mut req = Request::get(uri).body(Empty::new())?;
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, value.clone());
+        }
         let rsp = tx.send_request(req).await?;
         let status = rsp.status();
         let body = rsp.into_body().collect().await?.to_bytes();
@@ -881,6 +934,154 @@ fn print_summary(s: &Stats, ran: Duration, drain: Duration) {
             ms(s.all.value_at_quantile(0.99)),
             ms(s.all.value_at_quantile(0.999)),
             ms(s.all.max()),
+        );
+    }
+}
+
+/// Each sidecar's latency per destination, from its histograms: the quantiles over
+/// the last minute that `/metrics` serves as `gofe_request_duration_seconds_quantile`.
+fn print_latencies(sidecars: &[(&'static str, Arc<Metrics>)]) {
+    println!();
+    println!("  latency per destination, from each sidecar's histograms (last minute):");
+    println!(
+        "    {:<8} {:<9} {:<16} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "sidecar", "direction", "authority", "requests", "p50", "p90", "p99", "p99.9"
+    );
+    for (name, metrics) in sidecars {
+        let mut rows = metrics.requests.snapshot();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        for (labels, stats) in rows {
+            let s = stats.latency.snapshot();
+            let Some(q) = s.quantiles else { continue };
+            let f = |secs: f64| ms((secs * 1e6) as u64);
+            println!(
+                "    {:<8} {:<9} {:<16} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                labels.direction.as_str(),
+                labels.authority,
+                s.count,
+                f(q[0]),
+                f(q[1]),
+                f(q[2]),
+                f(q[3]),
+            );
+        }
+    }
+}
+
+/// One request's trace as a waterfall: the spans of every hop as the sidecars
+/// exported them, indented by parent. A trace in which the web sidecar retried is
+/// chosen when there is one.
+fn print_trace(spans: &[(&'static str, gofe_telemetry::trace::ExportedSpan)]) {
+    use gofe_telemetry::trace::SpanKind;
+    let attr = |s: &gofe_telemetry::trace::ExportedSpan, key: &str| {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    let mut traces: HashMap<String, Vec<&(&'static str, gofe_telemetry::trace::ExportedSpan)>> =
+        HashMap::new();
+    for s in spans {
+        traces
+            .entry(s.1.span_context.trace_id().to_string())
+            .or_default()
+            .push(s);
+    }
+    let retried = |t: &[&(&'static str, gofe_telemetry::trace::ExportedSpan)]| {
+        t.iter().any(|(_, s)| {
+            s.span_kind == SpanKind::Client && attr(s, "gofe.retries").is_some_and(|r| r != "0")
+        })
+    };
+    let start = |t: &[&(&'static str, gofe_telemetry::trace::ExportedSpan)]| {
+        t.iter().map(|(_, s)| s.start_time).min()
+    };
+    let chosen = traces
+        .values()
+        .filter(|t| t.len() >= 3)
+        .max_by_key(|t| (retried(t), start(t)));
+    let Some(trace) = chosen else {
+        println!();
+        println!("  no complete trace was recorded");
+        return;
+    };
+    let mut trace: Vec<_> = trace.clone();
+    trace.sort_by_key(|(_, s)| s.start_time);
+    let t0 = trace[0].1.start_time;
+    let t1 = trace.iter().map(|(_, s)| s.end_time).max().unwrap_or(t0);
+    let total = t1
+        .duration_since(t0)
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(1e-6);
+    println!();
+    println!(
+        "  one request's trace {} ({} spans{}):",
+        trace[0].1.span_context.trace_id(),
+        trace.len(),
+        if retried(&trace) {
+            ", the web sidecar retried it"
+        } else {
+            ""
+        }
+    );
+    const WIDTH: usize = 40;
+    let depth = |s: &gofe_telemetry::trace::ExportedSpan| {
+        let mut d = 0;
+        let mut parent = s.parent_span_id;
+        while let Some((_, p)) = trace
+            .iter()
+            .find(|(_, p)| p.span_context.span_id() == parent)
+        {
+            d += 1;
+            parent = p.parent_span_id;
+        }
+        d
+    };
+    for (sidecar, s) in &trace {
+        let from = s
+            .start_time
+            .duration_since(t0)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let to = s
+            .end_time
+            .duration_since(t0)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let a = ((from / total) * WIDTH as f64).floor() as usize;
+        let b = (((to / total) * WIDTH as f64).ceil() as usize).clamp(a + 1, WIDTH);
+        let bar: String = (0..WIDTH)
+            .map(|i| if i >= a && i < b { '█' } else { ' ' })
+            .collect();
+        let kind = match s.span_kind {
+            SpanKind::Server => "SERVER",
+            SpanKind::Client => "CLIENT",
+            _ => "INTERNAL",
+        };
+        let label = format!(
+            "{}{} sidecar {kind} {} {}",
+            "  ".repeat(depth(s)),
+            sidecar,
+            s.name,
+            attr(s, "url.path").unwrap_or_default()
+        );
+        let mut notes = vec![format!(
+            "{}",
+            attr(s, "http.response.status_code").unwrap_or_default()
+        )];
+        if s.span_kind == SpanKind::Client
+            && let Some(r) = attr(s, "gofe.retries").filter(|r| r != "0")
+        {
+            notes.push(format!("retries {r}"));
+        }
+        if let Some(p) = attr(s, "gofe.peer_identity") {
+            notes.push(format!("peer {p}"));
+        }
+        println!(
+            "    {label:<40} |{bar}| {:>8}  {}",
+            ms(((to - from) * 1e6) as u64),
+            notes.join(", ")
         );
     }
 }

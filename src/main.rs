@@ -89,10 +89,13 @@ fn proxy() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = gofe_telemetry::logs::init(&config.log, config.log_format) {
-        eprintln!("gofe proxy: {e}");
-        return ExitCode::from(2);
-    }
+    let log = match gofe_telemetry::logs::init(&config.log, config.log_format) {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("gofe proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
     warn_unknown_variables();
     warn_if_not_proxy_uid();
     let rt = match runtime(config.worker_threads) {
@@ -117,6 +120,7 @@ fn proxy() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        proxy.set_log_handle(log);
         let shutdown = proxy.shutdown();
         tokio::spawn(async move {
             signal().await;

@@ -161,6 +161,31 @@ fn demo_runs_and_drains_cleanly() {
         );
         let ok: u64 = statuses["200: ".len()..].parse().unwrap();
         assert!(ok >= 400, "a steady stream for 6s at 100/s: {text}");
+        // The histograms count what the client sent, per sidecar and direction.
+        let web_inbound = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("web      inbound"))
+            .unwrap_or_else(|| panic!("no latency line for web's inbound: {text}"));
+        let counted: u64 = web_inbound
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(counted, ok, "{web_inbound}");
+        // A trace through both hops, with the retry that saved it.
+        let trace = text
+            .split("one request's trace ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no trace printed: {text}"));
+        assert!(trace.contains("the web sidecar retried it"), "{text}");
+        for hop in [
+            "web sidecar SERVER",
+            "web sidecar CLIENT",
+            "api-2 sidecar SERVER",
+        ] {
+            assert!(trace.contains(hop), "{hop} missing from the trace: {text}");
+        }
         return;
     }
     panic!("no free port range for the demo: {last:?}");

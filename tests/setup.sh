@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
-# for the pods, curl and h2load (nghttp2-client) as real clients. The benchmark also
+# for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
+# prometheus package) to check the metrics exposition. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -8,6 +9,7 @@ command -v ip >/dev/null || need+=(iproute2)
 { command -v iptables-nft >/dev/null && command -v iptables-legacy >/dev/null; } || need+=(iptables)
 command -v curl >/dev/null || need+=(curl)
 command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v nginx >/dev/null || need+=(nginx-light)
@@ -21,4 +23,4 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-echo "tests/setup.sh: ip, iptables, curl and h2load are installed"
+echo "tests/setup.sh: ip, iptables, curl, h2load and promtool are installed"

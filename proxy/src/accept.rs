@@ -155,7 +155,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
             }
             match target {
                 ConnTarget::Endpoint { endpoint, .. } => {
-                    tcp::forward(io, endpoint, direction, &state).await
+                    tcp::forward(io, client, endpoint, direction, &state).await
                 }
                 ConnTarget::Explicit => {
                     debug!(%client, "explicit proxy connection is not HTTP; closing");
@@ -240,7 +240,7 @@ async fn terminate<I: Io>(
             let version = match protocol {
                 Protocol::Http1 => HttpVersion::Http1,
                 Protocol::Http2 => HttpVersion::Http2,
-                _ => return tcp::forward(io, endpoint, Direction::Inbound, &state).await,
+                _ => return tcp::forward(io, client, endpoint, Direction::Inbound, &state).await,
             };
             let conn = HttpConn::new(state.clone(), Direction::Inbound, client, target)
                 .with_peer(Some(peer));

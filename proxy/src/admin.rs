@@ -31,7 +31,14 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, peer, req)) }
+                async move {
+                    let rsp = if req.uri().path() == "/log-level" {
+                        log_level(&state, req).await
+                    } else {
+                        route(&state, peer, req)
+                    };
+                    Ok::<_, Infallible>(rsp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -67,6 +74,9 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             state.destinations.render(&mut e);
             if let Some(m) = &state.mesh {
                 render_identity(m, &mut e);
+            }
+            if let Some(t) = &state.tracer {
+                render_spans(t.counts(), &mut e);
             }
             gofe_telemetry::process::render(&mut e);
             let mut rsp = Response::new(Full::new(Bytes::from(e.finish())));
@@ -151,6 +161,82 @@ fn identity(state: &State) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("application/json"),
     );
     rsp
+}
+
+/// `GET /log-level` shows the log filter; `PUT /log-level` with a filter as the body
+/// sets it (`info,gofe_proxy=debug`).
+async fn log_level(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    const MAX_FILTER: usize = 4096;
+    let Some(handle) = state.log.get() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this process's log filter cannot be changed from here\n",
+        );
+    };
+    match *req.method() {
+        Method::GET | Method::HEAD => {
+            let mut rsp = Response::new(Full::new(Bytes::from(format!("{}\n", handle.current()))));
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            rsp
+        }
+        Method::PUT => {
+            let body = http_body_util::Limited::new(req.into_body(), MAX_FILTER);
+            let filter = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "a log filter is at most 4096 bytes\n",
+                    );
+                }
+            };
+            let Ok(filter) = std::str::from_utf8(&filter) else {
+                return text(StatusCode::BAD_REQUEST, "the log filter is not UTF-8\n");
+            };
+            match handle.set(filter.trim()) {
+                Ok(()) => {
+                    info!(
+                        filter = filter.trim(),
+                        "log filter changed through the admin server"
+                    );
+                    let mut rsp =
+                        Response::new(Full::new(Bytes::from(format!("{}\n", filter.trim()))));
+                    rsp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    rsp
+                }
+                Err(e) => {
+                    let mut rsp = Response::new(Full::new(Bytes::from(format!("{e}\n"))));
+                    *rsp.status_mut() = StatusCode::BAD_REQUEST;
+                    rsp
+                }
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+    }
+}
+
+fn render_spans(c: &gofe_telemetry::trace::SpanCounts, e: &mut Exposition) {
+    use gofe_telemetry::prom::Kind;
+    e.family(
+        "gofe_trace_spans_total",
+        "Spans by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
+        Kind::Counter,
+    );
+    for (result, n) in [
+        ("queued", c.queued.get()),
+        ("dropped", c.dropped.get()),
+        ("exported", c.exported.get()),
+        ("failed", c.failed.get()),
+    ] {
+        e.sample("gofe_trace_spans_total", &[("result", result)], n);
+    }
 }
 
 fn render_identity(m: &crate::mesh::Mesh, e: &mut Exposition) {

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use gofe_telemetry::logs::LogFormat;
+pub use gofe_telemetry::trace::Protocol as TraceProtocol;
 
 /// One environment variable: its name, its default (as a user would type it) and what
 /// it does.
@@ -53,6 +54,16 @@ vars! {
         "Log filter (tracing-subscriber EnvFilter syntax, e.g. info,gofe_proxy=debug).";
     LOG_FORMAT = "GOFE_LOG_FORMAT", "plain",
         "Log line format: plain or json.";
+    ACCESS_LOG = "GOFE_ACCESS_LOG", "off",
+        "off, or json: one JSON line on stdout per request (and per connection that is not HTTP).";
+    TRACE_COLLECTOR = "GOFE_TRACE_COLLECTOR", "",
+        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317); empty: no traces.";
+    TRACE_PROTOCOL = "GOFE_TRACE_PROTOCOL", "grpc",
+        "OTLP transport to the collector: grpc or http/protobuf (the URL's path, or /v1/traces).";
+    TRACE_SAMPLE_RATIO = "GOFE_TRACE_SAMPLE_RATIO", "1.0",
+        "Share of new traces sampled, 0.0 to 1.0; a request whose parent was sampled (or not) follows its parent.";
+    SERVICE_NAME = "GOFE_SERVICE_NAME", "gofe",
+        "The spans' service.name: the workload's name.";
     PROXY_UID = "GOFE_PROXY_UID", "2102",
         "User id the proxy runs as; `gofe init` exempts its traffic from redirection so it cannot loop.";
     SKIP_INBOUND_PORTS = "GOFE_SKIP_INBOUND_PORTS", "",
@@ -159,6 +170,11 @@ pub const PROXY_VARS: &[&Var] = &[
     &WORKER_THREADS,
     &LOG,
     &LOG_FORMAT,
+    &ACCESS_LOG,
+    &TRACE_COLLECTOR,
+    &TRACE_PROTOCOL,
+    &TRACE_SAMPLE_RATIO,
+    &SERVICE_NAME,
     &IDENTITY_DISABLED,
     &IDENTITY_ADDR,
     &IDENTITY_SERVER_NAME,
@@ -332,6 +348,11 @@ pub struct Config {
     pub worker_threads: usize,
     pub log: String,
     pub log_format: LogFormat,
+    pub access_log: bool,
+    /// The OTLP collector and how to reach it; None: no traces.
+    pub trace_collector: Option<(String, TraceProtocol)>,
+    pub trace_sample_ratio: f64,
+    pub service_name: String,
     /// None when GOFE_IDENTITY_DISABLED=true.
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
@@ -447,6 +468,35 @@ impl Config {
                     .map_err(|e| e.to_string())
             }),
             log_format: env.get(&LOG_FORMAT, |s| s.parse::<LogFormat>()),
+            access_log: env.get(&ACCESS_LOG, |s| match s {
+                "off" => Ok(false),
+                "json" => Ok(true),
+                _ => Err("expected off or json".into()),
+            }),
+            trace_collector: {
+                let collector = env.get(&TRACE_COLLECTOR, |s| {
+                    if s.trim().is_empty() {
+                        Ok(None)
+                    } else {
+                        gofe_telemetry::trace::parse_collector(s.trim()).map(Some)
+                    }
+                });
+                let protocol = env.get(&TRACE_PROTOCOL, |s| s.parse::<TraceProtocol>());
+                collector.map(|c| (c, protocol))
+            },
+            trace_sample_ratio: env.get(&TRACE_SAMPLE_RATIO, |s| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|r| (0.0..=1.0).contains(r))
+                    .ok_or_else(|| "expected a number from 0.0 to 1.0".into())
+            }),
+            service_name: env.get(&SERVICE_NAME, |s| {
+                if s.trim().is_empty() {
+                    Err("expected a non-empty name".into())
+                } else {
+                    Ok(s.trim().to_string())
+                }
+            }),
             identity: None,
             trust_domain: env.get(&TRUST_DOMAIN, parse_trust_domain),
             outbound_mtls: env.get(&OUTBOUND_MTLS, |s| match s {
@@ -552,6 +602,26 @@ impl Config {
             (WORKER_THREADS.name, self.worker_threads.to_string()),
             (LOG.name, self.log.clone()),
             (LOG_FORMAT.name, self.log_format.to_string()),
+            (
+                ACCESS_LOG.name,
+                if self.access_log { "json" } else { "off" }.to_string(),
+            ),
+            (
+                TRACE_COLLECTOR.name,
+                self.trace_collector
+                    .as_ref()
+                    .map(|(c, _)| c.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                TRACE_PROTOCOL.name,
+                self.trace_collector
+                    .as_ref()
+                    .map_or(TraceProtocol::Grpc, |(_, p)| *p)
+                    .to_string(),
+            ),
+            (TRACE_SAMPLE_RATIO.name, self.trace_sample_ratio.to_string()),
+            (SERVICE_NAME.name, self.service_name.clone()),
             (IDENTITY_DISABLED.name, self.identity.is_none().to_string()),
             (
                 IDENTITY_ADDR.name,

@@ -76,6 +76,10 @@ pub(crate) struct State {
     pub shutdown: Shutdown,
     /// The proxy's identity and mTLS; None when identity is disabled.
     pub mesh: Option<Arc<Mesh>>,
+    /// Spans of requests; None without a collector.
+    pub tracer: Option<gofe_telemetry::trace::Tracer>,
+    /// The process's log filter, for `/log-level`.
+    pub log: std::sync::OnceLock<gofe_telemetry::logs::LogHandle>,
 }
 
 impl State {
@@ -181,6 +185,8 @@ pub enum BindError {
     Mesh(#[from] mesh::MeshError),
     #[error("discovery: {0}")]
     Discovery(String),
+    #[error(transparent)]
+    Trace(#[from] gofe_telemetry::trace::TraceError),
 }
 
 /// The addresses the proxy listens on (the first of each, when a listener also has
@@ -202,6 +208,15 @@ pub struct Proxy {
 impl Proxy {
     /// Binds every listener. Must be called within a Tokio runtime.
     pub fn bind(config: Config) -> Result<Proxy, BindError> {
+        Self::bind_with(config, None)
+    }
+
+    /// Binds every listener; with `local_spans`, spans are also kept in memory there
+    /// (the demo shows them), and are made even without a collector.
+    pub fn bind_with(
+        config: Config,
+        local_spans: Option<gofe_telemetry::trace::LocalSpans>,
+    ) -> Result<Proxy, BindError> {
         let sockets = SocketFactory::new();
         let outbound = bind_with_twin(
             &sockets,
@@ -238,6 +253,18 @@ impl Proxy {
         for task in background {
             tokio::spawn(task);
         }
+        let tracer = if config.trace_collector.is_some() || local_spans.is_some() {
+            Some(gofe_telemetry::trace::Tracer::new(
+                gofe_telemetry::trace::TraceConfig {
+                    collector: config.trace_collector.clone(),
+                    local: local_spans,
+                    sample_ratio: config.trace_sample_ratio,
+                    service_name: config.service_name.clone(),
+                },
+            )?)
+        } else {
+            None
+        };
         let state = Arc::new(State {
             config,
             metrics,
@@ -250,6 +277,8 @@ impl Proxy {
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
             shutdown: Shutdown::default(),
+            tracer,
+            log: std::sync::OnceLock::new(),
         });
         Ok(Proxy {
             state,
@@ -266,6 +295,16 @@ impl Proxy {
             inbound: first(&self.inbound),
             admin: first(&self.admin),
         }
+    }
+
+    /// Lets `/log-level` show and change the process's log filter.
+    pub fn set_log_handle(&self, handle: gofe_telemetry::logs::LogHandle) {
+        let _ = self.state.log.set(handle);
+    }
+
+    /// The proxy's tracer, when it makes spans.
+    pub fn tracer(&self) -> Option<gofe_telemetry::trace::Tracer> {
+        self.state.tracer.clone()
     }
 
     /// The handle that starts draining.
@@ -352,6 +391,13 @@ impl Proxy {
         sweeper.abort();
         if let Some(m) = maintain {
             m.abort();
+        }
+        if let Some(tracer) = state.tracer.clone() {
+            // The spans still queued go out (or fail) within a bounded time.
+            let _ = tokio::task::spawn_blocking(move || {
+                tracer.shutdown(std::time::Duration::from_secs(2))
+            })
+            .await;
         }
         info!("drained");
     }

@@ -3,6 +3,7 @@
 //! maps are only crossed when a connection or a new authority first appears.
 
 use crate::addrs::Direction;
+use gofe_telemetry::latency::{self, Latency};
 use gofe_telemetry::metrics::{Counter, Family, Gauge};
 use gofe_telemetry::prom::{Exposition, Kind};
 use http::StatusCode;
@@ -13,6 +14,10 @@ use std::sync::Arc;
 /// authority a sidecar normally talks to, small enough that a client sending random
 /// Host headers costs a bounded few megabytes.
 const MAX_LABEL_SETS: usize = 1000;
+
+/// Label sets of request metrics, each with its latency histograms (some 30 KiB for
+/// latencies under a second, up to 200 KiB with minutes-long ones, while active).
+const MAX_REQUEST_LABEL_SETS: usize = 500;
 
 const OVERFLOW: &str = "other";
 
@@ -33,6 +38,8 @@ pub struct RequestStats {
     /// Anything else (a gRPC status outside 0..=16, or with a non-200 HTTP status):
     /// rare, so a lock is fine.
     rare: Mutex<Vec<(u16, Option<u16>, u64)>>,
+    /// From the request's start to the end of its response body.
+    pub latency: Latency,
 }
 
 const STATUS_MIN: u16 = 100;
@@ -45,6 +52,7 @@ impl Default for RequestStats {
             by_status: (0..STATUS_SLOTS).map(|_| Counter::default()).collect(),
             grpc_ok: (0..GRPC_SLOTS).map(|_| Counter::default()).collect(),
             rare: Mutex::new(Vec::new()),
+            latency: Latency::default(),
         }
     }
 }
@@ -159,7 +167,7 @@ fn idx(d: Direction) -> usize {
 impl Metrics {
     pub fn new() -> Self {
         Self {
-            requests: Family::new(MAX_LABEL_SETS, |l: &RequestLabels| RequestLabels {
+            requests: Family::new(MAX_REQUEST_LABEL_SETS, |l: &RequestLabels| RequestLabels {
                 direction: l.direction,
                 authority: OVERFLOW.into(),
                 tls: l.tls,
@@ -268,7 +276,7 @@ impl Metrics {
         );
         let mut requests = self.requests.snapshot();
         requests.sort_by(|a, b| a.0.cmp(&b.0));
-        for (l, stats) in requests {
+        for (l, stats) in &requests {
             let mut counts = stats.counts();
             counts.sort();
             for (status, grpc, n) in counts {
@@ -288,6 +296,31 @@ impl Metrics {
                 );
             }
         }
+
+        let snapshots: Vec<_> = requests
+            .iter()
+            .map(|(l, stats)| (l, stats.latency.snapshot()))
+            .collect();
+        let series: Vec<_> = snapshots
+            .iter()
+            .map(|(l, s)| {
+                (
+                    vec![
+                        ("direction", l.direction.as_str()),
+                        ("authority", &*l.authority),
+                        ("tls", if l.tls { "true" } else { "false" }),
+                        ("peer_identity", &*l.peer_identity),
+                    ],
+                    s.clone(),
+                )
+            })
+            .collect();
+        latency::render(
+            e,
+            "gofe_request_duration_seconds",
+            "HTTP request latency from the first request byte to the end of the response body.",
+            &series,
+        );
 
         e.family(
             "gofe_tcp_connections_open",

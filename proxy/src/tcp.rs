@@ -4,7 +4,7 @@
 //! client knows at once.
 
 use crate::State;
-use crate::addrs::{Direction, EndpointAddr};
+use crate::addrs::{ClientAddr, Direction, EndpointAddr};
 use crate::destination::PickError;
 use crate::discovery::DestKey;
 use crate::endpoint::ConnectError;
@@ -18,11 +18,43 @@ use tracing::debug;
 const COPY_BUFFER: usize = 16 * 1024;
 
 pub(crate) async fn forward<I: Io>(
-    mut client: I,
+    client: I,
+    client_addr: ClientAddr,
     endpoint: EndpointAddr,
     direction: Direction,
     state: &State,
 ) {
+    let started = (std::time::SystemTime::now(), std::time::Instant::now());
+    let outcome = copy(client, endpoint, direction, state).await;
+    if state.config.access_log {
+        let (sent, received, error) = match &outcome {
+            Ok((s, r)) => (*s, *r, None),
+            Err((s, r, e)) => (*s, *r, Some(e.as_str())),
+        };
+        let mut entry = serde_json::json!({
+            "timestamp": gofe_telemetry::access::timestamp(started.0),
+            "direction": direction.as_str(),
+            "client": client_addr.to_string(),
+            "endpoint": endpoint.to_string(),
+            "protocol": "tcp",
+            "bytes_from_client": sent,
+            "bytes_to_client": received,
+            "duration_ms": started.1.elapsed().as_secs_f64() * 1e3,
+        });
+        if let (Some(e), Some(fields)) = (error, entry.as_object_mut()) {
+            fields.insert("error".into(), e.into());
+        }
+        gofe_telemetry::access::write(&entry);
+    }
+}
+
+/// Copies until both sides have closed: the bytes each way, or what went wrong.
+async fn copy<I: Io>(
+    mut client: I,
+    endpoint: EndpointAddr,
+    direction: Direction,
+    state: &State,
+) -> Result<(u64, u64), (u64, u64, String)> {
     let connect = |addr: EndpointAddr, expected: Option<SpiffeId>| async move {
         let r = state
             .connect_stream(direction, addr, expected.as_ref())
@@ -53,7 +85,7 @@ pub(crate) async fn forward<I: Io>(
         Err(error) => {
             debug!(%endpoint, ?error, "opaque connection failed; resetting the client");
             socket::reset(client.as_tcp());
-            return;
+            return Err((0, 0, format!("{error:?}")));
         }
     };
     match tokio::io::copy_bidirectional_with_sizes(
@@ -64,12 +96,16 @@ pub(crate) async fn forward<I: Io>(
     )
     .await
     {
-        Ok((sent, received)) => debug!(%endpoint, sent, received, "opaque connection closed"),
+        Ok((sent, received)) => {
+            debug!(%endpoint, sent, received, "opaque connection closed");
+            Ok((sent, received))
+        }
         Err(error) => {
             // Pass a failure on as a failure: both peers see a reset, not an orderly end.
             debug!(%endpoint, %error, "opaque connection failed");
             socket::reset(client.as_tcp());
             socket::reset(crate::io::AsTcp::as_tcp(&server));
+            Err((0, 0, error.to_string()))
         }
     }
 }

@@ -741,6 +741,31 @@ impl<'w> Pod<'w> {
         self.in_ns(|| raw_http(addr, method, path))?
     }
 
+    /// As `admin`, with a request body.
+    pub fn admin_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT));
+        self.in_ns(|| raw_http_body(addr, method, path, body))?
+    }
+
+    /// Resident memory of the proxy now, from /proc.
+    pub fn proxy_rss(&self) -> anyhow::Result<u64> {
+        let pid = self
+            .proxy_pid
+            .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
+        Ok(kb * 1024)
+    }
+
     pub fn metrics(&self) -> anyhow::Result<Metrics> {
         let (status, body) = self.admin("GET", "/metrics")?;
         if status != 200 {
@@ -837,11 +862,22 @@ impl App {
 
 /// A minimal blocking HTTP/1.0 exchange (the admin server and test control routes).
 pub fn raw_http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    raw_http_body(addr, method, path, "")
+}
+
+/// As `raw_http`, with a request body.
+pub fn raw_http_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;

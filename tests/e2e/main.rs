@@ -10,6 +10,7 @@ mod cases;
 mod dns;
 mod grpc;
 mod harness;
+mod otlp;
 
 use cases::Skip;
 use harness::World;
@@ -71,6 +72,12 @@ fn all() -> Vec<(&'static str, Case)> {
         resilience::endpoints_come_and_go_under_load_without_failing_requests,
         resilience::discovery_names_the_identity_each_endpoint_must_present,
         resilience::a_streaming_upload_is_replayed_whole_after_an_early_503,
+        telemetry::a_request_through_two_sidecars_is_one_trace_in_w3c_and_b3,
+        telemetry::sampling_follows_the_ratio_and_the_parent,
+        telemetry::a_dead_or_black_holed_collector_costs_requests_nothing,
+        telemetry::latency_histogram_agrees_with_the_client,
+        telemetry::promtool_accepts_a_real_scrape,
+        telemetry::access_log_lines_and_log_level_changes,
     ]
 }
 

@@ -3,6 +3,7 @@
 //! request is counted with its final status, a gRPC status read from the trailers, and
 //! the HTTP/1 connection goes back to its pool if the body was read to the end.
 
+use super::observe::Observe;
 use crate::endpoint::Checkin;
 use crate::metrics::RequestStats;
 use crate::policy::limit::Permit;
@@ -196,6 +197,7 @@ pub struct OnEnd {
     checkin: Option<Checkin>,
     /// The destination's concurrency slot, free once the response has ended.
     _permit: Option<Permit>,
+    observe: Observe,
 }
 
 impl OnEnd {
@@ -213,7 +215,14 @@ impl OnEnd {
             grpc_status: if grpc { grpc_status(headers) } else { None },
             checkin: None,
             _permit: None,
+            observe: Observe::now(),
         }
+    }
+
+    /// The request's start, span and access log entry, finished with the response.
+    pub(crate) fn with_observe(mut self, observe: Observe) -> Self {
+        self.observe = observe;
+        self
     }
 
     pub fn with_permit(mut self, permit: Option<Permit>) -> Self {
@@ -236,6 +245,9 @@ impl OnEnd {
 
     fn finish(self, read_to_end: bool) {
         self.stats.record(self.status, self.grpc_status);
+        self.stats.latency.record(self.observe.started.elapsed());
+        self.observe
+            .finish(self.status.as_u16(), self.grpc_status, read_to_end);
         if read_to_end && let Some(c) = self.checkin {
             c.release();
         }

@@ -3,6 +3,7 @@
 //! `gofe-proxy-error`, and for gRPC clients a gRPC status they understand.
 
 use super::body::{OnEnd, ResponseBody};
+use super::observe::Observe;
 use crate::endpoint::{ConnectError, SendError};
 use crate::metrics::RequestStats;
 use crate::policy::call::Failure;
@@ -50,6 +51,14 @@ impl ProxyError {
         }
     }
 
+    /// The endpoint that failed, when one was tried.
+    fn endpoint(&self) -> Option<crate::addrs::EndpointAddr> {
+        match self {
+            ProxyError::Call(f) => f.endpoint(),
+            _ => None,
+        }
+    }
+
     /// The gRPC status a gRPC client gets instead of the HTTP status.
     fn grpc_status(&self) -> u16 {
         const INVALID_ARGUMENT: u16 = 3;
@@ -65,12 +74,14 @@ impl ProxyError {
     }
 }
 
-/// The response for `err`, counted in `stats` when it has been written.
+/// The response for `err`, counted in `stats` (and observed) when it has been written.
 pub(crate) fn error_response(
     err: &ProxyError,
     grpc: bool,
     stats: Arc<RequestStats>,
+    mut observe: Observe,
 ) -> Response<ResponseBody> {
+    observe.failed(err, err.endpoint());
     let message = err.to_string();
     let reason =
         HeaderValue::from_str(&message).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
@@ -91,7 +102,7 @@ pub(crate) fn error_response(
         );
         (err.status(), format!("{message}\n"))
     };
-    let on_end = OnEnd::new(stats, status, grpc, &headers);
+    let on_end = OnEnd::new(stats, status, grpc, &headers).with_observe(observe);
     let mut rsp = Response::new(ResponseBody::full(body, Some(on_end)));
     *rsp.status_mut() = status;
     *rsp.headers_mut() = headers;
@@ -114,7 +125,7 @@ mod tests {
     #[test]
     fn connect_timeout_is_504_and_names_the_endpoint() {
         let stats = Arc::new(RequestStats::default());
-        let rsp = error_response(&timeout(), false, stats.clone());
+        let rsp = error_response(&timeout(), false, stats.clone(), Observe::now());
         assert_eq!(rsp.status(), StatusCode::GATEWAY_TIMEOUT);
         let why = rsp.headers()[PROXY_ERROR_HEADER].to_str().unwrap();
         assert!(why.contains("10.0.0.1:80"), "{why}");
@@ -125,7 +136,7 @@ mod tests {
     #[test]
     fn grpc_clients_get_a_grpc_status() {
         let stats = Arc::new(RequestStats::default());
-        let rsp = error_response(&timeout(), true, stats.clone());
+        let rsp = error_response(&timeout(), true, stats.clone(), Observe::now());
         assert_eq!(rsp.status(), StatusCode::OK);
         assert_eq!(rsp.headers()["grpc-status"], "4");
         drop(rsp);

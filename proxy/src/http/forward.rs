@@ -7,6 +7,7 @@
 use super::body::{OnEnd, RequestBody, ResponseBody};
 use super::errors::{ProxyError, error_response};
 use super::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
+use super::observe::Observe;
 use super::upstream::Upstream;
 use super::{HttpConn, headers, upgrade};
 use crate::addrs::{Direction, EndpointAddr};
@@ -41,9 +42,10 @@ pub(crate) async fn forward(
 ) -> Response<ResponseBody> {
     let grpc = headers::is_grpc(&req);
     let authority = headers::authority(&req);
+    let mut observe = Observe::start(&conn, &req, authority.as_ref());
     if let Some(reason) = &conn.refused {
         let stats = conn.stats(authority.as_ref(), conn.peer.as_ref());
-        return error_response(&ProxyError::Forbidden(reason.clone()), grpc, stats);
+        return error_response(&ProxyError::Forbidden(reason.clone()), grpc, stats, observe);
     }
     match conn.direction {
         Direction::Inbound => {
@@ -76,7 +78,7 @@ pub(crate) async fn forward(
         (_, ConnTarget::Explicit) => {
             let Some(authority) = authority.as_ref() else {
                 let stats = conn.stats(None, None);
-                return error_response(&ProxyError::NoAuthority, grpc, stats);
+                return error_response(&ProxyError::NoAuthority, grpc, stats, observe);
             };
             Target::Destination(conn.destination(Some(authority), None), None)
         }
@@ -96,6 +98,7 @@ pub(crate) async fn forward(
     let streaming_body = !req.body().is_end_stream() && req.body().size_hint().exact().is_none();
     headers::strip_hop_by_hop(req.headers_mut(), false);
     identify_client(&conn, req.headers_mut());
+    observe.inject(req.headers_mut());
     let mut req = req.map(RequestBody::from);
     let explicit = conn.target == ConnTarget::Explicit;
     let default_host = match &target {
@@ -119,13 +122,15 @@ pub(crate) async fn forward(
                 Ok((rsp, checkin)) => {
                     let mut a = Answer::new(rsp, Some(endpoint));
                     a.checkin = checkin;
-                    respond(&conn, a, grpc, authority.as_ref())
+                    respond(&conn, a, grpc, authority.as_ref(), observe)
                 }
                 Err(f) => {
                     if let SendError::Connect(e) = &f.error {
                         conn.state.metrics.connect_error(conn.direction, e.reason());
                     }
-                    fail(&conn, ProxyError::Send(f.error), grpc, authority.as_ref())
+                    observe.answered(Some(endpoint), None, 0);
+                    let error = ProxyError::Send(f.error);
+                    fail(&conn, error, grpc, authority.as_ref(), observe)
                 }
             }
         }
@@ -137,8 +142,14 @@ pub(crate) async fn forward(
             };
             let call = Call::new(req).with_fallback(fallback);
             match through_policy(&conn, &dest, upstream, call).await {
-                Ok(a) => respond(&conn, a, grpc, authority.as_ref()),
-                Err(f) => fail(&conn, ProxyError::Call(f), grpc, authority.as_ref()),
+                Ok(a) => respond(&conn, a, grpc, authority.as_ref(), observe),
+                Err(f) => fail(
+                    &conn,
+                    ProxyError::Call(f),
+                    grpc,
+                    authority.as_ref(),
+                    observe,
+                ),
             }
         }
     }
@@ -248,6 +259,7 @@ fn respond(
     answer: Answer,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
+    mut observe: Observe,
 ) -> Response<ResponseBody> {
     let Answer {
         mut rsp,
@@ -255,13 +267,16 @@ fn respond(
         peer,
         permit,
         deadline,
-        ..
+        endpoint,
+        retries,
     } = answer;
+    observe.answered(endpoint, peer.as_ref(), retries);
     headers::strip_hop_by_hop(rsp.headers_mut(), false);
     let stats = stats_for(conn, authority, peer.as_ref());
     let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers())
         .with_checkin(checkin)
-        .with_permit(permit);
+        .with_permit(permit)
+        .with_observe(observe);
     rsp.map(|body| ResponseBody::upstream(body, on_end).with_deadline(deadline))
 }
 
@@ -282,7 +297,8 @@ fn fail(
     error: ProxyError,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
+    observe: Observe,
 ) -> Response<ResponseBody> {
     debug!(client = %conn.client, %error, "request failed");
-    error_response(&error, grpc, stats_for(conn, authority, None))
+    error_response(&error, grpc, stats_for(conn, authority, None), observe)
 }

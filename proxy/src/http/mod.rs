@@ -7,6 +7,7 @@ mod errors;
 mod forward;
 pub mod headers;
 pub mod mesh;
+mod observe;
 mod upgrade;
 mod upstream;
 

@@ -6,6 +6,7 @@
 use super::body::{OnEnd, RequestBody, ResponseBody};
 use super::errors::{ProxyError, error_response};
 use super::forward::stats_for;
+use super::observe::Observe;
 use super::{HttpConn, headers};
 use crate::addrs::EndpointAddr;
 use crate::destination::{ConnTarget, Destination, PickError};
@@ -156,7 +157,12 @@ pub(crate) async fn connect_explicit(
     grpc: bool,
 ) -> Response<ResponseBody> {
     let Some(authority) = req.uri().authority().cloned() else {
-        return error_response(&ProxyError::NoAuthority, grpc, stats_for(conn, None, None));
+        return error_response(
+            &ProxyError::NoAuthority,
+            grpc,
+            stats_for(conn, None, None),
+            Observe::now(),
+        );
     };
     let dest = conn
         .state
@@ -204,7 +210,12 @@ fn fail(
     authority: Option<&http::uri::Authority>,
 ) -> Response<ResponseBody> {
     debug!(client = %conn.client, %error, "upgrade request failed");
-    error_response(&error, grpc, stats_for(conn, authority, None))
+    error_response(
+        &error,
+        grpc,
+        stats_for(conn, authority, None),
+        Observe::now(),
+    )
 }
 
 async fn join<A, B>(mut a: A, mut b: B)

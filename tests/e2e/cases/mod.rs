@@ -6,6 +6,7 @@ pub mod iptables;
 pub mod lifecycle;
 pub mod resilience;
 pub mod tcp;
+pub mod telemetry;
 
 use crate::harness::{Pod, World};
 

@@ -1,0 +1,210 @@
+//! What is observed of one request from its start to the end of its response body:
+//! its latency (always), its span (with a trace collector) and its access log entry
+//! (with `GOFE_ACCESS_LOG=json`). Without tracing or the access log this is one
+//! `Instant`.
+
+use super::HttpConn;
+use crate::addrs::{Direction, EndpointAddr};
+use gofe_identity::SpiffeId;
+use gofe_telemetry::trace::{RequestInfo, RequestSpan, ResponseInfo, SpanKind};
+use http::uri::Authority;
+use http::{HeaderMap, Request, Version};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+pub(crate) struct Observe {
+    pub started: Instant,
+    extra: Option<Box<Extra>>,
+}
+
+struct Extra {
+    span: Option<RequestSpan>,
+    access: Option<Access>,
+    retries: u32,
+    endpoint: Option<EndpointAddr>,
+    peer: Option<Arc<SpiffeId>>,
+    error: Option<String>,
+}
+
+struct Access {
+    at: SystemTime,
+    direction: Direction,
+    client: std::net::SocketAddr,
+    method: http::Method,
+    authority: String,
+    path: String,
+    version: &'static str,
+}
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+impl Observe {
+    /// Latency only, starting now.
+    pub fn now() -> Observe {
+        Observe {
+            started: Instant::now(),
+            extra: None,
+        }
+    }
+
+    /// Starts observing `req`, which came on `conn`: its span is a child of the context
+    /// its headers carry.
+    pub fn start<B>(conn: &HttpConn, req: &Request<B>, authority: Option<&Authority>) -> Observe {
+        let started = Instant::now();
+        let tracer = conn.state.tracer.as_ref();
+        let access_log = conn.state.config.access_log;
+        if tracer.is_none() && !access_log {
+            return Observe {
+                started,
+                extra: None,
+            };
+        }
+        let at = SystemTime::now();
+        let client = conn.client.0;
+        let span = tracer.map(|t| {
+            t.start(
+                &RequestInfo {
+                    kind: match conn.direction {
+                        Direction::Inbound => SpanKind::Server,
+                        Direction::Outbound => SpanKind::Client,
+                    },
+                    start: at,
+                    method: req.method(),
+                    path: req.uri().path(),
+                    server_host: authority.map(|a| a.host()),
+                    server_port: authority.and_then(|a| a.port_u16()),
+                    client: Some(client),
+                    protocol_version: version(req.version()),
+                    user_agent: req
+                        .headers()
+                        .get(http::header::USER_AGENT)
+                        .and_then(|v| v.to_str().ok()),
+                },
+                req.headers(),
+            )
+        });
+        let access = access_log.then(|| Access {
+            at,
+            direction: conn.direction,
+            client,
+            method: req.method().clone(),
+            authority: authority.map(|a| a.to_string()).unwrap_or_default(),
+            path: req.uri().path().to_string(),
+            version: version(req.version()),
+        });
+        Observe {
+            started,
+            extra: Some(Box::new(Extra {
+                span,
+                access,
+                retries: 0,
+                endpoint: None,
+                // Inbound, the peer is the client's proxy.
+                peer: match conn.direction {
+                    Direction::Inbound => conn.peer.clone(),
+                    Direction::Outbound => None,
+                },
+                error: None,
+            })),
+        }
+    }
+
+    /// Writes this request's trace context into the request going on.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Some(span) = self.extra.as_ref().and_then(|e| e.span.as_ref()) {
+            span.inject(headers);
+        }
+    }
+
+    /// The answer came from `endpoint` (whose proxy is `peer`, over mTLS) after
+    /// `retries` retries.
+    pub fn answered(
+        &mut self,
+        endpoint: Option<EndpointAddr>,
+        peer: Option<&Arc<SpiffeId>>,
+        retries: u32,
+    ) {
+        if let Some(e) = &mut self.extra {
+            e.endpoint = endpoint.or(e.endpoint);
+            if let Some(p) = peer {
+                e.peer = Some(p.clone());
+            }
+            e.retries = retries;
+        }
+    }
+
+    /// The proxy failed the request, and why.
+    pub fn failed(&mut self, error: &dyn std::fmt::Display, endpoint: Option<EndpointAddr>) {
+        if let Some(e) = &mut self.extra {
+            e.error = Some(error.to_string());
+            e.endpoint = endpoint.or(e.endpoint);
+        }
+    }
+
+    /// The response ended (`completed`: its body was read to the end).
+    pub fn finish(self, status: u16, grpc_status: Option<u16>, completed: bool) {
+        let Some(extra) = self.extra else { return };
+        let Extra {
+            span,
+            access,
+            retries,
+            endpoint,
+            peer,
+            error,
+        } = *extra;
+        let peer = peer.map(|p| p.to_string());
+        let error = error.or_else(|| (!completed).then(|| "the response broke off".to_string()));
+        let trace_id = span
+            .as_ref()
+            .map(|s| s.span_context().trace_id().to_string());
+        if let Some(span) = span {
+            span.end(&ResponseInfo {
+                status: Some(status),
+                grpc_status,
+                peer_identity: peer.as_deref(),
+                retries,
+                endpoint: endpoint.map(|e| e.0),
+                error: error.as_deref(),
+            });
+        }
+        if let Some(a) = access {
+            let mut entry = serde_json::json!({
+                "timestamp": gofe_telemetry::access::timestamp(a.at),
+                "direction": a.direction.as_str(),
+                "client": a.client.to_string(),
+                "method": a.method.as_str(),
+                "authority": a.authority,
+                "path": a.path,
+                "version": a.version,
+                "status": status,
+                "duration_ms": self.started.elapsed().as_secs_f64() * 1e3,
+                "retries": retries,
+            });
+            let fields = entry.as_object_mut().expect("an object");
+            if let Some(g) = grpc_status {
+                fields.insert("grpc_status".into(), g.into());
+            }
+            if let Some(e) = endpoint {
+                fields.insert("endpoint".into(), e.to_string().into());
+            }
+            if let Some(p) = peer {
+                fields.insert("peer_identity".into(), p.into());
+            }
+            if let Some(t) = trace_id {
+                fields.insert("trace_id".into(), t.into());
+            }
+            if let Some(e) = error {
+                fields.insert("error".into(), e.into());
+            }
+            gofe_telemetry::access::write(&entry);
+        }
+    }
+}

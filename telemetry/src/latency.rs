@@ -1,0 +1,304 @@
+//! Latency histograms: one HdrHistogram per label set, 3 significant figures, in
+//! microseconds. Each holds everything since start (for the Prometheus histogram's
+//! buckets, sum and count) and six 10-second windows (for exact quantiles over the last
+//! minute). Recording takes the label set's own lock, never a global one; a window is
+//! allocated only while it has samples, so an idle label set costs one histogram.
+
+use crate::prom::{Exposition, Kind};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const SIGNIFICANT_FIGURES: u8 = 3;
+const WINDOW: Duration = Duration::from_secs(10);
+/// Windows make up the last minute: the quantiles cover between 50 and 60 seconds.
+const WINDOWS: usize = 6;
+/// Latencies above an hour are recorded as an hour.
+const MAX_MICROS: u64 = 3_600_000_000;
+
+/// The Prometheus histogram's upper bounds, in seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The quantiles served over the last minute.
+pub const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// The latencies of one label set.
+pub struct Latency {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    total: Histogram<u64>,
+    sum_micros: u64,
+    /// Window `i` holds the samples of epoch `epochs[i]`, where `epoch % WINDOWS == i`.
+    windows: [Option<Histogram<u32>>; WINDOWS],
+    epochs: [u64; WINDOWS],
+}
+
+/// What a scrape reads of one label set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatencySnapshot {
+    /// Cumulative counts at or below each of `BUCKETS`.
+    pub buckets: [u64; BUCKETS.len()],
+    pub count: u64,
+    pub sum_seconds: f64,
+    /// The values at `QUANTILES` over the last minute, in seconds; None without samples
+    /// in it.
+    pub quantiles: Option<[f64; QUANTILES.len()]>,
+}
+
+fn new_histogram<T: hdrhistogram::Counter>() -> Histogram<T> {
+    Histogram::new(SIGNIFICANT_FIGURES).expect("3 significant figures is a valid precision")
+}
+
+/// The 10-second epoch `at` falls in, counted from the first use.
+fn epoch(at: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    (at.saturating_duration_since(origin).as_millis() / WINDOW.as_millis()) as u64
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                total: new_histogram(),
+                sum_micros: 0,
+                windows: Default::default(),
+                epochs: [u64::MAX; WINDOWS],
+            }),
+        }
+    }
+}
+
+impl Latency {
+    /// Records one latency that ended now.
+    pub fn record(&self, latency: Duration) {
+        self.record_at(latency, Instant::now());
+    }
+
+    pub fn record_at(&self, latency: Duration, now: Instant) {
+        let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
+        let e = epoch(now);
+        let slot = (e % WINDOWS as u64) as usize;
+        let mut inner = self.inner.lock();
+        // An auto-resizing histogram only fails on values beyond u64's range.
+        let _ = inner.total.record(micros);
+        inner.sum_micros = inner.sum_micros.saturating_add(micros);
+        if inner.epochs[slot] != e {
+            inner.epochs[slot] = e;
+            match &mut inner.windows[slot] {
+                Some(w) => w.reset(),
+                w @ None => *w = Some(new_histogram()),
+            }
+        }
+        if let Some(w) = &mut inner.windows[slot] {
+            // (A u32 count cannot overflow within 10 seconds.) Not saturating_record:
+            // it clamps to the current range instead of resizing.
+            let _ = w.record(micros);
+        }
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        self.snapshot_at(Instant::now())
+    }
+
+    pub fn snapshot_at(&self, now: Instant) -> LatencySnapshot {
+        let e = epoch(now);
+        let mut inner = self.inner.lock();
+        let mut buckets = [0u64; BUCKETS.len()];
+        for v in inner.total.iter_recorded() {
+            let micros = inner.total.lowest_equivalent(v.value_iterated_to());
+            let seconds = micros as f64 / 1e6;
+            if let Some(i) = BUCKETS.iter().position(|le| seconds <= *le) {
+                buckets[i] += v.count_at_value();
+            }
+        }
+        for i in 1..buckets.len() {
+            buckets[i] += buckets[i - 1];
+        }
+        let count = inner.total.len();
+        let sum_seconds = inner.sum_micros as f64 / 1e6;
+
+        // The windows of the last minute, merged; windows older than that are freed.
+        let mut minute: Option<Histogram<u64>> = None;
+        for slot in 0..WINDOWS {
+            let age = e.wrapping_sub(inner.epochs[slot]);
+            if inner.epochs[slot] == u64::MAX || age >= WINDOWS as u64 {
+                inner.windows[slot] = None;
+                inner.epochs[slot] = u64::MAX;
+                continue;
+            }
+            if let Some(w) = &inner.windows[slot] {
+                let m = minute.get_or_insert_with(new_histogram);
+                for v in w.iter_recorded() {
+                    let _ = m.record_n(v.value_iterated_to(), u64::from(v.count_at_value()));
+                }
+            }
+        }
+        drop(inner);
+        let quantiles = minute
+            .filter(|m| !m.is_empty())
+            .map(|m| QUANTILES.map(|q| m.highest_equivalent(m.value_at_quantile(q)) as f64 / 1e6));
+        LatencySnapshot {
+            buckets,
+            count,
+            sum_seconds,
+            quantiles,
+        }
+    }
+}
+
+/// Writes `name` as a Prometheus histogram (`_bucket`, `_sum`, `_count`) and
+/// `name_quantile` as a summary: the last minute's quantiles, with the same
+/// (cumulative) sum and count, for each label set.
+pub fn render(
+    e: &mut Exposition,
+    name: &str,
+    help: &str,
+    series: &[(Vec<(&str, &str)>, LatencySnapshot)],
+) {
+    e.family(name, help, Kind::Histogram);
+    let bucket = format!("{name}_bucket");
+    let sum = format!("{name}_sum");
+    let count = format!("{name}_count");
+    let les: Vec<String> = BUCKETS.iter().map(|b| b.to_string()).collect();
+    for (labels, s) in series {
+        let mut with_le = labels.clone();
+        with_le.push(("le", ""));
+        let last = with_le.len() - 1;
+        for (le, n) in les.iter().zip(s.buckets) {
+            with_le[last].1 = le;
+            e.sample(&bucket, &with_le, n);
+        }
+        with_le[last].1 = "+Inf";
+        e.sample(&bucket, &with_le, s.count);
+        e.sample(&sum, labels, s.sum_seconds);
+        e.sample(&count, labels, s.count);
+    }
+    let quantile = format!("{name}_quantile");
+    e.family(
+        &quantile,
+        &format!("{help} Quantiles over the last minute (NaN without requests in it)."),
+        Kind::Summary,
+    );
+    let quantile_sum = format!("{quantile}_sum");
+    let quantile_count = format!("{quantile}_count");
+    let qs: Vec<String> = QUANTILES.iter().map(|q| q.to_string()).collect();
+    for (labels, s) in series {
+        let mut with_q = labels.clone();
+        with_q.push(("quantile", ""));
+        let last = with_q.len() - 1;
+        for (i, q) in qs.iter().enumerate() {
+            with_q[last].1 = q;
+            match s.quantiles {
+                Some(v) => e.sample(&quantile, &with_q, v[i]),
+                None => e.sample(&quantile, &with_q, "NaN"),
+            }
+        }
+        e.sample(&quantile_sum, labels, s.sum_seconds);
+        e.sample(&quantile_count, labels, s.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn buckets_count_and_sum_add_up() {
+        let l = Latency::default();
+        for d in [ms(1), ms(3), ms(3), ms(40), ms(20_000)] {
+            l.record(d);
+        }
+        let s = l.snapshot();
+        assert_eq!(s.count, 5);
+        assert!((s.sum_seconds - 20.047).abs() < 1e-9, "{}", s.sum_seconds);
+        // le 0.001 holds the 1 ms sample; le 0.005 the two 3 ms ones; 20 s is only in +Inf.
+        assert_eq!(s.buckets[1], 1);
+        assert_eq!(s.buckets[3], 3);
+        assert_eq!(s.buckets[6], 4);
+        assert_eq!(*s.buckets.last().unwrap(), 4);
+    }
+
+    #[test]
+    fn quantiles_are_within_three_significant_figures() {
+        let l = Latency::default();
+        // 1..=1000 ms: p50 is 500 ms, p99 990 ms, p99.9 999 ms.
+        for i in 1..=1000 {
+            l.record(ms(i));
+        }
+        let q = l.snapshot().quantiles.unwrap();
+        for (got, want) in q.iter().zip([0.5, 0.9, 0.99, 0.999]) {
+            assert!((got - want).abs() <= want * 0.001 + 1e-6, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn the_quantile_window_forgets_samples_older_than_a_minute() {
+        let l = Latency::default();
+        let start = Instant::now();
+        l.record_at(ms(900), start);
+        l.record_at(ms(5), start + Duration::from_secs(30));
+        let q = l
+            .snapshot_at(start + Duration::from_secs(35))
+            .quantiles
+            .unwrap();
+        assert!(
+            q[3] > 0.8,
+            "the slow sample is still in the last minute: {q:?}"
+        );
+        let q = l
+            .snapshot_at(start + Duration::from_secs(75))
+            .quantiles
+            .unwrap();
+        assert!(q[3] < 0.006, "the slow sample left the window: {q:?}");
+        assert!(
+            l.snapshot_at(start + Duration::from_secs(200))
+                .quantiles
+                .is_none()
+        );
+        // Everything stays in the cumulative histogram.
+        assert_eq!(l.snapshot_at(start + Duration::from_secs(200)).count, 2);
+    }
+
+    #[test]
+    fn exposition_has_buckets_sum_count_and_quantiles() {
+        let l = Latency::default();
+        l.record(ms(2));
+        let mut e = Exposition::new();
+        render(
+            &mut e,
+            "x_seconds",
+            "X.",
+            &[(vec![("a", "b")], l.snapshot())],
+        );
+        let text = e.finish();
+        assert!(text.contains("# TYPE x_seconds histogram"), "{text}");
+        assert!(
+            text.contains("x_seconds_bucket{a=\"b\",le=\"0.001\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_seconds_bucket{a=\"b\",le=\"0.0025\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("x_seconds_bucket{a=\"b\",le=\"+Inf\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("x_seconds_count{a=\"b\"} 1"), "{text}");
+        assert!(text.contains("x_seconds_sum{a=\"b\"} 0.002"), "{text}");
+        assert!(
+            text.contains("x_seconds_quantile{a=\"b\",quantile=\"0.99\"} 0.002"),
+            "{text}"
+        );
+    }
+}

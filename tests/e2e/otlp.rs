@@ -1,0 +1,256 @@
+//! A real OTLP trace receiver for the tracing tests, in a pod of its own: the
+//! collector's TraceService from the official OpenTelemetry protobuf definitions
+//! (opentelemetry-proto's generated tonic server) on port 4317, and OTLP/HTTP with
+//! protobuf bodies (`POST /v1/traces`, the same ExportTraceServiceRequest message) on
+//! port 4318. It keeps every span it is sent.
+
+use crate::harness::Pod;
+use anyhow::anyhow;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message;
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const GRPC_PORT: u16 = 4317;
+pub const HTTP_PORT: u16 = 4318;
+
+/// One span as the receiver got it.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub service: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP SpanKind: 2 SERVER, 3 CLIENT.
+    pub kind: i32,
+    pub attributes: HashMap<String, String>,
+    /// OTLP StatusCode: 0 unset, 1 ok, 2 error.
+    pub status: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// "grpc" or "http": how it arrived.
+    pub via: &'static str,
+}
+
+pub const SERVER: i32 = 2;
+pub const CLIENT: i32 = 3;
+
+type Store = Arc<Mutex<Vec<Span>>>;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn keep(store: &Store, req: ExportTraceServiceRequest, via: &'static str) {
+    let mut spans = store.lock().unwrap();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+            .map(|a| value(&a.value))
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                spans.push(Span {
+                    service: service.clone(),
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: hex(&s.parent_span_id),
+                    name: s.name,
+                    kind: s.kind,
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .map(|a| (a.key.clone(), value(&a.value)))
+                        .collect(),
+                    status: s.status.map_or(0, |st| st.code),
+                    start_ns: s.start_time_unix_nano,
+                    end_ns: s.end_time_unix_nano,
+                    via,
+                });
+            }
+        }
+    }
+}
+
+/// OTLP/HTTP: `POST /v1/traces` with a protobuf ExportTraceServiceRequest.
+async fn http_export(
+    store: &Store,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, hyper::http::Error> {
+    let path_ok = req.uri().path() == "/v1/traces";
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let export = body
+        .ok()
+        .and_then(|b| ExportTraceServiceRequest::decode(b).ok());
+    match (path_ok, export) {
+        (true, Some(export)) => {
+            keep(store, export, "http");
+            let body = ExportTraceServiceResponse {
+                partial_success: None,
+            }
+            .encode_to_vec();
+            hyper::Response::builder()
+                .header("content-type", "application/x-protobuf")
+                .body(Full::new(Bytes::from(body)))
+        }
+        _ => hyper::Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::from_static(b"not an OTLP export"))),
+    }
+}
+
+struct Collector(Store);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        keep(&self.0, request.into_inner(), "grpc");
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+pub struct Receiver {
+    pub ip: Ipv4Addr,
+    spans: Store,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Starts the receiver in `pod` (which needs no sidecar) on 0.0.0.0.
+    pub fn start(pod: &Pod<'_>) -> anyhow::Result<Receiver> {
+        let netns = File::open(format!("/run/netns/{}", pod.ns))?;
+        let spans: Store = Arc::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let store = spans.clone();
+        let thread = std::thread::spawn(move || {
+            let run = || -> anyhow::Result<tokio::runtime::Runtime> {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?)
+            };
+            let rt = match run() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let grpc = tokio::net::TcpListener::bind(("0.0.0.0", GRPC_PORT)).await;
+                let http = tokio::net::TcpListener::bind(("0.0.0.0", HTTP_PORT)).await;
+                let (grpc, http) = match (grpc, http) {
+                    (Ok(g), Ok(h)) => (g, h),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let grpc_server = tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(Collector(store.clone())))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc));
+                let http_server = async move {
+                    loop {
+                        let Ok((stream, _)) = http.accept().await else {
+                            continue;
+                        };
+                        let store = store.clone();
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(
+                                move |req: hyper::Request<hyper::body::Incoming>| {
+                                    let store = store.clone();
+                                    async move { http_export(&store, req).await }
+                                },
+                            );
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                };
+                let mut stopped = stopped;
+                tokio::select! {
+                    _ = async { tokio::join!(grpc_server, http_server) } => {}
+                    _ = stopped.wait_for(|v| *v) => {}
+                }
+            });
+            // Connections still open (the proxies keep theirs) are cut.
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| anyhow!("the OTLP receiver did not start"))??;
+        Ok(Receiver {
+            ip: pod.ip4,
+            spans,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}:{GRPC_PORT}", self.ip)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}:{HTTP_PORT}", self.ip)
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The spans of trace `trace_id`.
+    pub fn trace(&self, trace_id: &str) -> Vec<Span> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -374,7 +374,6 @@ pub fn a_dead_or_black_holed_collector_costs_requests_nothing(w: &World) -> anyh
             rss_after_first_round = holed.proxy_rss()?;
         }
     }
-    let rss_end = holed.proxy_rss()?;
     let base = (quantile(&measured[0], 0.5), quantile(&measured[0], 0.99));
     for (i, (name, _)) in clients.iter().enumerate().skip(1) {
         let (p50, p99) = (quantile(&measured[i], 0.5), quantile(&measured[i], 0.99));
@@ -393,15 +392,29 @@ pub fn a_dead_or_black_holed_collector_costs_requests_nothing(w: &World) -> anyh
             base.1
         );
     }
-    // 3000 spans wait on a collector that never answers: the queue holds 2048 and the
-    // rest are dropped and counted; memory stays put.
-    let m = holed.metrics()?;
+    // Spans wait on a collector that never answers (each export times out after 5 s):
+    // the queue holds 2048, the rest are dropped and counted, and memory stays put.
+    let mut sent = (300 + 3 * 1000) as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let m = holed.metrics()?;
+        if m.sum("gofe_trace_spans_total", &[("result", "dropped")]) > 0.0 {
+            break m;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no span dropped after {sent} requests"
+        );
+        sent += latencies(&holed, target, 1000)?.len() as f64;
+    };
+    let queued = m.sum("gofe_trace_spans_total", &[("result", "queued")]);
     let dropped = m.sum("gofe_trace_spans_total", &[("result", "dropped")]);
     let exported = m.sum("gofe_trace_spans_total", &[("result", "exported")]);
     ensure!(
-        dropped > 0.0 && exported == 0.0,
-        "black hole: dropped {dropped}, exported {exported}"
+        queued + dropped == sent && exported == 0.0,
+        "black hole: {sent} requests, {queued} spans queued, {dropped} dropped, {exported} exported"
     );
+    let rss_end = holed.proxy_rss()?;
     ensure!(
         rss_end <= rss_after_first_round + 8 * 1024 * 1024,
         "black hole: RSS grew from {rss_after_first_round} to {rss_end} bytes"

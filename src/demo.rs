@@ -1049,7 +1049,7 @@ fn print_trace(spans: &[(&'static str, gofe_telemetry::trace::ExportedSpan)]) {
             .duration_since(t0)
             .unwrap_or_default()
             .as_secs_f64();
-        let a = ((from / total) * WIDTH as f64).floor() as usize;
+        let a = (((from / total) * WIDTH as f64).floor() as usize).min(WIDTH - 1);
         let b = (((to / total) * WIDTH as f64).ceil() as usize).clamp(a + 1, WIDTH);
         let bar: String = (0..WIDTH)
             .map(|i| if i >= a && i < b { '█' } else { ' ' })

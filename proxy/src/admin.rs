@@ -33,7 +33,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
                 let state = state.clone();
                 async move {
                     let rsp = if req.uri().path() == "/log-level" {
-                        log_level(&state, req).await
+                        log_level(&state, peer, req).await
                     } else {
                         route(&state, peer, req)
                     };
@@ -77,6 +77,18 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             }
             if let Some(t) = &state.tracer {
                 render_spans(t.counts(), &mut e);
+            }
+            if state.config.access_log {
+                e.family(
+                    "gofe_access_log_dropped_total",
+                    "Access log lines dropped because stdout did not keep up.",
+                    gofe_telemetry::prom::Kind::Counter,
+                );
+                e.sample(
+                    "gofe_access_log_dropped_total",
+                    &[],
+                    gofe_telemetry::access::dropped(),
+                );
             }
             gofe_telemetry::process::render(&mut e);
             let mut rsp = Response::new(Full::new(Bytes::from(e.finish())));
@@ -165,7 +177,11 @@ fn identity(state: &State) -> Response<Full<Bytes>> {
 
 /// `GET /log-level` shows the log filter; `PUT /log-level` with a filter as the body
 /// sets it (`info,gofe_proxy=debug`).
-async fn log_level(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn log_level(
+    state: &State,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
     const MAX_FILTER: usize = 4096;
     let Some(handle) = state.log.get() else {
@@ -183,6 +199,10 @@ async fn log_level(state: &State, req: Request<Incoming>) -> Response<Full<Bytes
             );
             rsp
         }
+        Method::PUT if !is_loopback(peer) => text(
+            StatusCode::FORBIDDEN,
+            "the log filter is only changed from loopback\n",
+        ),
         Method::PUT => {
             let body = http_body_util::Limited::new(req.into_body(), MAX_FILTER);
             let filter = match body.collect().await {

@@ -15,9 +15,11 @@ use std::sync::Arc;
 /// Host headers costs a bounded few megabytes.
 const MAX_LABEL_SETS: usize = 1000;
 
-/// Label sets of request metrics, each with its latency histograms (some 30 KiB for
-/// latencies under a second, up to 200 KiB with minutes-long ones, while active).
-const MAX_REQUEST_LABEL_SETS: usize = 500;
+/// Label sets of request metrics. Each holds its latency histograms: the cumulative one
+/// (64 KiB for latencies up to 100 ms, 136 KiB at most) and, while requests come, up to
+/// six windows of half that; so at most ~110 MB if every label set saw minute-long
+/// latencies in every window, ~50 MB for 100 ms.
+const MAX_REQUEST_LABEL_SETS: usize = 200;
 
 const OVERFLOW: &str = "other";
 
@@ -492,6 +494,40 @@ mod tests {
             ]
         );
         assert_eq!(s.total(), 6);
+    }
+
+    #[test]
+    fn random_authorities_fold_into_other_with_bounded_histograms() {
+        let m = Metrics::new();
+        for i in 0..(MAX_REQUEST_LABEL_SETS + 200) {
+            let stats = m.requests.get(&RequestLabels {
+                direction: Direction::Inbound,
+                authority: format!("host-{i}.example:80").into(),
+                tls: false,
+                peer_identity: "".into(),
+            });
+            stats.record(StatusCode::OK, None);
+            stats.latency.record(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(m.requests.len(), MAX_REQUEST_LABEL_SETS + 1);
+        assert_eq!(m.requests.overflowed(), 200);
+        let other = m.requests.get(&RequestLabels {
+            direction: Direction::Inbound,
+            authority: OVERFLOW.into(),
+            tls: false,
+            peer_identity: OVERFLOW.into(),
+        });
+        assert_eq!(other.total(), 200);
+        assert_eq!(other.latency.snapshot().count, 200);
+        let mut e = Exposition::new();
+        m.render(&mut e);
+        let text = e.finish();
+        assert!(text.contains(
+            "gofe_request_duration_seconds_count{direction=\"inbound\",authority=\"other\",tls=\"false\",peer_identity=\"other\"} 200"
+        ));
+        assert!(text.contains(
+            "gofe_metrics_label_sets_overflowed_total{metric=\"gofe_requests_total\"} 200"
+        ));
     }
 
     #[test]

@@ -27,22 +27,25 @@ pub(crate) async fn forward<I: Io>(
     let started = (std::time::SystemTime::now(), std::time::Instant::now());
     let outcome = copy(client, endpoint, direction, state).await;
     if state.config.access_log {
-        let (sent, received, error) = match &outcome {
-            Ok((s, r)) => (*s, *r, None),
-            Err((s, r, e)) => (*s, *r, Some(e.as_str())),
-        };
         let mut entry = serde_json::json!({
             "timestamp": gofe_telemetry::access::timestamp(started.0),
             "direction": direction.as_str(),
             "client": client_addr.to_string(),
             "endpoint": endpoint.to_string(),
             "protocol": "tcp",
-            "bytes_from_client": sent,
-            "bytes_to_client": received,
             "duration_ms": started.1.elapsed().as_secs_f64() * 1e3,
         });
-        if let (Some(e), Some(fields)) = (error, entry.as_object_mut()) {
-            fields.insert("error".into(), e.into());
+        if let Some(fields) = entry.as_object_mut() {
+            match &outcome {
+                Ok((sent, received)) => {
+                    fields.insert("bytes_from_client".into(), (*sent).into());
+                    fields.insert("bytes_to_client".into(), (*received).into());
+                }
+                // (The copy does not say how far it got before it failed.)
+                Err(e) => {
+                    fields.insert("error".into(), e.as_str().into());
+                }
+            }
         }
         gofe_telemetry::access::write(&entry);
     }
@@ -54,7 +57,7 @@ async fn copy<I: Io>(
     endpoint: EndpointAddr,
     direction: Direction,
     state: &State,
-) -> Result<(u64, u64), (u64, u64, String)> {
+) -> Result<(u64, u64), String> {
     let connect = |addr: EndpointAddr, expected: Option<SpiffeId>| async move {
         let r = state
             .connect_stream(direction, addr, expected.as_ref())
@@ -85,7 +88,7 @@ async fn copy<I: Io>(
         Err(error) => {
             debug!(%endpoint, ?error, "opaque connection failed; resetting the client");
             socket::reset(client.as_tcp());
-            return Err((0, 0, format!("{error:?}")));
+            return Err(format!("{error:?}"));
         }
     };
     match tokio::io::copy_bidirectional_with_sizes(
@@ -105,7 +108,7 @@ async fn copy<I: Io>(
             debug!(%endpoint, %error, "opaque connection failed");
             socket::reset(client.as_tcp());
             socket::reset(crate::io::AsTcp::as_tcp(&server));
-            Err((0, 0, error.to_string()))
+            Err(error.to_string())
         }
     }
 }

@@ -14,8 +14,9 @@ const SIGNIFICANT_FIGURES: u8 = 3;
 const WINDOW: Duration = Duration::from_secs(10);
 /// Windows make up the last minute: the quantiles cover between 50 and 60 seconds.
 const WINDOWS: usize = 6;
-/// Latencies above an hour are recorded as an hour.
-const MAX_MICROS: u64 = 3_600_000_000;
+/// Latencies above a minute are recorded as a minute: the histogram's size grows with
+/// the largest value it holds (up to 136 KiB for the cumulative one, 68 KiB a window).
+const MAX_MICROS: u64 = 60_000_000;
 
 /// The Prometheus histogram's upper bounds, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -61,6 +62,21 @@ fn epoch(at: Instant) -> u64 {
     (at.saturating_duration_since(origin).as_millis() / WINDOW.as_millis()) as u64
 }
 
+impl Inner {
+    /// Frees the windows older than the minute ending in epoch `e`. (A window newer than
+    /// `e`, recorded between the caller's clock read and its lock, is kept.)
+    fn free_stale(&mut self, e: u64) {
+        for slot in 0..WINDOWS {
+            let stale = self.epochs[slot] != u64::MAX
+                && e.saturating_sub(self.epochs[slot]) >= WINDOWS as u64;
+            if stale || self.epochs[slot] == u64::MAX {
+                self.windows[slot] = None;
+                self.epochs[slot] = u64::MAX;
+            }
+        }
+    }
+}
+
 impl Default for Latency {
     fn default() -> Self {
         Self {
@@ -94,6 +110,8 @@ impl Latency {
                 Some(w) => w.reset(),
                 w @ None => *w = Some(new_histogram()),
             }
+            // Windows past the minute are freed now, not only when scraped.
+            inner.free_stale(e);
         }
         if let Some(w) = &mut inner.windows[slot] {
             // (A u32 count cannot overflow within 10 seconds.) Not saturating_record:
@@ -124,14 +142,9 @@ impl Latency {
         let sum_seconds = inner.sum_micros as f64 / 1e6;
 
         // The windows of the last minute, merged; windows older than that are freed.
+        inner.free_stale(e);
         let mut minute: Option<Histogram<u64>> = None;
         for slot in 0..WINDOWS {
-            let age = e.wrapping_sub(inner.epochs[slot]);
-            if inner.epochs[slot] == u64::MAX || age >= WINDOWS as u64 {
-                inner.windows[slot] = None;
-                inner.epochs[slot] = u64::MAX;
-                continue;
-            }
             if let Some(w) = &inner.windows[slot] {
                 let m = minute.get_or_insert_with(new_histogram);
                 for v in w.iter_recorded() {

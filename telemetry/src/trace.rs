@@ -11,7 +11,7 @@ use crate::metrics::Counter;
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanContext, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, Status, TraceContextExt, TraceFlags, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
@@ -82,15 +82,18 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// Checks a collector URL: `http://host:port` or `https://host:port`, optionally with
-/// a path for HTTP/protobuf.
+/// Checks a collector URL: `http://host:port`, optionally with a path for
+/// HTTP/protobuf. (TLS to the collector is not built in: in a cluster the collector is
+/// reached in plaintext, or through the mesh.)
 pub fn parse_collector(s: &str) -> Result<String, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|_| "expected a URL such as http://jaeger-collector.observability:4317")?;
+    const EXPECTED: &str = "expected a URL such as http://jaeger-collector.observability:4317";
+    let uri: http::Uri = s.parse().map_err(|_| EXPECTED)?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http" | "https"), Some(_)) => Ok(s.to_string()),
-        _ => Err("expected a URL such as http://jaeger-collector.observability:4317".into()),
+        (Some("http"), Some(_)) => Ok(s.to_string()),
+        (Some("https"), Some(_)) => Err(format!(
+            "{EXPECTED} (https is not supported: export in plaintext, or through the mesh)"
+        )),
+        _ => Err(EXPECTED.into()),
     }
 }
 
@@ -161,6 +164,8 @@ struct Inner {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     counts: Arc<SpanCounts>,
+    /// Decides for a B3 parent that left the decision to us.
+    ratio: Sampler,
 }
 
 impl Tracer {
@@ -168,7 +173,10 @@ impl Tracer {
     /// which then runs the exports.
     pub fn new(config: TraceConfig) -> Result<Tracer, TraceError> {
         let counts = Arc::new(SpanCounts::default());
-        let runtime = tokio::runtime::Handle::current();
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| TraceError::Exporter {
+            collector: "(any)".into(),
+            reason: format!("not within a Tokio runtime: {e}"),
+        })?;
         let resource = Resource::builder()
             .with_service_name(config.service_name.clone())
             .build();
@@ -215,6 +223,7 @@ impl Tracer {
                 provider,
                 tracer,
                 counts,
+                ratio: Sampler::TraceIdRatioBased(config.sample_ratio),
             }),
         })
     }
@@ -227,52 +236,19 @@ impl Tracer {
     /// context they carry (W3C first, else B3), or as the root of a new trace.
     pub fn start(&self, request: &RequestInfo<'_>, headers: &HeaderMap) -> RequestSpan {
         let (parent, b3) = extract(headers);
-        let mut attributes = Vec::with_capacity(10);
+        let parent = self.decide_for_b3(parent);
         let method = known_method(request.method);
-        attributes.push(KeyValue::new(
-            "http.request.method",
-            method.unwrap_or("_OTHER"),
-        ));
-        if method.is_none() {
-            attributes.push(KeyValue::new(
-                "http.request.method_original",
-                request.method.to_string(),
-            ));
-        }
-        attributes.push(KeyValue::new("url.path", request.path.to_string()));
-        attributes.push(KeyValue::new("url.scheme", "http"));
-        if let Some(host) = request.server_host {
-            attributes.push(KeyValue::new("server.address", host.to_string()));
-        }
-        if let Some(port) = request.server_port {
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
-        }
-        attributes.push(KeyValue::new(
-            "network.protocol.version",
-            request.protocol_version,
-        ));
-        if let Some(peer) = request.client {
-            let key = match request.kind {
-                SpanKind::Server => "client.address",
-                _ => "gofe.client.address",
-            };
-            attributes.push(KeyValue::new(key, peer.ip().to_string()));
-            if request.kind == SpanKind::Server {
-                attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
-                attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
-            }
-        }
-        if let Some(ua) = request.user_agent {
-            attributes.push(KeyValue::new("user_agent.original", ua.to_string()));
-        }
-        let span = self
+        let mut span = self
             .inner
             .tracer
             .span_builder(method.unwrap_or("HTTP"))
             .with_kind(request.kind.clone())
             .with_start_time(request.start)
-            .with_attributes(attributes)
             .start_with_context(&self.inner.tracer, &parent);
+        // An unsampled span costs no attributes.
+        if span.is_recording() {
+            span.set_attributes(request_attributes(request, method));
+        }
         RequestSpan {
             span,
             kind: request.kind.clone(),
@@ -280,14 +256,46 @@ impl Tracer {
         }
     }
 
+    /// A B3 parent may carry no sampling decision ("deferred": `b3: trace-span`, or no
+    /// `x-b3-sampled`) or ask for one ("debug", `-d` / `x-b3-flags: 1`): debug is
+    /// sampled, and deferred is decided here by the ratio, as for a new trace.
+    fn decide_for_b3(&self, parent: Context) -> Context {
+        const DEFERRED: u8 = 0x02;
+        const DEBUG: u8 = 0x04;
+        let sc = parent.span().span_context().clone();
+        let flags = sc.trace_flags().to_u8();
+        if !sc.is_valid() || flags & (DEFERRED | DEBUG) == 0 {
+            return parent;
+        }
+        let sampled = flags & DEBUG != 0 || {
+            use opentelemetry_sdk::trace::ShouldSample;
+            let r = self.inner.ratio.should_sample(
+                None,
+                sc.trace_id(),
+                "",
+                &SpanKind::Server,
+                &[],
+                &[],
+            );
+            r.decision == opentelemetry_sdk::trace::SamplingDecision::RecordAndSample
+        };
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        Context::new().with_remote_span_context(SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            flags,
+            true,
+            sc.trace_state().clone(),
+        ))
+    }
+
     /// Exports what is queued and stops; blocks up to `timeout`.
     pub fn shutdown(&self, timeout: Duration) {
         let _ = self.inner.provider.shutdown_with_timeout(timeout);
-    }
-
-    /// Exports what is queued now; blocks until done.
-    pub fn flush(&self) {
-        let _ = self.inner.provider.force_flush();
     }
 }
 
@@ -299,6 +307,43 @@ fn http_traces_url(collector: &str) -> String {
         Ok(u) if u.path() == "/" || u.path().is_empty() => format!("{trimmed}/v1/traces"),
         _ => collector.to_string(),
     }
+}
+
+/// The HTTP semantic-convention attributes of a request's start.
+fn request_attributes(request: &RequestInfo<'_>, method: Option<&'static str>) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(11);
+    attributes.push(KeyValue::new(
+        "http.request.method",
+        method.unwrap_or("_OTHER"),
+    ));
+    if method.is_none() {
+        attributes.push(KeyValue::new(
+            "http.request.method_original",
+            request.method.to_string(),
+        ));
+    }
+    attributes.push(KeyValue::new("url.path", request.path.to_string()));
+    attributes.push(KeyValue::new("url.scheme", "http"));
+    if let Some(host) = request.server_host {
+        attributes.push(KeyValue::new("server.address", host.to_string()));
+    }
+    if let Some(port) = request.server_port {
+        attributes.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    attributes.push(KeyValue::new(
+        "network.protocol.version",
+        request.protocol_version,
+    ));
+    // Inbound, the peer is the client; outbound, the endpoint (set at the end).
+    if let (Some(peer), SpanKind::Server) = (request.client, &request.kind) {
+        attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
+        attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
+        attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
+    }
+    if let Some(ua) = request.user_agent {
+        attributes.push(KeyValue::new("user_agent.original", ua.to_string()));
+    }
+    attributes
 }
 
 fn known_method(m: &http::Method) -> Option<&'static str> {
@@ -445,24 +490,25 @@ impl RequestSpan {
             self.span
                 .set_attribute(KeyValue::new("network.peer.port", i64::from(e.port())));
         }
-        match (response.error, response.status) {
-            (Some(error), status) => {
-                self.span.set_attribute(KeyValue::new(
-                    "error.type",
-                    status.map_or("no response".to_string(), |s| s.to_string()),
-                ));
-                self.span.set_status(Status::error(error.to_string()));
-            }
-            (None, Some(s)) if s >= 500 => {
-                self.span
-                    .set_attribute(KeyValue::new("error.type", s.to_string()));
-                self.span.set_status(Status::error(""));
-            }
-            (None, None) => {
-                self.span
-                    .set_status(Status::error("the response broke off"));
-            }
-            _ => {}
+        // gRPC statuses that mean the server failed (the semantic conventions' list).
+        const GRPC_SERVER_ERRORS: [u16; 6] = [2, 4, 12, 13, 14, 15];
+        if let Some(error) = response.error {
+            let kind = response
+                .status
+                .map_or("no response".to_string(), |s| s.to_string());
+            self.span.set_attribute(KeyValue::new("error.type", kind));
+            self.span.set_status(Status::error(error.to_string()));
+        } else if let Some(s) = response.status.filter(|s| *s >= 500) {
+            self.span
+                .set_attribute(KeyValue::new("error.type", s.to_string()));
+            self.span.set_status(Status::error(""));
+        } else if let Some(g) = response
+            .grpc_status
+            .filter(|g| GRPC_SERVER_ERRORS.contains(g))
+        {
+            self.span
+                .set_attribute(KeyValue::new("error.type", format!("grpc {g}")));
+            self.span.set_status(Status::error(""));
         }
         self.span.end();
     }
@@ -603,7 +649,8 @@ mod tests {
     #[test]
     fn collector_urls_are_checked() {
         assert!(parse_collector("http://jaeger-collector.observability:4317").is_ok());
-        assert!(parse_collector("https://otel:4318/v1/traces").is_ok());
+        assert!(parse_collector("http://otel:4318/v1/traces").is_ok());
+        assert!(parse_collector("https://otel:4318").is_err());
         assert!(parse_collector("jaeger:4317").is_err());
         assert!(parse_collector("ftp://x:1").is_err());
     }
@@ -662,5 +709,69 @@ mod tests {
         let (cx, b3) = extract(&headers(&[("traceparent", "garbage")]));
         assert!(!cx.span().span_context().is_valid());
         assert_eq!(b3, None);
+    }
+
+    fn tracer(ratio: f64) -> (tokio::runtime::Runtime, Tracer) {
+        // Worker threads run the exports (at the provider's shutdown, when dropped).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = rt.block_on(async {
+            Tracer::new(TraceConfig {
+                collector: None,
+                local: Some(LocalSpans::default()),
+                sample_ratio: ratio,
+                service_name: "test".into(),
+            })
+            .unwrap()
+        });
+        (rt, t)
+    }
+
+    fn start(t: &Tracer, h: &HeaderMap) -> RequestSpan {
+        t.start(
+            &RequestInfo {
+                kind: SpanKind::Server,
+                start: SystemTime::now(),
+                method: &http::Method::GET,
+                path: "/",
+                server_host: None,
+                server_port: None,
+                client: None,
+                protocol_version: "1.1",
+                user_agent: None,
+            },
+            h,
+        )
+    }
+
+    #[test]
+    fn b3_debug_is_sampled_and_a_deferred_decision_follows_the_ratio() {
+        let trace = "80f198ee56343ba864fe8b2a57d3eff7";
+        for (ratio, header, sampled) in [
+            (0.0, format!("{trace}-e457b5a2e4d86bd1-d"), true),
+            (0.0, format!("{trace}-e457b5a2e4d86bd1"), false),
+            (1.0, format!("{trace}-e457b5a2e4d86bd1"), true),
+            (1.0, format!("{trace}-e457b5a2e4d86bd1-0"), false),
+            (0.0, format!("{trace}-e457b5a2e4d86bd1-1"), true),
+        ] {
+            let (_rt, t) = tracer(ratio);
+            let span = start(&t, &headers(&[("b3", &header)]));
+            assert_eq!(
+                span.span_context().is_sampled(),
+                sampled,
+                "ratio {ratio}, b3 {header}"
+            );
+            assert_eq!(span.span_context().trace_id().to_string(), trace);
+            let mut out = HeaderMap::new();
+            span.inject(&mut out);
+            let flag = if sampled { "01" } else { "00" };
+            assert!(
+                out["traceparent"].to_str().unwrap().ends_with(flag),
+                "{out:?}"
+            );
+        }
     }
 }

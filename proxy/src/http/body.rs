@@ -197,7 +197,8 @@ pub struct OnEnd {
     checkin: Option<Checkin>,
     /// The destination's concurrency slot, free once the response has ended.
     _permit: Option<Permit>,
-    observe: Observe,
+    /// The request's start (for its latency), span and access log entry.
+    observe: Option<Observe>,
 }
 
 impl OnEnd {
@@ -215,13 +216,13 @@ impl OnEnd {
             grpc_status: if grpc { grpc_status(headers) } else { None },
             checkin: None,
             _permit: None,
-            observe: Observe::now(),
+            observe: None,
         }
     }
 
     /// The request's start, span and access log entry, finished with the response.
     pub(crate) fn with_observe(mut self, observe: Observe) -> Self {
-        self.observe = observe;
+        self.observe = Some(observe);
         self
     }
 
@@ -245,9 +246,10 @@ impl OnEnd {
 
     fn finish(self, read_to_end: bool) {
         self.stats.record(self.status, self.grpc_status);
-        self.stats.latency.record(self.observe.started.elapsed());
-        self.observe
-            .finish(self.status.as_u16(), self.grpc_status, read_to_end);
+        if let Some(observe) = self.observe {
+            self.stats.latency.record(observe.started.elapsed());
+            observe.finish(self.status.as_u16(), self.grpc_status, read_to_end);
+        }
         if read_to_end && let Some(c) = self.checkin {
             c.release();
         }

@@ -73,7 +73,7 @@ pub(crate) async fn forward(
         // Rare, heavy branches are boxed: hyper moves this future into a task for every
         // HTTP/2 stream, so its size is paid per request.
         (_, ConnTarget::Explicit) if req.method() == Method::CONNECT => {
-            return Box::pin(upgrade::connect_explicit(&conn, req, grpc)).await;
+            return Box::pin(upgrade::connect_explicit(&conn, req, grpc, observe)).await;
         }
         (_, ConnTarget::Explicit) => {
             let Some(authority) = authority.as_ref() else {
@@ -90,7 +90,14 @@ pub(crate) async fn forward(
         headers::drop_upgrade(req.headers_mut());
     }
     if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
-        return Box::pin(upgrade::forward(&conn, req, target_endpoints(target), grpc)).await;
+        return Box::pin(upgrade::forward(
+            &conn,
+            req,
+            target_endpoints(target),
+            grpc,
+            observe,
+        ))
+        .await;
     }
 
     // A body of unknown length still to come; hyper would send one on a GET as empty

@@ -48,6 +48,7 @@ fn version(v: Version) -> &'static str {
 
 impl Observe {
     /// Latency only, starting now.
+    #[cfg(test)]
     pub fn now() -> Observe {
         Observe {
             started: Instant::now(),
@@ -150,8 +151,16 @@ impl Observe {
     }
 
     /// The response ended (`completed`: its body was read to the end).
-    pub fn finish(self, status: u16, grpc_status: Option<u16>, completed: bool) {
-        let Some(extra) = self.extra else { return };
+    pub fn finish(mut self, status: u16, grpc_status: Option<u16>, completed: bool) {
+        self.end(Some(status), grpc_status, completed);
+    }
+
+    /// Ends the span and writes the access log entry, once. `status` is None when no
+    /// response was made (the client went away first).
+    fn end(&mut self, status: Option<u16>, grpc_status: Option<u16>, completed: bool) {
+        let Some(extra) = self.extra.take() else {
+            return;
+        };
         let Extra {
             span,
             access,
@@ -161,13 +170,17 @@ impl Observe {
             error,
         } = *extra;
         let peer = peer.map(|p| p.to_string());
-        let error = error.or_else(|| (!completed).then(|| "the response broke off".to_string()));
+        let error = error.or_else(|| match (status, completed) {
+            (None, _) => Some("the client went away before the response".to_string()),
+            (Some(_), false) => Some("the response broke off".to_string()),
+            _ => None,
+        });
         let trace_id = span
             .as_ref()
             .map(|s| s.span_context().trace_id().to_string());
         if let Some(span) = span {
             span.end(&ResponseInfo {
-                status: Some(status),
+                status,
                 grpc_status,
                 peer_identity: peer.as_deref(),
                 retries,
@@ -206,5 +219,13 @@ impl Observe {
             }
             gofe_telemetry::access::write(&entry);
         }
+    }
+}
+
+impl Drop for Observe {
+    /// A request dropped before its response (the client reset the stream or closed
+    /// the connection while the proxy waited) still ends its span and its log entry.
+    fn drop(&mut self) {
+        self.end(None, None, false);
     }
 }

@@ -40,6 +40,7 @@ pub(crate) async fn forward(
     mut req: Request<Incoming>,
     via: Via,
     grpc: bool,
+    observe: Observe,
 ) -> Response<ResponseBody> {
     let authority = headers::authority(&req);
     let client_side = hyper::upgrade::on(&mut req);
@@ -69,7 +70,7 @@ pub(crate) async fn forward(
     };
     let (mut tx, peer, endpoint) = match connected {
         Ok(c) => c,
-        Err(e) => return fail(conn, e, grpc, authority.as_ref()),
+        Err(e) => return fail(conn, e, grpc, authority.as_ref(), observe),
     };
     let mut rsp = match tx.send_request(req.map(RequestBody::from)).await {
         Ok(rsp) => rsp,
@@ -78,7 +79,7 @@ pub(crate) async fn forward(
                 addr: endpoint,
                 source,
             };
-            return fail(conn, ProxyError::Send(e), grpc, authority.as_ref());
+            return fail(conn, ProxyError::Send(e), grpc, authority.as_ref(), observe);
         }
     };
     let switched = if connect {
@@ -98,7 +99,9 @@ pub(crate) async fn forward(
         });
     }
     let stats = stats_for(conn, authority.as_ref(), peer.as_ref());
-    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers());
+    let mut observe = observe;
+    observe.answered(None, peer.as_ref(), 0);
+    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers()).with_observe(observe);
     rsp.map(|body| ResponseBody::upstream(body, on_end))
 }
 
@@ -155,13 +158,14 @@ pub(crate) async fn connect_explicit(
     conn: &HttpConn,
     mut req: Request<Incoming>,
     grpc: bool,
+    observe: Observe,
 ) -> Response<ResponseBody> {
     let Some(authority) = req.uri().authority().cloned() else {
         return error_response(
             &ProxyError::NoAuthority,
             grpc,
             stats_for(conn, None, None),
-            Observe::now(),
+            observe,
         );
     };
     let dest = conn
@@ -188,7 +192,7 @@ pub(crate) async fn connect_explicit(
         .map_err(|e| picked(e.map_failed(SendError::Connect)));
     let (server, peer) = match connected {
         Ok(s) => s,
-        Err(e) => return fail(conn, e, grpc, Some(&authority)),
+        Err(e) => return fail(conn, e, grpc, Some(&authority), observe),
     };
     let client_side = hyper::upgrade::on(&mut req);
     let client = conn.client;
@@ -199,7 +203,9 @@ pub(crate) async fn connect_explicit(
         }
     });
     let stats = stats_for(conn, Some(&authority), peer.as_ref());
-    let on_end = OnEnd::new(stats, StatusCode::OK, grpc, &Default::default());
+    let mut observe = observe;
+    observe.answered(None, peer.as_ref(), 0);
+    let on_end = OnEnd::new(stats, StatusCode::OK, grpc, &Default::default()).with_observe(observe);
     Response::new(ResponseBody::full(bytes::Bytes::new(), Some(on_end)))
 }
 
@@ -208,14 +214,10 @@ fn fail(
     error: ProxyError,
     grpc: bool,
     authority: Option<&http::uri::Authority>,
+    observe: Observe,
 ) -> Response<ResponseBody> {
     debug!(client = %conn.client, %error, "upgrade request failed");
-    error_response(
-        &error,
-        grpc,
-        stats_for(conn, authority, None),
-        Observe::now(),
-    )
+    error_response(&error, grpc, stats_for(conn, authority, None), observe)
 }
 
 async fn join<A, B>(mut a: A, mut b: B)

@@ -246,7 +246,7 @@ fn render_spans(c: &gofe_telemetry::trace::SpanCounts, e: &mut Exposition) {
     use gofe_telemetry::prom::Kind;
     e.family(
         "gofe_trace_spans_total",
-        "Spans by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
+        "Spans for GOFE_TRACE_COLLECTOR by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
         Kind::Counter,
     );
     for (result, n) in [

@@ -95,9 +95,17 @@ impl InitConfig {
     /// Reads the variables, with flags standing in for them where given, so that a bad
     /// value is reported under the variable's name either way.
     pub fn read(args: &InitArgs) -> Result<InitConfig, config::ConfigError> {
-        let mut vars: HashMap<String, String> = std::env::vars()
+        let vars: HashMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("GOFE_"))
             .collect();
+        Self::from_vars(vars, args)
+    }
+
+    /// As `read`, from a map of variables (the injector checks annotations with it).
+    pub fn from_vars(
+        mut vars: HashMap<String, String>,
+        args: &InitArgs,
+    ) -> Result<InitConfig, config::ConfigError> {
         let flags: [(&Var, &Option<String>); 6] = [
             (&config::PROXY_UID, &args.proxy_uid),
             (&config::SKIP_INBOUND_PORTS, &args.skip_inbound_ports),

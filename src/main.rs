@@ -6,6 +6,8 @@ mod await_ready;
 mod demo;
 mod identity_cmd;
 mod init;
+mod inject;
+mod webhook;
 
 use clap::{Parser, Subcommand};
 use gofe_proxy::Proxy;
@@ -30,6 +32,9 @@ enum Cmd {
     Identity(identity_cmd::IdentityArgs),
     /// Wait until the local proxy is ready (for a postStart hook).
     Await(await_ready::AwaitArgs),
+    /// Add the sidecar to Kubernetes workloads (YAML in, YAML out), or serve as the
+    /// mutating admission webhook that does it (--webhook).
+    Inject(inject::InjectArgs),
     /// Run a small mesh on this machine, without root, and show what it does.
     Demo(demo::DemoArgs),
 }
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
         Cmd::Init(args) => init::run(&args),
         Cmd::Identity(args) => identity_cmd::run(&args),
         Cmd::Await(args) => await_ready::run(&args),
+        Cmd::Inject(args) => inject::run(&args),
         Cmd::Demo(args) => demo::run(args),
     };
     match result {

@@ -207,6 +207,18 @@ fn readme_documents_every_variable() {
             .lines()
             .find(|l| l.starts_with(&format!("| `{}` |", var.name)))
             .unwrap_or_else(|| panic!("README has no row for {}", var.name));
+        // Each proxy and init setting has its annotation: config.gofe.io/<name>.
+        if !var.name.starts_with("GOFE_ISSUER_") && var.name != "GOFE_IDENTITY_NAME" {
+            let annotation = format!(
+                "`config.gofe.io/{}`",
+                var.name["GOFE_".len()..].to_lowercase().replace('_', "-")
+            );
+            assert!(
+                row.contains(&annotation),
+                "README's row for {} does not give its annotation {annotation}: {row}",
+                var.name
+            );
+        }
         if !var.default.is_empty() {
             assert!(
                 row.contains(&format!("`{}`", var.default)),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
-# prometheus package) to check the metrics exposition. The benchmark also
+# prometheus package) to check the metrics exposition, kubernetes-validate for the
+# manifests. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -23,4 +24,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load and promtool are installed"
+# kubernetes-validate (PyPI) checks the manifests in k8s/ against the Kubernetes schemas.
+if ! command -v kubernetes-validate >/dev/null; then
+  python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+fi
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool and kubernetes-validate are installed"

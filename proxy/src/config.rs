@@ -273,6 +273,8 @@ type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
 pub struct Env<'a> {
     lookup: Lookup<'a>,
     errors: Vec<BadVar>,
+    /// Whether the files variables name are read and checked too.
+    check_files: bool,
 }
 
 impl<'a> Env<'a> {
@@ -280,6 +282,7 @@ impl<'a> Env<'a> {
         Env {
             lookup: Box::new(|name| std::env::var(name).ok()),
             errors: Vec::new(),
+            check_files: true,
         }
     }
 
@@ -287,6 +290,7 @@ impl<'a> Env<'a> {
         Env {
             lookup: Box::new(move |name| map.get(name).cloned()),
             errors: Vec::new(),
+            check_files: true,
         }
     }
 
@@ -522,29 +526,8 @@ impl Config {
         };
         let mut cfg = cfg;
         cfg.identity = read_identity(env, &cfg);
-        // The files must be good at start-up; later, a bad version keeps the last good.
-        let files = cfg
-            .policy_file
-            .iter()
-            .map(|p| (&POLICY_FILE, p.clone()))
-            .chain(
-                cfg.discovery
-                    .iter()
-                    .filter_map(|s| s.strip_prefix("file:"))
-                    .map(|p| (&DISCOVERY, PathBuf::from(p))),
-            )
-            .collect::<Vec<_>>();
-        for (var, path) in files {
-            let checked = std::fs::read_to_string(&path)
-                .map_err(|e| format!("a readable file ({e})"))
-                .and_then(|text| {
-                    crate::policy::file::Table::parse(&text, &cfg.policy_vars)
-                        .map(|_| ())
-                        .map_err(|e| format!("a valid destinations file: {e}"))
-                });
-            if let Err(expected) = checked {
-                env.reject(var, path.display(), expected);
-            }
+        if env.check_files {
+            check_files(env, &cfg);
         }
         let ports = [
             (&OUTBOUND_LISTEN, cfg.outbound_listen),
@@ -563,6 +546,15 @@ impl Config {
             }
         }
         cfg
+    }
+
+    /// Checks a map of variables as `from_map` does, except for the files they name
+    /// (which are the pod's, for the injector).
+    pub fn check_map(map: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let mut env = Env::from_map(map);
+        env.check_files = false;
+        Config::read(&mut env);
+        env.finish()
     }
 
     /// Reads the process environment.
@@ -692,6 +684,33 @@ impl Config {
             (v.name, value)
         }))
         .collect()
+    }
+}
+
+/// The files must be good at start-up; later, a bad version keeps the last good.
+fn check_files(env: &mut Env<'_>, cfg: &Config) {
+    let files = cfg
+        .policy_file
+        .iter()
+        .map(|p| (&POLICY_FILE, p.clone()))
+        .chain(
+            cfg.discovery
+                .iter()
+                .filter_map(|s| s.strip_prefix("file:"))
+                .map(|p| (&DISCOVERY, PathBuf::from(p))),
+        )
+        .collect::<Vec<_>>();
+    for (var, path) in files {
+        let checked = std::fs::read_to_string(&path)
+            .map_err(|e| format!("a readable file ({e})"))
+            .and_then(|text| {
+                crate::policy::file::Table::parse(&text, &cfg.policy_vars)
+                    .map(|_| ())
+                    .map_err(|e| format!("a valid destinations file: {e}"))
+            });
+        if let Err(expected) = checked {
+            env.reject(var, path.display(), expected);
+        }
     }
 }
 

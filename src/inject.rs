@@ -1,0 +1,512 @@
+//! `gofe inject`: adds the sidecar to Kubernetes workloads. The CLI reads YAML documents
+//! (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, and Lists of
+//! them) and prints them with the sidecar added where `gofe.io/inject: enabled` is on
+//! the pod template or the namespace; `--webhook` does the same as a mutating admission
+//! webhook. Each `config.gofe.io/<name>` annotation becomes `GOFE_<NAME>`, checked by
+//! the proxy's (and `gofe init`'s) own parsers: a bad one is an error naming the
+//! annotation, the value and the workload. Injecting twice gives what injecting once
+//! gives.
+
+use crate::init::{InitArgs, InitConfig};
+use anyhow::{Context, bail};
+use gofe_proxy::config::{self, Config, INIT_VARS, POLICY_VARS, PROXY_VARS, Var};
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::PathBuf;
+
+pub const INJECT_ANNOTATION: &str = "gofe.io/inject";
+pub const CONFIG_PREFIX: &str = "config.gofe.io/";
+/// `config.gofe.io/native-sidecar: "false"`: an ordinary container instead.
+const NATIVE_SIDECAR: &str = "native-sidecar";
+pub const INIT_CONTAINER: &str = "gofe-init";
+pub const PROXY_CONTAINER: &str = "gofe-proxy";
+const TOKEN_VOLUME: &str = "gofe-identity-token";
+const ANCHORS_VOLUME: &str = "gofe-trust-anchors";
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+const ANCHORS_DIR: &str = "/var/run/gofe/anchors";
+/// The binary's path in the image (k8s/Dockerfile).
+const BINARY: &str = "/gofe";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct InjectArgs {
+    /// YAML file to inject, or - for standard input.
+    #[arg(default_value = "-")]
+    pub file: String,
+    /// The namespace's annotations, key=value (repeatable): `gofe.io/inject=enabled`
+    /// there injects every pod not disabled itself.
+    #[arg(long = "namespace-annotations", value_delimiter = ',')]
+    pub namespace_annotations: Vec<String>,
+    /// The gofe image for the init and proxy containers.
+    #[arg(long, default_value = "ghcr.io/gofe/gofe:0.1.0")]
+    pub image: String,
+    /// The issuer's address (GOFE_IDENTITY_ADDR).
+    #[arg(long, default_value = "gofe-identity.gofe-system.svc:8443")]
+    pub identity_addr: String,
+    /// The audience of the projected service-account token the issuer checks.
+    #[arg(long, default_value = "identity.gofe.io")]
+    pub token_audience: String,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Serve as a mutating admission webhook (HTTPS, AdmissionReview v1) instead.
+    #[arg(long)]
+    pub webhook: bool,
+    /// (webhook) Where to listen.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: std::net::SocketAddr,
+    /// (webhook) The serving certificate chain, PEM.
+    #[arg(long, default_value = "/var/run/gofe/webhook/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// (webhook) The serving key, PEM.
+    #[arg(long, default_value = "/var/run/gofe/webhook/tls.key")]
+    pub tls_key: PathBuf,
+}
+
+pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
+    if args.webhook {
+        return crate::webhook::run(args);
+    }
+    let text = if args.file == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file))?
+    };
+    let ns = namespace_annotations(&args.namespace_annotations)?;
+    print!("{}", inject_documents(&text, &Injector::new(args), &ns)?);
+    Ok(())
+}
+
+fn namespace_annotations(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--namespace-annotations {p:?}: expected key=value"))
+        })
+        .collect()
+}
+
+/// Injects every document of a YAML stream; prints them back as YAML documents.
+pub fn inject_documents(
+    text: &str,
+    injector: &Injector,
+    namespace_annotations: &BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value: Value = serde::Deserialize::deserialize(doc)
+            .with_context(|| format!("document {} is not valid YAML", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let mut value = value;
+        injector.inject_object(&mut value, namespace_annotations)?;
+        if !out.is_empty() {
+            out.push_str("---\n");
+        }
+        out.push_str(&serde_yaml::to_string(&value)?);
+    }
+    Ok(out)
+}
+
+/// What the injector adds, and where the mesh is.
+#[derive(Clone, Debug)]
+pub struct Injector {
+    pub image: String,
+    pub identity_addr: String,
+    pub token_audience: String,
+    pub trust_domain: String,
+}
+
+impl Injector {
+    pub fn new(args: &InjectArgs) -> Injector {
+        Injector {
+            image: args.image.clone(),
+            identity_addr: args.identity_addr.clone(),
+            token_audience: args.token_audience.clone(),
+            trust_domain: args.trust_domain.clone(),
+        }
+    }
+
+    /// Injects a workload, a Pod or a List (recursively); other kinds pass unchanged.
+    pub fn inject_object(
+        &self,
+        obj: &mut Value,
+        namespace_annotations: &BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let kind = obj["kind"].as_str().unwrap_or("").to_string();
+        let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let workload = match obj["metadata"]["namespace"].as_str() {
+            Some(ns) => format!("{kind}/{name} in {ns}"),
+            None => format!("{kind}/{name}"),
+        };
+        let template = match kind.as_str() {
+            "List" => {
+                if let Some(items) = obj["items"].as_array_mut() {
+                    for item in items {
+                        self.inject_object(item, namespace_annotations)?;
+                    }
+                }
+                return Ok(());
+            }
+            "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+                obj.pointer_mut("/spec/template")
+            }
+            "CronJob" => obj.pointer_mut("/spec/jobTemplate/spec/template"),
+            "Pod" => Some(obj),
+            _ => return Ok(()),
+        };
+        let Some(template) = template else {
+            bail!("{workload} has no pod template");
+        };
+        self.inject_pod(template, &name, &workload, namespace_annotations)
+    }
+
+    /// Injects a pod (or pod template: `metadata` and `spec`) if its annotations or its
+    /// namespace's ask for it. `workload` names it in errors.
+    pub fn inject_pod(
+        &self,
+        pod: &mut Value,
+        service: &str,
+        workload: &str,
+        namespace_annotations: &BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        let annotations: BTreeMap<String, String> = pod["metadata"]["annotations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let wanted = match annotations.get(INJECT_ANNOTATION).map(String::as_str) {
+            Some("disabled") => false,
+            Some("enabled") => true,
+            Some(other) => bail!(
+                "{workload}: annotation {INJECT_ANNOTATION}: {other:?}: expected enabled or disabled"
+            ),
+            None => {
+                namespace_annotations
+                    .get(INJECT_ANNOTATION)
+                    .map(String::as_str)
+                    == Some("enabled")
+            }
+        };
+        // Whatever an earlier injection added goes first: injecting again gives the
+        // same pod, and a disabled pod loses a sidecar it had.
+        remove_injected(pod);
+        if !wanted {
+            return Ok(());
+        }
+        let settings = Settings::read(&annotations, workload, &self.trust_domain)?;
+        let spec = pod
+            .get_mut("spec")
+            .and_then(Value::as_object_mut)
+            .with_context(|| format!("{workload}: the pod template has no spec"))?;
+
+        let mut init_containers = vec![self.init_container(&settings)];
+        let proxy = self.proxy_container(&settings, service);
+        let mut containers = take_array(spec, "containers");
+        if containers.is_empty() {
+            bail!("{workload}: the pod has no containers");
+        }
+        if settings.native_sidecar {
+            init_containers.push(proxy);
+        } else {
+            containers.insert(0, proxy);
+        }
+        init_containers.extend(take_array(spec, "initContainers"));
+        spec.insert("initContainers".into(), Value::Array(init_containers));
+        spec.insert("containers".into(), Value::Array(containers));
+        let mut volumes = take_array(spec, "volumes");
+        volumes.push(json!({
+            "name": TOKEN_VOLUME,
+            "projected": {"sources": [{"serviceAccountToken": {
+                "audience": self.token_audience,
+                "expirationSeconds": 3600,
+                "path": "gofe-identity-token",
+            }}]},
+        }));
+        volumes.push(json!({
+            "name": ANCHORS_VOLUME,
+            "configMap": {"name": "gofe-trust-anchors"},
+        }));
+        spec.insert("volumes".into(), Value::Array(volumes));
+        Ok(())
+    }
+
+    fn init_container(&self, s: &Settings) -> Value {
+        json!({
+            "name": INIT_CONTAINER,
+            "image": self.image,
+            "command": [BINARY],
+            "args": ["init"],
+            "env": env_list(&s.init_env),
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": false,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            },
+        })
+    }
+
+    fn proxy_container(&self, s: &Settings, service: &str) -> Value {
+        let mut env = vec![
+            json!({"name": "GOFE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+            json!({"name": "GOFE_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}),
+            json!({"name": config::IDENTITY_NAME.name, "value": format!(
+                "spiffe://{}/ns/$(GOFE_POD_NAMESPACE)/sa/$(GOFE_POD_SERVICE_ACCOUNT)",
+                self.trust_domain
+            )}),
+            json!({"name": config::IDENTITY_ADDR.name, "value": self.identity_addr}),
+            json!({"name": config::IDENTITY_TRUST_ANCHORS.name, "value": format!("{ANCHORS_DIR}/ca.crt")}),
+            json!({"name": config::IDENTITY_TOKEN_FILE.name, "value": format!("{TOKEN_DIR}/gofe-identity-token")}),
+            json!({"name": config::TRUST_DOMAIN.name, "value": self.trust_domain}),
+        ];
+        env.push(json!({"name": config::SERVICE_NAME.name, "value": service}));
+        // An annotation overrides what the injector would set.
+        env.retain(|e| {
+            e["name"]
+                .as_str()
+                .is_none_or(|n| !s.proxy_env.contains_key(n))
+        });
+        env.extend(
+            env_list(&s.proxy_env)
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let probe = |path: &str| {
+            json!({
+                "httpGet": {"path": path, "port": s.admin_port},
+                "periodSeconds": 5,
+                "failureThreshold": 3,
+            })
+        };
+        let mut c = json!({
+            "name": PROXY_CONTAINER,
+            "image": self.image,
+            "command": [BINARY],
+            "args": ["proxy"],
+            "env": env,
+            "ports": [
+                {"name": "gofe-inbound", "containerPort": s.inbound_port},
+                {"name": "gofe-admin", "containerPort": s.admin_port},
+            ],
+            "readinessProbe": probe("/ready"),
+            "livenessProbe": probe("/live"),
+            "securityContext": {
+                "runAsUser": s.proxy_uid,
+                "runAsNonRoot": true,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [
+                {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+                {"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true},
+            ],
+        });
+        let fields = c.as_object_mut().expect("an object");
+        if s.native_sidecar {
+            // A native sidecar: started before the app, stopped after it, and not
+            // keeping a Job from completing.
+            fields.insert("restartPolicy".into(), json!("Always"));
+            fields.insert(
+                "startupProbe".into(),
+                json!({"httpGet": {"path": "/ready", "port": s.admin_port}, "periodSeconds": 1, "failureThreshold": 120}),
+            );
+        } else {
+            // The kubelet starts the next container only once postStart returns.
+            fields.insert(
+                "lifecycle".into(),
+                json!({"postStart": {"exec": {"command": [BINARY, "await", "--timeout", "120s"]}}}),
+            );
+        }
+        c
+    }
+}
+
+/// The pod's `config.gofe.io/*` annotations as variables, checked.
+struct Settings {
+    proxy_env: BTreeMap<String, String>,
+    init_env: BTreeMap<String, String>,
+    native_sidecar: bool,
+    proxy_uid: u32,
+    inbound_port: u16,
+    admin_port: u16,
+}
+
+/// `retry-on` → `GOFE_RETRY_ON`.
+pub fn variable_of(annotation_name: &str) -> String {
+    format!("GOFE_{}", annotation_name.to_uppercase().replace('-', "_"))
+}
+
+/// `GOFE_RETRY_ON` → `config.gofe.io/retry-on`.
+pub fn annotation_of(var: &str) -> String {
+    format!(
+        "{CONFIG_PREFIX}{}",
+        var.trim_start_matches("GOFE_")
+            .to_lowercase()
+            .replace('_', "-")
+    )
+}
+
+impl Settings {
+    fn read(
+        annotations: &BTreeMap<String, String>,
+        workload: &str,
+        trust_domain: &str,
+    ) -> anyhow::Result<Settings> {
+        let known = |v: &str| -> Option<&'static Var> {
+            PROXY_VARS
+                .iter()
+                .chain(POLICY_VARS)
+                .chain(INIT_VARS)
+                .copied()
+                .find(|var| var.name == v)
+        };
+        let mut proxy_env = BTreeMap::new();
+        let mut init_env = BTreeMap::new();
+        let mut native_sidecar = true;
+        let mut errors = Vec::new();
+        for (key, value) in annotations {
+            let Some(name) = key.strip_prefix(CONFIG_PREFIX) else {
+                continue;
+            };
+            if name == NATIVE_SIDECAR {
+                match value.as_str() {
+                    "true" => native_sidecar = true,
+                    "false" => native_sidecar = false,
+                    _ => errors.push(format!(
+                        "annotation {key}: {value:?} on {workload}: expected true or false"
+                    )),
+                }
+                continue;
+            }
+            let var = variable_of(name);
+            match known(&var) {
+                Some(v) if INIT_VARS.iter().any(|i| i.name == v.name) => {
+                    init_env.insert(var, value.clone());
+                }
+                Some(v) if v.name == config::IDENTITY_NAME.name => errors.push(format!(
+                    "annotation {key} on {workload}: the identity comes from the pod's namespace and service account"
+                )),
+                Some(_) => {
+                    proxy_env.insert(var, value.clone());
+                }
+                None => errors.push(format!(
+                    "annotation {key}: {value:?} on {workload}: no such setting ({var} is not a gofe variable)"
+                )),
+            }
+        }
+        // Checked as the proxy and `gofe init` will read them: the identity filled in
+        // as the downward API will, the listeners as given.
+        let mut vars: HashMap<String, String> = proxy_env.clone().into_iter().collect();
+        vars.entry(config::IDENTITY_NAME.name.into())
+            .or_insert_with(|| format!("spiffe://{trust_domain}/ns/default/sa/default"));
+        vars.entry(config::IDENTITY_ADDR.name.into())
+            .or_insert_with(|| "gofe-identity.gofe-system.svc:8443".into());
+        vars.entry(config::IDENTITY_TRUST_ANCHORS.name.into())
+            .or_insert_with(|| "/dev/null".into());
+        vars.entry(config::TRUST_DOMAIN.name.into())
+            .or_insert_with(|| trust_domain.into());
+        let proxy = Config::check_map(&vars);
+        let mut init_vars: HashMap<String, String> = init_env.clone().into_iter().collect();
+        for (k, v) in &proxy_env {
+            if [
+                config::OUTBOUND_LISTEN.name,
+                config::INBOUND_LISTEN.name,
+                config::ADMIN_LISTEN.name,
+            ]
+            .contains(&k.as_str())
+            {
+                init_vars.insert(k.clone(), v.clone());
+            }
+        }
+        let init = InitConfig::from_vars(init_vars, &InitArgs::default());
+        for bad in proxy
+            .err()
+            .into_iter()
+            .chain(init.as_ref().err().cloned())
+            .flat_map(|e| e.0)
+        {
+            errors.push(format!(
+                "annotation {}: {:?} on {workload}: {}",
+                annotation_of(bad.name),
+                bad.value,
+                bad.expected
+            ));
+        }
+        if !errors.is_empty() {
+            errors.sort();
+            errors.dedup();
+            bail!("{}", errors.join("\n"));
+        }
+        let init = init.expect("no errors");
+        // The listener ports go to the init container too, so its rules match.
+        for var in [
+            &config::OUTBOUND_LISTEN,
+            &config::INBOUND_LISTEN,
+            &config::ADMIN_LISTEN,
+        ] {
+            if let Some(v) = proxy_env.get(var.name) {
+                init_env.insert(var.name.to_string(), v.clone());
+            }
+        }
+        Ok(Settings {
+            proxy_env,
+            init_env,
+            native_sidecar,
+            proxy_uid: init.proxy_uid,
+            inbound_port: init.inbound_port,
+            admin_port: init.admin_port,
+        })
+    }
+}
+
+fn env_list(vars: &BTreeMap<String, String>) -> Value {
+    Value::Array(
+        vars.iter()
+            .map(|(k, v)| json!({"name": k, "value": v}))
+            .collect(),
+    )
+}
+
+fn take_array(spec: &mut Map<String, Value>, key: &str) -> Vec<Value> {
+    match spec.remove(key) {
+        Some(Value::Array(a)) => a,
+        _ => Vec::new(),
+    }
+}
+
+/// Removes the containers and volumes an injection adds.
+fn remove_injected(pod: &mut Value) {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let ours = |v: &Value, names: &[&str]| v["name"].as_str().is_some_and(|n| names.contains(&n));
+    for (key, names) in [
+        ("initContainers", &[INIT_CONTAINER, PROXY_CONTAINER][..]),
+        ("containers", &[PROXY_CONTAINER][..]),
+        ("volumes", &[TOKEN_VOLUME, ANCHORS_VOLUME][..]),
+    ] {
+        if let Some(Value::Array(items)) = spec.get_mut(key) {
+            items.retain(|v| !ours(v, names));
+            if items.is_empty() && key != "containers" {
+                spec.remove(key);
+            }
+        }
+    }
+}

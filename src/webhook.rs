@@ -1,0 +1,194 @@
+//! `gofe inject --webhook`: the injector as a mutating admission webhook. It answers
+//! AdmissionReview v1 requests for Pods over HTTPS with a JSON patch that turns the pod
+//! into what `gofe inject` prints for it. Which pods reach it is the
+//! MutatingWebhookConfiguration's business (k8s/injector.yaml selects namespaces and
+//! pods labelled `gofe.io/inject: enabled`); a pod annotated `gofe.io/inject: disabled`
+//! is left alone. A bad `config.gofe.io/*` annotation is refused with its reason.
+
+use crate::inject::{INJECT_ANNOTATION, InjectArgs, Injector};
+use anyhow::Context;
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// AdmissionReviews are small; a pod spec of megabytes is not one.
+const MAX_REVIEW: usize = 4 * 1024 * 1024;
+
+pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
+    gofe_telemetry::logs::init("info", gofe_telemetry::logs::LogFormat::Plain)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&args.tls_cert)
+        .with_context(|| format!("cannot read {}", args.tls_cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not a PEM certificate chain", args.tls_cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&args.tls_key).with_context(|| {
+        format!(
+            "cannot read a PEM private key from {}",
+            args.tls_key.display()
+        )
+    })?;
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the serving certificate and key do not match")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let injector = Arc::new(Injector::new(args));
+    let listen = args.listen;
+    let rt = crate::runtime(0)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        info!(addr = %listener.local_addr()?, "injector webhook listening");
+        println!("listening on {}", listener.local_addr()?);
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let injector = injector.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let injector = injector.clone();
+                    async move { Ok::<_, std::convert::Infallible>(serve(&injector, req).await) }
+                });
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+                {
+                    tracing::debug!(%peer, %error, "webhook connection ended with an error");
+                }
+            });
+        }
+    })
+}
+
+async fn serve(injector: &Injector, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/healthz" {
+        return reply(StatusCode::OK, "ok\n".into());
+    }
+    if req.method() != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST an AdmissionReview\n".into(),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVIEW).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request: {e}\n"),
+            );
+        }
+    };
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, format!("not JSON: {e}\n")),
+    };
+    match review_response(injector, &review) {
+        Ok(v) => {
+            let mut rsp = reply(StatusCode::OK, v.to_string());
+            rsp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        Err(e) => reply(StatusCode::BAD_REQUEST, format!("{e:#}\n")),
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp
+}
+
+/// The AdmissionReview answering `review`: the pod allowed with a JSON patch that
+/// injects it, allowed unchanged, or refused with the reason (a bad annotation).
+pub fn review_response(injector: &Injector, review: &Value) -> anyhow::Result<Value> {
+    let request = review
+        .get("request")
+        .context("the AdmissionReview has no request")?;
+    let uid = request["uid"]
+        .as_str()
+        .context("the AdmissionReview request has no uid")?;
+    let pod = &request["object"];
+    let mut response = json!({"uid": uid, "allowed": true});
+    if pod["kind"].as_str().is_some_and(|k| k == "Pod") {
+        let namespace = request["namespace"]
+            .as_str()
+            .or(pod["metadata"]["namespace"].as_str())
+            .unwrap_or("default");
+        let service = service_name(pod);
+        let workload = format!("Pod/{service} in {namespace}");
+        // The webhook configuration selected this pod: its namespace (or its label)
+        // asks for injection.
+        let ns = BTreeMap::from([(INJECT_ANNOTATION.to_string(), "enabled".to_string())]);
+        let mut injected = pod.clone();
+        match injector.inject_pod(&mut injected, &service, &workload, &ns) {
+            Ok(()) => {
+                let patch = json_patch::diff(pod, &injected);
+                if !patch.0.is_empty() {
+                    let bytes = serde_json::to_vec(&patch)?;
+                    response["patchType"] = json!("JSONPatch");
+                    response["patch"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+                }
+            }
+            Err(e) => {
+                response["allowed"] = json!(false);
+                response["status"] = json!({"code": 400, "message": format!("gofe: {e:#}")});
+            }
+        }
+    }
+    Ok(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
+    }))
+}
+
+/// A pod's workload name: its `app.kubernetes.io/name` or `app` label, else its name,
+/// else its generated name's stem (`web-7d4b9c8f6d-` → `web`).
+pub fn service_name(pod: &Value) -> String {
+    let labels = &pod["metadata"]["labels"];
+    for key in ["app.kubernetes.io/name", "app"] {
+        if let Some(v) = labels[key].as_str() {
+            return v.to_string();
+        }
+    }
+    if let Some(n) = pod["metadata"]["name"].as_str() {
+        return n.to_string();
+    }
+    let generated = pod["metadata"]["generateName"]
+        .as_str()
+        .unwrap_or("pod")
+        .trim_end_matches('-');
+    // A Deployment's pods are named <deployment>-<template hash>-.
+    match generated.rsplit_once('-') {
+        Some((stem, hash)) if pod["metadata"]["labels"]["pod-template-hash"] == hash => {
+            stem.to_string()
+        }
+        _ => generated.to_string(),
+    }
+}

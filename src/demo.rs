@@ -481,6 +481,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     print_summary(&stats.lock(), started.elapsed(), drained.elapsed());
     print_latencies(&latencies);
     print_trace(&spans);
+    println!();
+    println!(
+        "  the same in Kubernetes: `gofe inject k8s/demo.yaml` shows the pods with their sidecars;"
+    );
+    println!("  README \"Kubernetes\" installs the issuer, the injector webhook and Jaeger");
     let _ = std::fs::remove_dir_all(&identity.dir);
     Ok(())
 }

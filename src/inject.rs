@@ -23,6 +23,8 @@ pub const INIT_CONTAINER: &str = "gofe-init";
 pub const PROXY_CONTAINER: &str = "gofe-proxy";
 const TOKEN_VOLUME: &str = "gofe-identity-token";
 const ANCHORS_VOLUME: &str = "gofe-trust-anchors";
+/// A writable /run for the init container's iptables lock.
+const RUN_VOLUME: &str = "gofe-init-run";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 const ANCHORS_DIR: &str = "/var/run/gofe/anchors";
 /// The binary's path in the image (k8s/Dockerfile).
@@ -37,9 +39,13 @@ pub struct InjectArgs {
     /// there injects every pod not disabled itself.
     #[arg(long = "namespace-annotations", value_delimiter = ',')]
     pub namespace_annotations: Vec<String>,
-    /// The gofe image for the init and proxy containers.
+    /// The gofe image for the proxy container (static, on scratch).
     #[arg(long, default_value = "ghcr.io/gofe/gofe:0.1.0")]
     pub image: String,
+    /// The image for the `gofe init` container: gofe with iptables (k8s/Dockerfile's
+    /// `init` target).
+    #[arg(long, default_value = "ghcr.io/gofe/gofe-init:0.1.0")]
+    pub init_image: String,
     /// The issuer's address (GOFE_IDENTITY_ADDR).
     #[arg(long, default_value = "gofe-identity.gofe-system.svc:8443")]
     pub identity_addr: String,
@@ -117,6 +123,7 @@ pub fn inject_documents(
 #[derive(Clone, Debug)]
 pub struct Injector {
     pub image: String,
+    pub init_image: String,
     pub identity_addr: String,
     pub token_audience: String,
     pub trust_domain: String,
@@ -126,6 +133,7 @@ impl Injector {
     pub fn new(args: &InjectArgs) -> Injector {
         Injector {
             image: args.image.clone(),
+            init_image: args.init_image.clone(),
             identity_addr: args.identity_addr.clone(),
             token_audience: args.token_audience.clone(),
             trust_domain: args.trust_domain.clone(),
@@ -207,39 +215,69 @@ impl Injector {
         if !wanted {
             return Ok(());
         }
+        if pod["spec"]["hostNetwork"] == true {
+            // Its rules would redirect the node's own traffic.
+            eprintln!("gofe inject: {workload} uses the host's network; not injected");
+            return Ok(());
+        }
         let settings = Settings::read(&annotations, workload, &self.trust_domain)?;
+        if !settings.native_sidecar {
+            // kubectl logs/exec default to the application, not the proxy in front.
+            let app = pod["spec"]["containers"][0]["name"].clone();
+            if let (Some(meta), Some(app)) = (
+                pod.get_mut("metadata").and_then(Value::as_object_mut),
+                app.as_str(),
+            ) {
+                let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+                if let Some(a) = annotations.as_object_mut() {
+                    a.entry("kubectl.kubernetes.io/default-container")
+                        .or_insert_with(|| json!(app));
+                }
+            }
+        }
         let spec = pod
             .get_mut("spec")
             .and_then(Value::as_object_mut)
             .with_context(|| format!("{workload}: the pod template has no spec"))?;
 
-        let mut init_containers = vec![self.init_container(&settings)];
         let proxy = self.proxy_container(&settings, service);
         let mut containers = take_array(spec, "containers");
         if containers.is_empty() {
             bail!("{workload}: the pod has no containers");
         }
+        let app_init = take_array(spec, "initContainers");
+        let mut init_containers = Vec::new();
         if settings.native_sidecar {
+            // The rules, then the proxy, then the app's own init containers, which
+            // can already use the mesh.
+            init_containers.push(self.init_container(&settings));
             init_containers.push(proxy);
+            init_containers.extend(app_init);
         } else {
+            // The app's init containers run before any proxy does: the rules come
+            // after them, or their connections would be redirected to nothing.
+            init_containers.extend(app_init);
+            init_containers.push(self.init_container(&settings));
             containers.insert(0, proxy);
         }
-        init_containers.extend(take_array(spec, "initContainers"));
         spec.insert("initContainers".into(), Value::Array(init_containers));
         spec.insert("containers".into(), Value::Array(containers));
         let mut volumes = take_array(spec, "volumes");
-        volumes.push(json!({
-            "name": TOKEN_VOLUME,
-            "projected": {"sources": [{"serviceAccountToken": {
-                "audience": self.token_audience,
-                "expirationSeconds": 3600,
-                "path": "gofe-identity-token",
-            }}]},
-        }));
-        volumes.push(json!({
-            "name": ANCHORS_VOLUME,
-            "configMap": {"name": "gofe-trust-anchors"},
-        }));
+        if settings.identity {
+            volumes.push(json!({
+                "name": TOKEN_VOLUME,
+                "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": self.token_audience,
+                    "expirationSeconds": 3600,
+                    "path": "gofe-identity-token",
+                }}]},
+            }));
+            volumes.push(json!({
+                "name": ANCHORS_VOLUME,
+                "configMap": {"name": "gofe-trust-anchors"},
+            }));
+        }
+        volumes.push(json!({"name": RUN_VOLUME, "emptyDir": {"medium": "Memory"}}));
         spec.insert("volumes".into(), Value::Array(volumes));
         Ok(())
     }
@@ -247,7 +285,7 @@ impl Injector {
     fn init_container(&self, s: &Settings) -> Value {
         json!({
             "name": INIT_CONTAINER,
-            "image": self.image,
+            "image": self.init_image,
             "command": [BINARY],
             "args": ["init"],
             "env": env_list(&s.init_env),
@@ -257,23 +295,33 @@ impl Injector {
                 "allowPrivilegeEscalation": false,
                 "readOnlyRootFilesystem": true,
                 "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "10Mi"},
+                "limits": {"memory": "50Mi"},
+            },
+            // iptables-legacy takes its lock in /run/xtables.lock.
+            "volumeMounts": [{"name": RUN_VOLUME, "mountPath": "/run"}],
         })
     }
 
     fn proxy_container(&self, s: &Settings, service: &str) -> Value {
-        let mut env = vec![
-            json!({"name": "GOFE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
-            json!({"name": "GOFE_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}),
-            json!({"name": config::IDENTITY_NAME.name, "value": format!(
-                "spiffe://{}/ns/$(GOFE_POD_NAMESPACE)/sa/$(GOFE_POD_SERVICE_ACCOUNT)",
-                self.trust_domain
-            )}),
-            json!({"name": config::IDENTITY_ADDR.name, "value": self.identity_addr}),
-            json!({"name": config::IDENTITY_TRUST_ANCHORS.name, "value": format!("{ANCHORS_DIR}/ca.crt")}),
-            json!({"name": config::IDENTITY_TOKEN_FILE.name, "value": format!("{TOKEN_DIR}/gofe-identity-token")}),
-            json!({"name": config::TRUST_DOMAIN.name, "value": self.trust_domain}),
-        ];
+        let mut env = Vec::new();
+        if s.identity {
+            env.extend([
+                json!({"name": "GOFE_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+                json!({"name": "GOFE_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}),
+                json!({"name": config::IDENTITY_NAME.name, "value": format!(
+                    "spiffe://{}/ns/$(GOFE_POD_NAMESPACE)/sa/$(GOFE_POD_SERVICE_ACCOUNT)",
+                    s.trust_domain
+                )}),
+                json!({"name": config::IDENTITY_ADDR.name, "value": self.identity_addr}),
+                json!({"name": config::IDENTITY_TRUST_ANCHORS.name, "value": format!("{ANCHORS_DIR}/ca.crt")}),
+                json!({"name": config::IDENTITY_TOKEN_FILE.name, "value": format!("{TOKEN_DIR}/gofe-identity-token")}),
+            ]);
+        }
+        env.push(json!({"name": config::TRUST_DOMAIN.name, "value": s.trust_domain}));
         env.push(json!({"name": config::SERVICE_NAME.name, "value": service}));
         // An annotation overrides what the injector would set.
         env.retain(|e| {
@@ -312,12 +360,19 @@ impl Injector {
                 "allowPrivilegeEscalation": false,
                 "readOnlyRootFilesystem": true,
                 "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "volumeMounts": [
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "20Mi"},
+                "limits": {"memory": "250Mi"},
+            },
+        });
+        if s.identity {
+            c["volumeMounts"] = json!([
                 {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
                 {"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true},
-            ],
-        });
+            ]);
+        }
         let fields = c.as_object_mut().expect("an object");
         if s.native_sidecar {
             // A native sidecar: started before the app, stopped after it, and not
@@ -340,6 +395,9 @@ impl Injector {
 
 /// The pod's `config.gofe.io/*` annotations as variables, checked.
 struct Settings {
+    /// Without GOFE_IDENTITY_DISABLED=true: the identity's variables and volumes.
+    identity: bool,
+    trust_domain: String,
     proxy_env: BTreeMap<String, String>,
     init_env: BTreeMap<String, String>,
     native_sidecar: bool,
@@ -396,6 +454,8 @@ impl Settings {
                 continue;
             }
             let var = variable_of(name);
+            // The kubelet expands $(VAR) in env values; a value means itself.
+            let value = &value.replace('$', "$$");
             match known(&var) {
                 Some(v) if INIT_VARS.iter().any(|i| i.name == v.name) => {
                     init_env.insert(var, value.clone());
@@ -413,7 +473,15 @@ impl Settings {
         }
         // Checked as the proxy and `gofe init` will read them: the identity filled in
         // as the downward API will, the listeners as given.
-        let mut vars: HashMap<String, String> = proxy_env.clone().into_iter().collect();
+        let trust_domain = proxy_env
+            .get(config::TRUST_DOMAIN.name)
+            .cloned()
+            .unwrap_or_else(|| trust_domain.to_string());
+        let unescaped = |v: &String| v.replace("$$", "$");
+        let mut vars: HashMap<String, String> = proxy_env
+            .iter()
+            .map(|(k, v)| (k.clone(), unescaped(v)))
+            .collect();
         vars.entry(config::IDENTITY_NAME.name.into())
             .or_insert_with(|| format!("spiffe://{trust_domain}/ns/default/sa/default"));
         vars.entry(config::IDENTITY_ADDR.name.into())
@@ -421,9 +489,12 @@ impl Settings {
         vars.entry(config::IDENTITY_TRUST_ANCHORS.name.into())
             .or_insert_with(|| "/dev/null".into());
         vars.entry(config::TRUST_DOMAIN.name.into())
-            .or_insert_with(|| trust_domain.into());
+            .or_insert_with(|| trust_domain.clone());
         let proxy = Config::check_map(&vars);
-        let mut init_vars: HashMap<String, String> = init_env.clone().into_iter().collect();
+        let mut init_vars: HashMap<String, String> = init_env
+            .iter()
+            .map(|(k, v)| (k.clone(), unescaped(v)))
+            .collect();
         for (k, v) in &proxy_env {
             if [
                 config::OUTBOUND_LISTEN.name,
@@ -436,6 +507,60 @@ impl Settings {
             }
         }
         let init = InitConfig::from_vars(init_vars, &InitArgs::default());
+        // What the parsers accept but a pod cannot run with.
+        let refuse = |errors: &mut Vec<String>, var: &Var, why: &str| {
+            let value = vars
+                .get(var.name)
+                .or(init_env.get(var.name))
+                .cloned()
+                .unwrap_or_default();
+            errors.push(format!(
+                "annotation {}: {value:?} on {workload}: {why}",
+                annotation_of(var.name)
+            ));
+        };
+        for var in [&config::INBOUND_LISTEN, &config::ADMIN_LISTEN] {
+            if vars
+                .get(var.name)
+                .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+                .is_some_and(|a| a.ip().is_loopback())
+            {
+                refuse(
+                    &mut errors,
+                    var,
+                    "in a pod this must listen beyond loopback (the kubelet's probes and redirected traffic arrive on the pod's address)",
+                );
+            }
+        }
+        if let Ok(i) = &init
+            && i.proxy_uid == 0
+        {
+            refuse(
+                &mut errors,
+                &config::PROXY_UID,
+                "the proxy does not run as root",
+            );
+        }
+        if vars
+            .get(config::POLICY_FILE.name)
+            .is_some_and(|v| !v.trim().is_empty())
+        {
+            refuse(
+                &mut errors,
+                &config::POLICY_FILE,
+                "the proxy container cannot read the pod's files; set the policy with annotations",
+            );
+        }
+        if vars
+            .get(config::DISCOVERY.name)
+            .is_some_and(|v| v.contains("file:"))
+        {
+            refuse(
+                &mut errors,
+                &config::DISCOVERY,
+                "the proxy container cannot read the pod's files; use dns",
+            );
+        }
         for bad in proxy
             .err()
             .into_iter()
@@ -465,7 +590,12 @@ impl Settings {
                 init_env.insert(var.name.to_string(), v.clone());
             }
         }
+        let identity = vars
+            .get(config::IDENTITY_DISABLED.name)
+            .is_none_or(|v| v != "true");
         Ok(Settings {
+            identity,
+            trust_domain,
             proxy_env,
             init_env,
             native_sidecar,
@@ -500,7 +630,7 @@ fn remove_injected(pod: &mut Value) {
     for (key, names) in [
         ("initContainers", &[INIT_CONTAINER, PROXY_CONTAINER][..]),
         ("containers", &[PROXY_CONTAINER][..]),
-        ("volumes", &[TOKEN_VOLUME, ANCHORS_VOLUME][..]),
+        ("volumes", &[TOKEN_VOLUME, ANCHORS_VOLUME, RUN_VOLUME][..]),
     ] {
         if let Some(Value::Array(items)) = spec.get_mut(key) {
             items.retain(|v| !ours(v, names));

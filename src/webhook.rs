@@ -20,6 +20,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tracing::{info, warn};
 
+/// A client gets this long for its TLS handshake, and again for its request head.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// AdmissionReviews are small; a pod spec of megabytes is not one.
 const MAX_REVIEW: usize = 4 * 1024 * 1024;
 
@@ -63,7 +66,8 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
             let acceptor = acceptor.clone();
             let injector = injector.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let handshake = tokio::time::timeout(TIMEOUT, acceptor.accept(tcp));
+                let Ok(Ok(tls)) = handshake.await else {
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req| {
@@ -71,6 +75,8 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
                     async move { Ok::<_, std::convert::Infallible>(serve(&injector, req).await) }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(TIMEOUT)
                     .serve_connection(TokioIo::new(tls), svc)
                     .await
                 {
@@ -168,27 +174,40 @@ pub fn review_response(injector: &Injector, review: &Value) -> anyhow::Result<Va
     }))
 }
 
-/// A pod's workload name: its `app.kubernetes.io/name` or `app` label, else its name,
-/// else its generated name's stem (`web-7d4b9c8f6d-` → `web`).
+/// A pod's workload name, as `gofe inject` names it from the workload: the owner a
+/// controller made it for (a ReplicaSet's Deployment, with the template hash taken off;
+/// a Job's CronJob, with the schedule's timestamp taken off; a StatefulSet, DaemonSet
+/// or Job itself), else the pod's own name.
 pub fn service_name(pod: &Value) -> String {
-    let labels = &pod["metadata"]["labels"];
-    for key in ["app.kubernetes.io/name", "app"] {
-        if let Some(v) = labels[key].as_str() {
-            return v.to_string();
-        }
+    let meta = &pod["metadata"];
+    let owner = meta["ownerReferences"]
+        .as_array()
+        .and_then(|o| o.iter().find(|r| r["controller"] == true).or(o.first()));
+    if let Some(owner) = owner {
+        let name = owner["name"].as_str().unwrap_or("");
+        let kind = owner["kind"].as_str().unwrap_or("");
+        let strip = |suffix: Option<&str>| match (name.rsplit_once('-'), suffix) {
+            (Some((stem, tail)), Some(s)) if tail == s => stem.to_string(),
+            _ => name.to_string(),
+        };
+        return match kind {
+            "ReplicaSet" => strip(meta["labels"]["pod-template-hash"].as_str()),
+            // A CronJob's Jobs are named <cronjob>-<minutes since the epoch>.
+            "Job" => match name.rsplit_once('-') {
+                Some((stem, tail))
+                    if tail.len() >= 8 && tail.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    stem.to_string()
+                }
+                _ => name.to_string(),
+            },
+            _ => name.to_string(),
+        };
     }
-    if let Some(n) = pod["metadata"]["name"].as_str() {
-        return n.to_string();
-    }
-    let generated = pod["metadata"]["generateName"]
+    meta["name"]
         .as_str()
+        .or(meta["generateName"].as_str())
         .unwrap_or("pod")
-        .trim_end_matches('-');
-    // A Deployment's pods are named <deployment>-<template hash>-.
-    match generated.rsplit_once('-') {
-        Some((stem, hash)) if pod["metadata"]["labels"]["pod-template-hash"] == hash => {
-            stem.to_string()
-        }
-        _ => generated.to_string(),
-    }
+        .trim_end_matches('-')
+        .to_string()
 }

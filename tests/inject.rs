@@ -266,6 +266,34 @@ fn ordinary_sidecar_container_waits_for_the_proxy_in_post_start() {
     let init = pod["spec"]["initContainers"].as_array().unwrap();
     assert_eq!(init.len(), 1);
     assert_eq!(init[0]["name"], "gofe-init");
+
+    // The app's own init containers run before any proxy: before the rules too.
+    let with_init = TEMPLATE
+        .replace(
+            "gofe.io/inject: enabled",
+            "gofe.io/inject: enabled\n        config.gofe.io/native-sidecar: \"false\"",
+        )
+        .replace(
+            "      containers:",
+            "      initContainers: [{name: migrate, image: busybox}]\n      containers:",
+        );
+    let out = docs(&inject(&workloads_from(&with_init)));
+    let init = templates(&out)[0].1["spec"]["initContainers"].clone();
+    assert_eq!(init[0]["name"], "migrate");
+    assert_eq!(init[1]["name"], "gofe-init");
+    // Natively, the proxy runs first and the app's init containers use the mesh.
+    let native = TEMPLATE.replace(
+        "      containers:",
+        "      initContainers: [{name: migrate, image: busybox}]\n      containers:",
+    );
+    let out = docs(&inject(&workloads_from(&native)));
+    let names: Vec<_> = templates(&out)[0].1["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["gofe-init", "gofe-proxy", "migrate"]);
 }
 
 const PLAIN_POD: &str = r#"apiVersion: v1
@@ -288,6 +316,45 @@ fn injected(out: &Output) -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).contains("gofe-proxy")
+}
+
+#[test]
+fn settings_that_change_what_is_injected() {
+    // Another trust domain names the identity in it.
+    let out = docs(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/trust-domain: example.org}",
+    )));
+    let proxy = &out[0]["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "GOFE_IDENTITY_NAME").unwrap()["value"],
+        "spiffe://example.org/ns/$(GOFE_POD_NAMESPACE)/sa/$(GOFE_POD_SERVICE_ACCOUNT)"
+    );
+    assert_eq!(
+        env(proxy, "GOFE_TRUST_DOMAIN").unwrap()["value"],
+        "example.org"
+    );
+    // Without identity: no identity variables, token or anchors.
+    let out = docs(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/identity-disabled: \"true\"}",
+    )));
+    let spec = &out[0]["spec"];
+    assert!(env(&spec["initContainers"][1], "GOFE_IDENTITY_NAME").is_none());
+    let volumes: Vec<_> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(volumes, vec!["gofe-init-run"]);
+    // A value is taken literally, not expanded by the kubelet.
+    let out = docs(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/service-name: \"a$(B)\"}",
+    )));
+    let proxy = &out[0]["spec"]["initContainers"][1];
+    assert_eq!(env(proxy, "GOFE_SERVICE_NAME").unwrap()["value"], "a$$(B)");
+    // A pod on the host's network is left alone: its rules would be the node's.
+    let host = pod("{gofe.io/inject: enabled}").replace("spec:\n", "spec:\n  hostNetwork: true\n");
+    assert!(!injected(&inject_with(&host, &[])));
 }
 
 #[test]
@@ -338,6 +405,17 @@ fn bad_annotations_are_refused_naming_annotation_value_and_workload() {
             "config.gofe.io/native-sidecar",
             "maybe",
             "expected true or false",
+        ),
+        (
+            "config.gofe.io/admin-listen",
+            "127.0.0.1:4191",
+            "beyond loopback",
+        ),
+        ("config.gofe.io/proxy-uid", "0", "does not run as root"),
+        (
+            "config.gofe.io/policy-file",
+            "/etc/policy.yaml",
+            "cannot read the pod's files",
         ),
     ] {
         let yaml = pod(&format!(
@@ -482,6 +560,27 @@ spec:
     )
     .remove(0);
     assert_eq!(patched, cli, "the patched pod is the CLI's pod");
+
+    // A Deployment's pod is named for the Deployment, as the CLI names it.
+    let mut from_rs = pod.clone();
+    from_rs["metadata"] = json!({
+        "generateName": "shop-web-7d4b9c8f6d-",
+        "namespace": "shop",
+        "labels": {"app": "web", "pod-template-hash": "7d4b9c8f6d"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "name": "shop-web-7d4b9c8f6d", "uid": "u", "controller": true}],
+    });
+    let rsp = &review(&webhook, &dir, &from_rs)["response"];
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(rsp["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    json_patch::patch(&mut from_rs, &patch).unwrap();
+    let proxy = &from_rs["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "GOFE_SERVICE_NAME").unwrap()["value"],
+        "shop-web"
+    );
 
     // A pod that opts out is allowed unchanged; a bad annotation is refused.
     let mut disabled = pod.clone();

@@ -97,6 +97,68 @@ fn await_gives_up_with_exit_1_when_no_proxy_answers() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+/// An ordinary sidecar container's order: `gofe await` (the postStart hook) returns
+/// only once the proxy is ready, and a Job's last container ends the proxy with
+/// `POST /shutdown`, after which it exits 0.
+#[test]
+fn await_returns_once_the_proxy_is_ready_and_shutdown_ends_it() {
+    let admin = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut waiting = Command::new(env!("CARGO_BIN_EXE_gofe"))
+        .args(["await", "--admin", &admin.to_string(), "--timeout", "60s"])
+        .spawn()
+        .unwrap();
+    // Not ready before the proxy exists.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "await returned early"
+    );
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_gofe"))
+        .arg("proxy")
+        .env_clear()
+        .envs([
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_OUTBOUND_LISTEN", "127.0.0.1:0"),
+            ("GOFE_INBOUND_LISTEN", "127.0.0.1:0"),
+            ("GOFE_ADMIN_LISTEN", &admin.to_string()),
+            ("GOFE_LOG", "warn"),
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = waiting.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "await never returned");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "await: {status}");
+    // The Job is done: its container asks the proxy to go.
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"POST /shutdown HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(s) = proxy.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit after /shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.success(), "proxy: {exited}");
+}
+
 /// The shop window: the demo runs without root; every request succeeds through the
 /// sidecars although one api replica fails most of its requests (retries save them,
 /// the replica is ejected); it drains and exits cleanly at the end of `--duration`.

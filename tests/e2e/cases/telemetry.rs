@@ -230,6 +230,32 @@ pub fn a_request_through_two_sidecars_is_one_trace_in_w3c_and_b3(w: &World) -> a
             "a 503 is an error span: {span:?}"
         );
     }
+    server.app_get(HTTP_PORT, "/control/ok")?;
+
+    // A client that gives up before the response still leaves its proxy's span, as
+    // an error without a status code.
+    let abandoned = "1f2e3d4c5b6a79880f1e2d3c4b5a6978";
+    let out = client.curl_output(&[
+        "--max-time",
+        "1",
+        "-H",
+        &format!("traceparent: 00-{abandoned}-b7ad6b7169203331-01"),
+        &format!("http://{}:{HTTP_PORT}/hold", server.ip4),
+    ])?;
+    ensure!(!out.status.success(), "the held request timed out in curl");
+    let c = eventually("the abandoned request's CLIENT span", SPAN_TIMEOUT, || {
+        Ok(rx
+            .trace(abandoned)
+            .into_iter()
+            .find(|s| s.kind == otlp::CLIENT))
+    })?;
+    server.app_get(HTTP_PORT, "/release")?;
+    ensure!(
+        c.status == 2
+            && attr(&c, "error.type") == "no response"
+            && !c.attributes.contains_key("http.response.status_code"),
+        "an abandoned request is an error span without a status: {c:?}"
+    );
     Ok(())
 }
 

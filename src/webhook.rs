@@ -28,23 +28,13 @@ const MAX_REVIEW: usize = 4 * 1024 * 1024;
 
 pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     gofe_telemetry::logs::init("info", gofe_telemetry::logs::LogFormat::Plain)?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&args.tls_cert)
-        .with_context(|| format!("cannot read {}", args.tls_cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not a PEM certificate chain", args.tls_cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(&args.tls_key).with_context(|| {
-        format!(
-            "cannot read a PEM private key from {}",
-            args.tls_key.display()
-        )
-    })?;
+    let cert = ReloadingCert::load(args.tls_cert.clone(), args.tls_key.clone())?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the serving certificate and key do not match")?;
+    .with_cert_resolver(Arc::new(cert));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let injector = Arc::new(Injector::new(args));
     let listen = args.listen;
@@ -85,6 +75,97 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
             });
         }
     })
+}
+
+/// How often the serving certificate's files are looked at again.
+const CERT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The serving certificate, read again when its files change (a rotated Secret, as
+/// cert-manager writes it), so that the webhook never serves an expired one; a bad new
+/// version is logged and the current one kept.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: parking_lot::Mutex<Loaded>,
+}
+
+type Stamp = Option<(std::time::SystemTime, std::time::SystemTime)>;
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// The files' modification times when read.
+    stamp: Stamp,
+    checked: std::time::Instant,
+}
+
+impl ReloadingCert {
+    fn load(cert: std::path::PathBuf, key: std::path::PathBuf) -> anyhow::Result<Self> {
+        let stamp = Self::stamp(&cert, &key);
+        let certified = Self::read(&cert, &key)?;
+        Ok(ReloadingCert {
+            cert,
+            key,
+            current: parking_lot::Mutex::new(Loaded {
+                key: certified,
+                stamp,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    fn stamp(cert: &std::path::Path, key: &std::path::Path) -> Stamp {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(cert)?, m(key)?))
+    }
+
+    fn read(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("cannot read {}", cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{} is not a PEM certificate chain", cert.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("cannot read a PEM private key from {}", key.display()))?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+            .context("the serving key is of no supported type")?;
+        let certified = rustls::sign::CertifiedKey::new(certs, signer);
+        certified
+            .keys_match()
+            .context("the serving certificate and key do not match")?;
+        Ok(Arc::new(certified))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut current = self.current.lock();
+        if current.checked.elapsed() >= CERT_RECHECK {
+            current.checked = std::time::Instant::now();
+            let stamp = Self::stamp(&self.cert, &self.key);
+            if stamp.is_some() && stamp != current.stamp {
+                match Self::read(&self.cert, &self.key) {
+                    Ok(k) => {
+                        info!(cert = %self.cert.display(), "serving certificate reloaded");
+                        current.key = k;
+                        current.stamp = stamp;
+                    }
+                    Err(error) => warn!(
+                        error = %format!("{error:#}"),
+                        "the new serving certificate is unusable; keeping the current one"
+                    ),
+                }
+            }
+        }
+        Some(current.key.clone())
+    }
 }
 
 async fn serve(injector: &Injector, req: Request<Incoming>) -> Response<Full<Bytes>> {

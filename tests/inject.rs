@@ -601,11 +601,70 @@ spec:
     );
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
+fn healthz(webhook: &Webhook, ca: &std::path::Path) -> bool {
+    Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg(format!("https://{}/healthz", webhook.1))
+        .output()
+        .expect("curl")
+        .status
+        .success()
+}
+
+/// A rotated serving certificate (cert-manager rewriting the Secret) is served without
+/// a restart.
+#[test]
+fn webhook_serves_a_rotated_certificate() {
+    let dir = tempdir("rotate");
+    let webhook = start_webhook(&dir);
+    let next = tempdir("rotate-next");
+    let old = next.join("old.crt");
+    std::fs::copy(dir.join("tls.crt"), &old).unwrap();
+    let (cert, key) = serving_cert(&next);
+    assert!(healthz(&webhook, &old));
+    assert!(
+        !healthz(&webhook, &cert),
+        "the new certificate is not served yet"
+    );
+    // The key first, then the certificate, as a non-atomic writer might.
+    std::fs::copy(&key, dir.join("tls.key")).unwrap();
+    std::fs::copy(&cert, dir.join("tls.crt")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !healthz(&webhook, &cert) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated certificate was not served within 30s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !healthz(&webhook, &old),
+        "the old certificate is no longer served"
+    );
+}
+
+/// A directory of the test's own, removed when dropped (pass or fail).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("gofe-inject-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 /// Every manifest in k8s/ against the schemas of a current Kubernetes.
@@ -643,7 +702,8 @@ fn manifests_validate_against_the_kubernetes_schemas() {
     // The demo application, injected, validates too.
     let demo = std::fs::read_to_string(format!("{dir}/demo.yaml")).unwrap();
     let injected = inject(&demo);
-    let file = tempdir("validate").join("demo-injected.yaml");
+    let dir = tempdir("validate");
+    let file = dir.join("demo-injected.yaml");
     std::fs::write(&file, injected).unwrap();
     let out = Command::new("kubernetes-validate")
         .arg("--strict")

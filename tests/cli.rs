@@ -159,11 +159,86 @@ fn await_returns_once_the_proxy_is_ready_and_shutdown_ends_it() {
     assert!(exited.success(), "proxy: {exited}");
 }
 
+/// Services named in the spans a real OTLP receiver (the collector's TraceService from
+/// opentelemetry-proto, over gRPC on loopback) got, as Jaeger would get them.
+struct Collector {
+    addr: std::net::SocketAddr,
+    services: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+struct TraceSink(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for TraceSink
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let mut services = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Value::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            let n: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
+            *services.entry(service).or_default() += n;
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn collector() -> Collector {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let services = std::sync::Arc::default();
+    let sink = TraceSink(std::sync::Arc::clone(&services));
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(sink),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Collector {
+        addr,
+        services,
+        _runtime: runtime,
+    }
+}
+
 /// The shop window: the demo runs without root; every request succeeds through the
 /// sidecars although one api replica fails most of its requests (retries save them,
-/// the replica is ejected); it drains and exits cleanly at the end of `--duration`.
+/// the replica is ejected); it drains and exits cleanly at the end of `--duration`,
+/// and its spans reach the collector named by GOFE_TRACE_COLLECTOR.
 #[test]
 fn demo_runs_and_drains_cleanly() {
+    let collector = collector();
+    let collector_url = format!("http://{}", collector.addr);
     // 30 consecutive ports: take a free one as the base and hope its neighbours are
     // free too; retry with another base when they are not.
     let mut last = None;
@@ -186,7 +261,7 @@ fn demo_runs_and_drains_cleanly() {
                 "--port-base",
                 &base.to_string(),
             ],
-            &[],
+            &[("GOFE_TRACE_COLLECTOR", &collector_url)],
         );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if stderr(&out).contains("cannot listen") {
@@ -248,6 +323,18 @@ fn demo_runs_and_drains_cleanly() {
         ] {
             assert!(trace.contains(hop), "{hop} missing from the trace: {text}");
         }
+        // Drained sidecars have exported everything: web made a SERVER and a CLIENT
+        // span per request, api a SERVER span per attempt.
+        let services = collector.services.lock().unwrap().clone();
+        assert_eq!(
+            services.get("web").copied().unwrap_or(0) as u64,
+            2 * ok,
+            "spans at the collector: {services:?}"
+        );
+        assert!(
+            services.get("api").copied().unwrap_or(0) as u64 > ok,
+            "api's spans (one per attempt, retries included): {services:?}"
+        );
         return;
     }
     panic!("no free port range for the demo: {last:?}");

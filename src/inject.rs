@@ -491,21 +491,20 @@ impl Settings {
         vars.entry(config::TRUST_DOMAIN.name.into())
             .or_insert_with(|| trust_domain.clone());
         let proxy = Config::check_map(&vars);
-        let mut init_vars: HashMap<String, String> = init_env
+        // The listener ports go to the init container too, so its rules match.
+        for var in [
+            &config::OUTBOUND_LISTEN,
+            &config::INBOUND_LISTEN,
+            &config::ADMIN_LISTEN,
+        ] {
+            if let Some(v) = proxy_env.get(var.name) {
+                init_env.insert(var.name.to_string(), v.clone());
+            }
+        }
+        let init_vars: HashMap<String, String> = init_env
             .iter()
             .map(|(k, v)| (k.clone(), unescaped(v)))
             .collect();
-        for (k, v) in &proxy_env {
-            if [
-                config::OUTBOUND_LISTEN.name,
-                config::INBOUND_LISTEN.name,
-                config::ADMIN_LISTEN.name,
-            ]
-            .contains(&k.as_str())
-            {
-                init_vars.insert(k.clone(), v.clone());
-            }
-        }
         let init = InitConfig::from_vars(init_vars, &InitArgs::default());
         // What the parsers accept but a pod cannot run with.
         let refuse = |errors: &mut Vec<String>, var: &Var, why: &str| {
@@ -580,16 +579,6 @@ impl Settings {
             bail!("{}", errors.join("\n"));
         }
         let init = init.expect("no errors");
-        // The listener ports go to the init container too, so its rules match.
-        for var in [
-            &config::OUTBOUND_LISTEN,
-            &config::INBOUND_LISTEN,
-            &config::ADMIN_LISTEN,
-        ] {
-            if let Some(v) = proxy_env.get(var.name) {
-                init_env.insert(var.name.to_string(), v.clone());
-            }
-        }
         let identity = vars
             .get(config::IDENTITY_DISABLED.name)
             .is_none_or(|v| v != "true");

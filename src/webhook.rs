@@ -13,8 +13,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -124,13 +122,14 @@ impl ReloadingCert {
         cert: &std::path::Path,
         key: &std::path::Path,
     ) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .with_context(|| format!("cannot read {}", cert.display()))?
-            .collect::<Result<_, _>>()
+        use gofe_identity::cert::{certs_from_pem, key_from_pem};
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let certs = certs_from_pem(&read(cert)?)
             .with_context(|| format!("{} is not a PEM certificate chain", cert.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
-        let key = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("cannot read a PEM private key from {}", key.display()))?;
+        let key = key_from_pem(&read(key)?)
+            .with_context(|| format!("{} holds no PEM private key", key.display()))?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
             .context("the serving key is of no supported type")?;
         let certified = rustls::sign::CertifiedKey::new(certs, signer);

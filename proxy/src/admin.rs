@@ -191,14 +191,7 @@ async fn log_level(
         );
     };
     match *req.method() {
-        Method::GET | Method::HEAD => {
-            let mut rsp = Response::new(Full::new(Bytes::from(format!("{}\n", handle.current()))));
-            rsp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            rsp
-        }
+        Method::GET | Method::HEAD => text(StatusCode::OK, format!("{}\n", handle.current())),
         Method::PUT if !is_loopback(peer) => text(
             StatusCode::FORBIDDEN,
             "the log filter is only changed from loopback\n",
@@ -223,19 +216,9 @@ async fn log_level(
                         filter = filter.trim(),
                         "log filter changed through the admin server"
                     );
-                    let mut rsp =
-                        Response::new(Full::new(Bytes::from(format!("{}\n", filter.trim()))));
-                    rsp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-                    );
-                    rsp
+                    text(StatusCode::OK, format!("{}\n", filter.trim()))
                 }
-                Err(e) => {
-                    let mut rsp = Response::new(Full::new(Bytes::from(format!("{e}\n"))));
-                    *rsp.status_mut() = StatusCode::BAD_REQUEST;
-                    rsp
-                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
@@ -301,8 +284,8 @@ fn is_loopback(peer: SocketAddr) -> bool {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,

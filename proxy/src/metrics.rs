@@ -299,13 +299,9 @@ impl Metrics {
             }
         }
 
-        let snapshots: Vec<_> = requests
+        let series: Vec<_> = requests
             .iter()
-            .map(|(l, stats)| (l, stats.latency.snapshot()))
-            .collect();
-        let series: Vec<_> = snapshots
-            .iter()
-            .map(|(l, s)| {
+            .map(|(l, stats)| {
                 (
                     vec![
                         ("direction", l.direction.as_str()),
@@ -313,7 +309,7 @@ impl Metrics {
                         ("tls", if l.tls { "true" } else { "false" }),
                         ("peer_identity", &*l.peer_identity),
                     ],
-                    s.clone(),
+                    stats.latency.snapshot(),
                 )
             })
             .collect();

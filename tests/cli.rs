@@ -1,5 +1,10 @@
 //! The `gofe` command line, run as a user would run it. No root needed.
 
+// The end-to-end tests' OTLP receiver, on loopback here.
+#[path = "e2e/otlp.rs"]
+#[allow(dead_code)]
+mod otlp;
+
 use std::net::TcpListener;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -97,6 +102,18 @@ fn await_gives_up_with_exit_1_when_no_proxy_answers() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+/// How `child` exited, waiting up to 30 seconds for it; `what` says what failed.
+fn exit_of(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An ordinary sidecar container's order: `gofe await` (the postStart hook) returns
 /// only once the proxy is ready, and a Job's last container ends the proxy with
 /// `POST /shutdown`, after which it exits 0.
@@ -128,14 +145,7 @@ fn await_returns_once_the_proxy_is_ready_and_shutdown_ends_it() {
         ])
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = waiting.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "await never returned");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_of(&mut waiting, "await never returned");
     assert!(status.success(), "await: {status}");
     // The Job is done: its container asks the proxy to go.
     let mut s = std::net::TcpStream::connect(admin).unwrap();
@@ -145,90 +155,8 @@ fn await_returns_once_the_proxy_is_ready_and_shutdown_ends_it() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exited = loop {
-        if let Some(s) = proxy.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxy did not exit after /shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exited = exit_of(&mut proxy, "the proxy did not exit after /shutdown");
     assert!(exited.success(), "proxy: {exited}");
-}
-
-/// Services named in the spans a real OTLP receiver (the collector's TraceService from
-/// opentelemetry-proto, over gRPC on loopback) got, as Jaeger would get them.
-struct Collector {
-    addr: std::net::SocketAddr,
-    services: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-struct TraceSink(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for TraceSink
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        use opentelemetry_proto::tonic::common::v1::any_value::Value;
-        let mut services = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    Value::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            let n: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
-            *services.entry(service).or_default() += n;
-        }
-        Ok(tonic::Response::new(Default::default()))
-    }
-}
-
-fn collector() -> Collector {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let services = std::sync::Arc::default();
-    let sink = TraceSink(std::sync::Arc::clone(&services));
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(sink),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    Collector {
-        addr,
-        services,
-        _runtime: runtime,
-    }
 }
 
 /// The shop window: the demo runs without root; every request succeeds through the
@@ -237,8 +165,8 @@ fn collector() -> Collector {
 /// and its spans reach the collector named by GOFE_TRACE_COLLECTOR.
 #[test]
 fn demo_runs_and_drains_cleanly() {
-    let collector = collector();
-    let collector_url = format!("http://{}", collector.addr);
+    let collector = otlp::Receiver::start_on_loopback().unwrap();
+    let collector_url = collector.grpc_url();
     // 30 consecutive ports: take a free one as the base and hope its neighbours are
     // free too; retry with another base when they are not.
     let mut last = None;
@@ -325,7 +253,10 @@ fn demo_runs_and_drains_cleanly() {
         }
         // Drained sidecars have exported everything: web made a SERVER and a CLIENT
         // span per request, api a SERVER span per attempt.
-        let services = collector.services.lock().unwrap().clone();
+        let mut services = std::collections::BTreeMap::<String, usize>::new();
+        for span in collector.spans() {
+            *services.entry(span.service).or_default() += 1;
+        }
         assert_eq!(
             services.get("web").copied().unwrap_or(0) as u64,
             2 * ok,

@@ -522,6 +522,18 @@ fn review(webhook: &Webhook, dir: &std::path::Path, pod: &Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `pod` with the JSON patch of an admission response applied.
+fn apply_patch(pod: &Value, response: &Value) -> Value {
+    use base64::Engine;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("a patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = pod.clone();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    pod
+}
+
 #[test]
 fn webhook_answers_an_admission_review_whose_patch_gives_the_cli_pod() {
     let dir = tempdir("webhook");
@@ -544,13 +556,7 @@ spec:
     assert_eq!(rsp["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
     assert_eq!(rsp["allowed"], true);
     assert_eq!(rsp["patchType"], "JSONPatch");
-    use base64::Engine;
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(rsp["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
-    let mut patched = pod.clone();
-    json_patch::patch(&mut patched, &patch).unwrap();
+    let patched = apply_patch(&pod, rsp);
     let cli = docs(
         &inject_with(yaml, &["--namespace-annotations", "gofe.io/inject=enabled"])
             .stdout
@@ -570,12 +576,7 @@ spec:
         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
             "name": "shop-web-7d4b9c8f6d", "uid": "u", "controller": true}],
     });
-    let rsp = &review(&webhook, &dir, &from_rs)["response"];
-    let patch = base64::engine::general_purpose::STANDARD
-        .decode(rsp["patch"].as_str().unwrap())
-        .unwrap();
-    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
-    json_patch::patch(&mut from_rs, &patch).unwrap();
+    let from_rs = apply_patch(&from_rs, &review(&webhook, &dir, &from_rs)["response"]);
     let proxy = &from_rs["spec"]["initContainers"][1];
     assert_eq!(
         env(proxy, "GOFE_SERVICE_NAME").unwrap()["value"],

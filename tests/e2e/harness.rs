@@ -737,8 +737,7 @@ impl<'w> Pod<'w> {
 
     /// An HTTP/1.0 request to this pod's admin server, from inside the pod.
     pub fn admin(&self, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT));
-        self.in_ns(|| raw_http(addr, method, path))?
+        self.admin_with_body(method, path, "")
     }
 
     /// As `admin`, with a request body.
@@ -754,16 +753,7 @@ impl<'w> Pod<'w> {
 
     /// Resident memory of the proxy now, from /proc.
     pub fn proxy_rss(&self) -> anyhow::Result<u64> {
-        let pid = self
-            .proxy_pid
-            .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))?;
-        Ok(kb * 1024)
+        self.proxy_memory("VmRSS")
     }
 
     pub fn metrics(&self) -> anyhow::Result<Metrics> {
@@ -820,15 +810,20 @@ impl<'w> Pod<'w> {
 
     /// Peak resident memory of the proxy, from /proc.
     pub fn proxy_peak_rss(&self) -> anyhow::Result<u64> {
+        self.proxy_memory("VmHWM")
+    }
+
+    /// A memory `field` of the proxy's /proc status, in bytes.
+    fn proxy_memory(&self, field: &str) -> anyhow::Result<u64> {
         let pid = self
             .proxy_pid
             .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
         let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
+            .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))?;
         Ok(kb * 1024)
     }
 

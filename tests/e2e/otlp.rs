@@ -1,10 +1,10 @@
-//! A real OTLP trace receiver for the tracing tests, in a pod of its own: the
-//! collector's TraceService from the official OpenTelemetry protobuf definitions
-//! (opentelemetry-proto's generated tonic server) on port 4317, and OTLP/HTTP with
-//! protobuf bodies (`POST /v1/traces`, the same ExportTraceServiceRequest message) on
-//! port 4318. It keeps every span it is sent.
+//! A real OTLP trace receiver for the tracing tests: the collector's TraceService from
+//! the official OpenTelemetry protobuf definitions (opentelemetry-proto's generated
+//! tonic server), on port 4317 in a pod of its own, and OTLP/HTTP with protobuf bodies
+//! (`POST /v1/traces`, the same ExportTraceServiceRequest message) on port 4318; or both
+//! on loopback ports of their own (the CLI tests include this file too). It keeps every
+//! span it is sent.
 
-use crate::harness::Pod;
 use anyhow::anyhow;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,23 +141,47 @@ impl TraceService for Collector {
 }
 
 pub struct Receiver {
-    pub ip: Ipv4Addr,
+    grpc: SocketAddr,
+    http: SocketAddr,
     spans: Store,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Receiver {
-    /// Starts the receiver in `pod` (which needs no sidecar) on 0.0.0.0.
-    pub fn start(pod: &Pod<'_>) -> anyhow::Result<Receiver> {
-        let netns = File::open(format!("/run/netns/{}", pod.ns))?;
+    /// Starts the receiver in network namespace `ns` (a pod that needs no sidecar) on
+    /// 0.0.0.0 and the standard ports; it is reached at `ip`, the pod's address.
+    pub fn start_in_namespace(ns: &str, ip: Ipv4Addr) -> anyhow::Result<Receiver> {
+        let netns = File::open(format!("/run/netns/{ns}"))?;
+        Self::start(
+            Some(netns),
+            Ipv4Addr::UNSPECIFIED,
+            ip,
+            (GRPC_PORT, HTTP_PORT),
+        )
+    }
+
+    /// Starts the receiver on loopback ports of its own (for the CLI tests).
+    #[allow(dead_code)]
+    pub fn start_on_loopback() -> anyhow::Result<Receiver> {
+        Self::start(None, Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, (0, 0))
+    }
+
+    fn start(
+        netns: Option<File>,
+        bind: Ipv4Addr,
+        ip: Ipv4Addr,
+        (grpc_port, http_port): (u16, u16),
+    ) -> anyhow::Result<Receiver> {
         let spans: Store = Arc::default();
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<(u16, u16)>>();
         let store = spans.clone();
         let thread = std::thread::spawn(move || {
             let run = || -> anyhow::Result<tokio::runtime::Runtime> {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                if let Some(netns) = &netns {
+                    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                }
                 Ok(tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(1)
                     .enable_all()
@@ -171,16 +195,23 @@ impl Receiver {
                 }
             };
             rt.block_on(async move {
-                let grpc = tokio::net::TcpListener::bind(("0.0.0.0", GRPC_PORT)).await;
-                let http = tokio::net::TcpListener::bind(("0.0.0.0", HTTP_PORT)).await;
-                let (grpc, http) = match (grpc, http) {
-                    (Ok(g), Ok(h)) => (g, h),
+                let grpc = tokio::net::TcpListener::bind((bind, grpc_port)).await;
+                let http = tokio::net::TcpListener::bind((bind, http_port)).await;
+                let bound = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.port());
+                let (grpc, http, ports) = match (grpc, http) {
+                    (Ok(g), Ok(h)) => match (bound(&g), bound(&h)) {
+                        (Ok(gp), Ok(hp)) => (g, h, (gp, hp)),
+                        (Err(e), _) | (_, Err(e)) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    },
                     (Err(e), _) | (_, Err(e)) => {
                         let _ = ready_tx.send(Err(e.into()));
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok(ports));
                 let grpc_server = tonic::transport::Server::builder()
                     .add_service(TraceServiceServer::new(Collector(store.clone())))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc));
@@ -212,11 +243,12 @@ impl Receiver {
             // Connections still open (the proxies keep theirs) are cut.
             rt.shutdown_timeout(Duration::from_secs(1));
         });
-        ready_rx
+        let (grpc_port, http_port) = ready_rx
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| anyhow!("the OTLP receiver did not start"))??;
         Ok(Receiver {
-            ip: pod.ip4,
+            grpc: SocketAddr::from((ip, grpc_port)),
+            http: SocketAddr::from((ip, http_port)),
             spans,
             stop: Some(stop),
             thread: Some(thread),
@@ -224,11 +256,11 @@ impl Receiver {
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}:{GRPC_PORT}", self.ip)
+        format!("http://{}", self.grpc)
     }
 
     pub fn http_url(&self) -> String {
-        format!("http://{}:{HTTP_PORT}", self.ip)
+        format!("http://{}", self.http)
     }
 
     pub fn spans(&self) -> Vec<Span> {

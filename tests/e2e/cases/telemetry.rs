@@ -24,7 +24,7 @@ fn traced<'w>(
     server_env: &[(&str, &str)],
 ) -> anyhow::Result<(Receiver, Pod<'w>, Pod<'w>)> {
     let otel = w.pod("otel").start()?;
-    let rx = Receiver::start(&otel)?;
+    let rx = Receiver::start_in_namespace(&otel.ns, otel.ip4)?;
     let mut client = w
         .pod("client")
         .sidecar()
@@ -565,6 +565,23 @@ pub fn promtool_accepts_a_real_scrape(w: &World) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first access log entry (a JSON line among the proxy's output) matching `want`,
+/// once there is one.
+fn access_entry(
+    pod: &Pod<'_>,
+    what: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    eventually(what, SPAN_TIMEOUT, || {
+        Ok(pod
+            .proxy_log()?
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| want(v)))
+    })
+}
+
 pub fn access_log_lines_and_log_level_changes(w: &World) -> anyhow::Result<()> {
     let client = w
         .pod("client")
@@ -579,18 +596,11 @@ pub fn access_log_lines_and_log_level_changes(w: &World) -> anyhow::Result<()> {
         .start()?;
     server.app("http", HTTP_PORT)?;
     client.curl(&[&format!("http://{}:{HTTP_PORT}/headers?x=1", server.ip4)])?;
-    let entry = |pod: &Pod<'_>, direction: &str| -> anyhow::Result<serde_json::Value> {
-        eventually(
+    let entry = |pod: &Pod<'_>, direction: &str| {
+        access_entry(
+            pod,
             &format!("{direction} access log line in {}", pod.name),
-            SPAN_TIMEOUT,
-            || {
-                Ok(pod
-                    .proxy_log()?
-                    .lines()
-                    .filter(|l| l.starts_with('{'))
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .find(|v| v["direction"] == direction && v["path"] == "/headers"))
-            },
+            |v| v["direction"] == direction && v["path"] == "/headers",
         )
     };
     let out = entry(&client, "outbound")?;
@@ -627,18 +637,9 @@ pub fn access_log_lines_and_log_level_changes(w: &World) -> anyhow::Result<()> {
         r.get_mut().shutdown().await?;
         anyhow::Ok(())
     })??;
-    let tcp = eventually(
-        "the opaque connection's access log line",
-        SPAN_TIMEOUT,
-        || {
-            Ok(client
-                .proxy_log()?
-                .lines()
-                .filter(|l| l.starts_with('{'))
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|v| v["protocol"] == "tcp"))
-        },
-    )?;
+    let tcp = access_entry(&client, "the opaque connection's access log line", |v| {
+        v["protocol"] == "tcp"
+    })?;
     let banner_len = "220 banner from server\r\n".len() + "ping\n".len();
     ensure!(
         tcp["direction"] == "outbound"

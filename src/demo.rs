@@ -70,8 +70,8 @@ struct Sidecar {
     spans: gofe_telemetry::trace::LocalSpans,
     ports: SidecarPorts,
     metrics: Arc<Metrics>,
-    destinations: Arc<gofe_proxy::destination::Destinations>,
-    mesh: Arc<gofe_proxy::mesh::Mesh>,
+    destinations: Arc<gofe_proxy::route::destinations::Destinations>,
+    mesh: Arc<gofe_proxy::identity::ProxyIdentity>,
     shutdown: gofe_proxy::Shutdown,
     done: tokio::task::JoinHandle<()>,
     /// The serial of the certificate last reported.
@@ -241,12 +241,16 @@ fn sidecar(
     }
     let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
     let spans = gofe_telemetry::trace::LocalSpans::default();
-    let proxy =
-        Proxy::bind_with(config, Some(spans.clone())).with_context(|| format!("{name} sidecar"))?;
+    let proxy = Proxy::bind_with(
+        config,
+        Some(spans.clone()),
+        Arc::new(gofe_proxy::socket::HostSockets),
+    )
+    .with_context(|| format!("{name} sidecar"))?;
     let metrics = proxy.metrics();
     let destinations = proxy.destinations();
     let mesh = proxy
-        .mesh()
+        .identity()
         .context("the demo's sidecars have identities")?;
     let shutdown = proxy.shutdown();
     let done = tokio::spawn(proxy.run());
@@ -511,7 +515,7 @@ impl View {
             return;
         };
         for e in dest.balancer.endpoints().iter() {
-            let addr = e.addr.to_string();
+            let addr = e.endpoint.addr.to_string();
             let name = replicas
                 .iter()
                 .find(|r| local(r.ports.inbound).to_string() == addr)
@@ -527,7 +531,7 @@ impl View {
                     "  {:>4}s  web sidecar ejected {name} ({addr}) for {}s: failures in a row (ejection #{times})",
                     started.elapsed().as_secs(),
                     until
-                        .saturating_duration_since(Instant::now())
+                        .saturating_duration_since(tokio::time::Instant::now())
                         .as_secs_f64()
                         .round()
                 ),

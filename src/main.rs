@@ -114,7 +114,7 @@ fn proxy() -> ExitCode {
     let code = rt.block_on(async move {
         let proxy = match Proxy::bind(config) {
             Ok(p) => p,
-            Err(error @ gofe_proxy::BindError::Mesh(_)) => {
+            Err(error @ gofe_proxy::BindError::Identity(_)) => {
                 // A trust anchors file that is missing or does not parse is a bad
                 // setting, reported as one.
                 error!(%error, "cannot start");

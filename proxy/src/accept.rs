@@ -1,21 +1,20 @@
-//! Accepting connections: each accepted connection has its original destination read,
-//! its protocol detected, and is then served as HTTP or forwarded as opaque TCP.
+//! Stage 1: accepting connections. Each accepted connection has its original
+//! destination read (stage 2), its protocol detected (stage 3), and is then handed on:
+//! another proxy's mTLS to `inbound`, HTTP to `http`, anything else to `opaque`.
 
-use crate::State;
-use crate::addrs::{ClientAddr, Direction, EndpointAddr};
-use crate::config::InboundMtls;
-use crate::destination::ConnTarget;
+use crate::addrs::{ClientAddr, Direction};
+use crate::ctx::Ctx;
 use crate::detect::{self, Detected, Protocol};
-use crate::endpoint::HttpVersion;
-use crate::http::{self, HttpConn};
-use crate::io::{AsTcp, Io};
-use crate::io::{Counted, Prefixed};
-use crate::mesh::Mesh;
+use crate::http::conn::HttpConn;
+use crate::http::server::{self, HttpVersion};
+use crate::inbound;
+use crate::io::{AsTcp, Counted, Prefixed};
 use crate::metrics::ConnLabels;
+use crate::opaque;
 use crate::orig_dst::{self, OrigDst};
-use crate::{socket, tcp};
+use crate::route::target::ConnTarget;
+use crate::socket;
 use bytes::Bytes;
-use gofe_identity::tls::{ALPN_H2, ALPN_HTTP1, ALPN_TCP};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,20 +24,26 @@ use tracing::{debug, info, warn};
 /// rather than spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long the inbound side of an opaque port waits for a peer proxy's ClientHello. A
+/// meshed client's proxy sends it at once; a plaintext client of a server-speaks-first
+/// protocol is held back no longer than this.
+const OPAQUE_MESH_DETECT: Duration = Duration::from_millis(200);
+
+const STRICT_REFUSAL: &str = "this pod accepts only mTLS from the mesh (GOFE_INBOUND_MTLS=strict, or GOFE_INBOUND_AUTHORIZE set)";
+
 /// Accepts on `listener` until the proxy drains.
-pub(crate) async fn accept_loop(listener: TcpListener, direction: Direction, state: Arc<State>) {
+pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<Ctx>) {
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = state.drain.cancelled() => break,
+            _ = ctx.drain.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let state2 = state.clone();
-                state
-                    .tasks
-                    .spawn(handle(stream, ClientAddr(peer), direction, state2));
+                let ctx2 = ctx.clone();
+                ctx.tasks
+                    .spawn(handle(stream, ClientAddr::new(peer), direction, ctx2));
             }
             Err(error) => {
                 warn!(%direction, %error, "accept failed");
@@ -49,16 +54,9 @@ pub(crate) async fn accept_loop(listener: TcpListener, direction: Direction, sta
     info!(%direction, addr = ?listener.local_addr().ok(), "stopped accepting");
 }
 
-/// How long the inbound side of an opaque port waits for a peer proxy's ClientHello. A
-/// meshed client's proxy sends it at once; a plaintext client of a server-speaks-first
-/// protocol is held back no longer than this.
-const OPAQUE_MESH_DETECT: Duration = Duration::from_millis(200);
-
-const STRICT_REFUSAL: &str = "this pod accepts only mTLS from the mesh (GOFE_INBOUND_MTLS=strict, or GOFE_INBOUND_AUTHORIZE set)";
-
-async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, state: Arc<State>) {
-    state.sockets.accepted(&stream);
-    let target = match target(&stream, direction, &state) {
+async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, ctx: Arc<Ctx>) {
+    ctx.sockets.accepted(&stream);
+    let target = match target(&stream, direction, &ctx) {
         Ok(t) => t,
         Err(reason) => {
             debug!(%client, %direction, reason, "refusing connection");
@@ -66,7 +64,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
             return;
         }
     };
-    let metrics = &state.metrics;
+    let metrics = &ctx.metrics;
     let bytes = metrics.bytes(direction);
     let mut io = Counted::new(
         stream,
@@ -75,18 +73,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
         metrics.open(direction).clone(),
     );
     // Inbound, where this proxy terminates the mesh's mTLS.
-    let mesh = match (direction, &state.mesh) {
-        (Direction::Inbound, Some(m)) if m.inbound() != InboundMtls::Off => Some(m.clone()),
-        _ => None,
+    let terminating = match direction {
+        Direction::Inbound => ctx.inbound_policy.terminating().cloned(),
+        Direction::Outbound => None,
     };
-
-    let opaque_port = match target {
-        ConnTarget::Endpoint { endpoint, .. } => {
-            state.config.opaque_ports.contains(endpoint.0.port())
-        }
-        ConnTarget::Explicit => false,
-    };
-    let detected = match (opaque_port, &mesh) {
+    let opaque_port = target
+        .port()
+        .is_some_and(|p| ctx.config.opaque_ports.contains(p));
+    let detected = match (opaque_port, &terminating) {
         (true, None) => Detected {
             protocol: Protocol::Opaque,
             prefix: Bytes::new(),
@@ -94,7 +88,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
         },
         (true, Some(_)) => {
             // Only mesh TLS is looked for; anything else on an opaque port is opaque.
-            let wait = OPAQUE_MESH_DETECT.min(state.config.detect_timeout);
+            let wait = OPAQUE_MESH_DETECT.min(ctx.config.detect_timeout);
             match detect::detect(&mut io, wait).await {
                 Ok(d) if matches!(d.protocol, Protocol::Tls { mesh: true, .. }) => d,
                 Ok(d) => Detected {
@@ -108,7 +102,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
                 }
             }
         }
-        (false, _) => match detect::detect(&mut io, state.config.detect_timeout).await {
+        (false, _) => match detect::detect(&mut io, ctx.config.detect_timeout).await {
             Ok(d) => d,
             Err(error) => {
                 debug!(%client, %error, "connection failed during protocol detection");
@@ -136,14 +130,10 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
         .inc();
 
     let io = Prefixed::new(detected.prefix, io);
-    // Plaintext has no identity to authorize: a list of allowed identities keeps it out
-    // as strict mode does.
-    let strict = mesh
-        .as_ref()
-        .is_some_and(|m| m.inbound() == InboundMtls::Strict || m.authorizes_a_list());
-    let version = match (detected.protocol, mesh) {
-        (Protocol::Tls { mesh: true, .. }, Some(mesh)) => {
-            return terminate(io, mesh, client, target, state).await;
+    let strict = terminating.is_some() && ctx.inbound_policy.refuses_plaintext();
+    let version = match (detected.protocol, terminating) {
+        (Protocol::Tls { mesh: true, .. }, Some(identity)) => {
+            return inbound::tls::terminate(io, &identity, client, target, ctx).await;
         }
         (Protocol::Http1, _) => HttpVersion::Http1,
         (Protocol::Http2, _) => HttpVersion::Http2,
@@ -153,130 +143,34 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, sta
                 socket::reset(io.as_tcp());
                 return;
             }
-            match target {
-                ConnTarget::Endpoint { endpoint, .. } => {
-                    tcp::forward(io, client, endpoint, direction, &state).await
-                }
-                ConnTarget::Explicit => {
-                    debug!(%client, "explicit proxy connection is not HTTP; closing");
-                }
+            if target == ConnTarget::Explicit {
+                debug!(%client, "explicit proxy connection is not HTTP; closing");
+                return;
             }
-            return;
+            return opaque::forward(io, client, target, &ctx).await;
         }
     };
-    let conn = HttpConn::new(state.clone(), direction, client, target)
+    let conn = HttpConn::new(ctx.clone(), direction, client, target)
         .refusing(strict.then(|| STRICT_REFUSAL.to_string()));
-    http::serve(io, version, Arc::new(conn)).await;
-}
-
-/// Terminates another proxy's mTLS and serves what it carries: HTTP/2 (or HTTP/1.1 for
-/// upgrades) from its applications, or an opaque stream.
-async fn terminate<I: Io>(
-    io: I,
-    mesh: Arc<Mesh>,
-    client: ClientAddr,
-    target: ConnTarget,
-    state: Arc<State>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(mesh.tls.server_config());
-    let tls = match tokio::time::timeout(state.config.detect_timeout, acceptor.accept(io)).await {
-        Ok(Ok(tls)) => {
-            state.metrics.tls_handshake(Direction::Inbound, "ok");
-            tls
-        }
-        Ok(Err(error)) => {
-            state.metrics.tls_handshake(Direction::Inbound, "error");
-            debug!(%client, %error, "mTLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            state.metrics.tls_handshake(Direction::Inbound, "error");
-            debug!(%client, "mTLS handshake timed out");
-            return;
-        }
-    };
-    let (alpn, peer) = {
-        let session = tls.get_ref().1;
-        (
-            session.alpn_protocol().map(<[u8]>::to_vec),
-            gofe_identity::tls::peer_identity(session),
-        )
-    };
-    // The verifier only accepts certificates that name a SPIFFE ID.
-    let Some(peer) = peer.map(Arc::new) else {
-        return;
-    };
-    let refused = mesh.refuse(&peer);
-    let version = match alpn.as_deref() {
-        Some(ALPN_H2) => HttpVersion::Http2,
-        Some(ALPN_HTTP1) => HttpVersion::Http1,
-        Some(ALPN_TCP) => {
-            let endpoint = match (refused, target) {
-                (Some(reason), _) => {
-                    debug!(%client, %peer, reason, "refusing an opaque mTLS stream");
-                    socket::reset(tls.as_tcp());
-                    return;
-                }
-                (None, ConnTarget::Endpoint { endpoint, .. }) => endpoint,
-                (None, ConnTarget::Explicit) => return,
-            };
-            // The far proxy found no protocol it knew, or its port was opaque there; here,
-            // on a port that is not opaque, HTTP is served as HTTP so that its headers
-            // (gofe-client-id among them) are handled like any other request's.
-            let mut tls = tls;
-            let detected = if state.config.opaque_ports.contains(endpoint.0.port()) {
-                None
-            } else {
-                match detect::detect(&mut tls, state.config.detect_timeout).await {
-                    Ok(d) => Some(d),
-                    Err(_) => return,
-                }
-            };
-            let (protocol, prefix) = match detected {
-                Some(d) => (d.protocol, d.prefix),
-                None => (Protocol::Opaque, Bytes::new()),
-            };
-            let io = Prefixed::new(prefix, tls);
-            let version = match protocol {
-                Protocol::Http1 => HttpVersion::Http1,
-                Protocol::Http2 => HttpVersion::Http2,
-                _ => return tcp::forward(io, client, endpoint, Direction::Inbound, &state).await,
-            };
-            let conn = HttpConn::new(state.clone(), Direction::Inbound, client, target)
-                .with_peer(Some(peer));
-            return http::serve(io, version, Arc::new(conn)).await;
-        }
-        _ => {
-            debug!(%client, "mTLS without a mesh protocol; closing");
-            return;
-        }
-    };
-    let conn = HttpConn::new(state.clone(), Direction::Inbound, client, target)
-        .with_peer(Some(peer))
-        .refusing(refused);
-    http::serve(tls, version, Arc::new(conn)).await;
+    server::serve(io, version, Arc::new(conn)).await;
 }
 
 /// Where a newly accepted connection goes, or why it is refused.
-fn target(
-    stream: &TcpStream,
-    direction: Direction,
-    state: &State,
-) -> Result<ConnTarget, &'static str> {
-    match orig_dst::original_dst(stream) {
+fn target(stream: &TcpStream, direction: Direction, ctx: &Ctx) -> Result<ConnTarget, &'static str> {
+    match orig_dst::original_dst(ctx.sockets.as_ref(), stream) {
         Ok(OrigDst::Redirected(orig)) => {
-            if state.own.contains(orig.0) {
+            if ctx.client.connector().tcp().is_own(orig.addr()) {
                 return Err("its original destination is one of this proxy's own listeners");
             }
             Ok(ConnTarget::redirected(direction, orig))
         }
         Ok(OrigDst::Direct) => match direction {
             Direction::Outbound => Ok(ConnTarget::Explicit),
-            Direction::Inbound => state
+            Direction::Inbound => ctx
                 .config
                 .inbound_direct_target
-                .map(|t| ConnTarget::Endpoint {
-                    endpoint: EndpointAddr(t),
+                .map(|t| ConnTarget::Inbound {
+                    app: crate::addrs::EndpointAddr::new(t),
                     orig_dst: None,
                 })
                 .ok_or("it reached the inbound listener without a redirect and GOFE_INBOUND_DIRECT_TARGET is unset"),

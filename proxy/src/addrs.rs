@@ -1,15 +1,34 @@
-//! Addresses that must not be confused with one another: the application's original
-//! destination, the connecting client, and the endpoint the proxy connects to are all
-//! socket addresses, and the compiler keeps them apart.
+//! Leaf: addresses that must not be confused with one another. The application's
+//! original destination, the connecting client, and the endpoint the proxy connects to
+//! are all socket addresses, and the compiler keeps them apart; a destination's name
+//! (an authority, or an address) is its own type too.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 macro_rules! addr_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub SocketAddr);
+        pub struct $name(SocketAddr);
+
+        impl $name {
+            pub const fn new(addr: SocketAddr) -> Self {
+                Self(addr)
+            }
+
+            pub const fn addr(self) -> SocketAddr {
+                self.0
+            }
+
+            pub const fn port(self) -> u16 {
+                self.0.port()
+            }
+
+            pub const fn ip(self) -> IpAddr {
+                self.0.ip()
+            }
+        }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -32,6 +51,15 @@ addr_newtype!(
     EndpointAddr
 );
 
+impl OrigDstAddr {
+    /// The original destination used as the endpoint itself: the one place where a
+    /// request goes where the application was sending it, because nothing better is
+    /// known.
+    pub const fn as_endpoint(self) -> EndpointAddr {
+        EndpointAddr(self.0)
+    }
+}
+
 /// Which listener a connection arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
@@ -51,5 +79,82 @@ impl Direction {
 impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What a destination is named by: an HTTP authority's host and port, or an address
+/// (an IP literal authority, or a connection's original destination).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DestKey {
+    Name { host: String, port: u16 },
+    Addr(SocketAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not host:port")]
+pub struct BadDestination(pub String);
+
+impl DestKey {
+    /// `host:port` (port 80 when absent), `ip:port` or `[ip6]:port`.
+    pub fn parse(s: &str) -> Result<DestKey, BadDestination> {
+        let authority: http::uri::Authority =
+            s.parse().map_err(|_| BadDestination(s.to_string()))?;
+        Ok(DestKey::from_authority(&authority, 80))
+    }
+
+    /// The destination an authority names; `default_port` when it has none.
+    pub fn from_authority(a: &http::uri::Authority, default_port: u16) -> DestKey {
+        let port = a.port_u16().unwrap_or(default_port);
+        let host = a.host().trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(ip) => DestKey::Addr(SocketAddr::new(ip, port)),
+            Err(_) => DestKey::Name {
+                host: host.trim_end_matches('.').to_ascii_lowercase(),
+                port,
+            },
+        }
+    }
+
+    /// The destination of a connection that carries no authority: where it was going.
+    pub fn orig_dst(orig: OrigDstAddr) -> DestKey {
+        DestKey::Addr(orig.addr())
+    }
+}
+
+impl fmt::Display for DestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DestKey::Name { host, port } => write!(f, "{host}:{port}"),
+            DestKey::Addr(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_keys_normalize() {
+        assert_eq!(
+            DestKey::parse("API.Demo").unwrap(),
+            DestKey::Name {
+                host: "api.demo".into(),
+                port: 80
+            }
+        );
+        assert_eq!(
+            DestKey::parse("api.demo.:8080").unwrap().to_string(),
+            "api.demo:8080"
+        );
+        assert_eq!(
+            DestKey::parse("10.0.0.1:5432").unwrap(),
+            DestKey::Addr("10.0.0.1:5432".parse().unwrap())
+        );
+        assert_eq!(
+            DestKey::parse("[fd00::1]:80").unwrap(),
+            DestKey::Addr("[fd00::1]:80".parse().unwrap())
+        );
+        assert!(DestKey::parse("a b").is_err());
     }
 }

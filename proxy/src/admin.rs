@@ -2,7 +2,7 @@
 //! the effective configuration, and `/shutdown` so that a Job's last container can end
 //! the proxy.
 
-use crate::State;
+use crate::ctx::Ctx;
 use bytes::Bytes;
 use gofe_telemetry::prom::Exposition;
 use http::{Method, Request, Response, StatusCode, header};
@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -27,15 +27,15 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        let state = state.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let state = state.clone();
+                let ctx = ctx.clone();
                 async move {
                     let rsp = if req.uri().path() == "/log-level" {
-                        log_level(&state, peer, req).await
+                        log_level(&ctx, peer, req).await
                     } else {
-                        route(&state, peer, req)
+                        route(&ctx, peer, req)
                     };
                     Ok::<_, Infallible>(rsp)
                 }
@@ -50,16 +50,16 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match (req.uri().path(), get) {
         ("/live", true) => text(StatusCode::OK, "live\n"),
         ("/ready", true) => {
-            if state.is_ready() {
+            if ctx.is_ready() {
                 text(StatusCode::OK, "ready\n")
-            } else if state.shutdown.is_triggered() {
+            } else if ctx.shutdown.is_triggered() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
-            } else if state.ready.load(Ordering::Acquire) {
+            } else if ctx.listening.load(Ordering::Acquire) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no identity certificate yet\n",
@@ -70,15 +70,15 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
         }
         ("/metrics", true) => {
             let mut e = Exposition::new();
-            state.metrics.render(&mut e);
-            state.destinations.render(&mut e);
-            if let Some(m) = &state.mesh {
+            ctx.metrics.render(&mut e);
+            ctx.destinations.render(&mut e);
+            if let Some(m) = &ctx.identity {
                 render_identity(m, &mut e);
             }
-            if let Some(t) = &state.tracer {
+            if let Some(t) = &ctx.tracer {
                 render_spans(t.counts(), &mut e);
             }
-            if state.config.access_log {
+            if ctx.config.access_log {
                 e.family(
                     "gofe_access_log_dropped_total",
                     "Access log lines dropped because stdout did not keep up.",
@@ -98,10 +98,10 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
             );
             rsp
         }
-        ("/identity", true) => identity(state),
-        ("/endpoints", true) => json(&state.destinations.to_json()),
+        ("/identity", true) => identity(ctx),
+        ("/endpoints", true) => json(&ctx.destinations.to_json()),
         ("/config", true) => {
-            let map: serde_json::Map<String, serde_json::Value> = state
+            let map: serde_json::Map<String, serde_json::Value> = ctx
                 .config
                 .effective()
                 .into_iter()
@@ -124,7 +124,7 @@ fn route(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Fu
                 );
             }
             info!(%peer, "shutdown requested through the admin server");
-            state.shutdown.trigger();
+            ctx.shutdown.trigger();
             text(StatusCode::OK, "shutting down\n")
         }
         ("/live" | "/ready" | "/metrics" | "/config" | "/identity" | "/endpoints", false)
@@ -145,9 +145,9 @@ fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 /// The certificate held: name, validity, next renewal.
-fn identity(state: &State) -> Response<Full<Bytes>> {
+fn identity(ctx: &Ctx) -> Response<Full<Bytes>> {
     use gofe_identity::cert::rfc3339;
-    let Some(m) = &state.mesh else {
+    let Some(m) = &ctx.identity else {
         return text(
             StatusCode::NOT_FOUND,
             "identity is disabled (GOFE_IDENTITY_DISABLED=true)\n",
@@ -177,14 +177,10 @@ fn identity(state: &State) -> Response<Full<Bytes>> {
 
 /// `GET /log-level` shows the log filter; `PUT /log-level` with a filter as the body
 /// sets it (`info,gofe_proxy=debug`).
-async fn log_level(
-    state: &State,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn log_level(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
     const MAX_FILTER: usize = 4096;
-    let Some(handle) = state.log.get() else {
+    let Some(handle) = ctx.log.get() else {
         return text(
             StatusCode::NOT_FOUND,
             "this process's log filter cannot be changed from here\n",
@@ -242,7 +238,7 @@ fn render_spans(c: &gofe_telemetry::trace::SpanCounts, e: &mut Exposition) {
     }
 }
 
-fn render_identity(m: &crate::mesh::Mesh, e: &mut Exposition) {
+fn render_identity(m: &crate::identity::ProxyIdentity, e: &mut Exposition) {
     use gofe_telemetry::prom::Kind;
     if let Some(h) = m.store.current() {
         let expiry = h

@@ -1,177 +1,75 @@
-//! gofe's data path. A connection is followed from top to bottom through one module per
-//! stage: `accept` → `orig_dst` → `detect` → `destination` → `endpoint` → forwarded by
-//! `http` or `tcp`. `Proxy` binds the listeners, runs them, and drains on shutdown.
+//! gofe's data path, read from top to bottom in the order a connection meets it:
+//!
+//! 1. `accept` — listeners and the accept loop
+//! 2. `orig_dst` — where a redirected connection was going
+//! 3. `detect` — which protocol it speaks; 3b. `inbound` — the mesh's mTLS terminated
+//!    and authorized
+//! 4. `http` — HTTP served, each request observed and forwarded; `opaque` — anything
+//!    else, copied
+//! 5. `route` — the destination, its endpoints (discovery) and its policy
+//! 6. `policy` — the layers: concurrency limit, timeouts, retries
+//! 7. `balance` — the endpoint for each attempt, and outlier ejection
+//! 8. `forward` — one attempt sent to its endpoint; tunnels joined
+//! 9. `client` — pooled connections (HTTP/1, HTTP/2, the mesh's HTTP/2 over mTLS)
+//! 10. `connect` — TCP, and the one outbound-TLS decision
+//!
+//! Leaves, used at any stage: `addrs`, `body`, `call`, `config`, `endpoint`, `io`,
+//! `metrics`, `proto`, `socket`; `identity` (this proxy's certificate); `ctx` (what
+//! every connection shares); `admin` (the admin server, beside the path).
+//!
+//! A module imports only modules below it on the path, and leaves. `Proxy` binds the
+//! listeners, runs them, and drains on shutdown.
 #![forbid(unsafe_code)]
 
 mod accept;
-pub mod addrs;
-mod admin;
 pub mod balance;
-pub mod config;
-pub mod destination;
+pub mod client;
+pub mod connect;
 pub mod detect;
-pub mod discovery;
-pub mod endpoint;
+pub mod forward;
 pub mod http;
-pub mod io;
-pub mod mesh;
-pub mod metrics;
+pub mod inbound;
+pub mod opaque;
 pub mod orig_dst;
-pub mod outlier;
 pub mod policy;
-pub mod socket;
-mod tcp;
+pub mod route;
 
-use addrs::{Direction, EndpointAddr};
+pub mod addrs;
+pub mod admin;
+pub mod body;
+pub mod call;
+pub mod config;
+pub mod ctx;
+pub mod endpoint;
+pub mod identity;
+pub mod io;
+pub mod metrics;
+pub mod proto;
+pub mod socket;
+
+pub use ctx::Shutdown;
+
+use addrs::Direction;
+use client::send::Client;
 use config::Config;
-use destination::Destinations;
-use endpoint::{ConnectError, Connector, HttpEndpoints, OwnListeners, Peer, Upstream};
-use gofe_identity::SpiffeId;
-use gofe_identity::tls::MeshTls;
-use mesh::{Mesh, Outbound};
+use connect::connector::Connector;
+use connect::tcp::{OwnListeners, TcpConnector};
+use connect::tls::OutboundTls;
+use ctx::Ctx;
+use identity::{IdentityError, ProxyIdentity};
+use inbound::authorize::InboundPolicy;
 use metrics::Metrics;
-use socket::SocketFactory;
+use route::destinations::{Destinations, DestinationsError};
+use route::inbound::InboundRoutes;
+use socket::{HostSockets, SocketFactory};
 use std::io as stdio;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-
-/// A request to stop: set by SIGTERM or `POST /shutdown`, after which the proxy stops
-/// accepting, lets what is in flight finish within the grace period, and returns.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown(CancellationToken);
-
-impl Shutdown {
-    pub fn trigger(&self) {
-        self.0.cancel();
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        self.0.is_cancelled()
-    }
-
-    pub async fn requested(&self) {
-        self.0.cancelled().await
-    }
-}
-
-/// What every connection of one proxy shares.
-pub(crate) struct State {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub sockets: SocketFactory,
-    pub own: OwnListeners,
-    pub http: HttpEndpoints,
-    /// Outbound destinations: their endpoints, balancers and policy.
-    pub destinations: Arc<Destinations>,
-    /// Cancelled when draining starts: listeners stop, HTTP connections wind down.
-    pub drain: CancellationToken,
-    /// Every connection and tunnel, so that draining can wait for them.
-    pub tasks: TaskTracker,
-    pub ready: AtomicBool,
-    pub shutdown: Shutdown,
-    /// The proxy's identity and mTLS; None when identity is disabled.
-    pub mesh: Option<Arc<Mesh>>,
-    /// Spans of requests; None without a collector.
-    pub tracer: Option<gofe_telemetry::trace::Tracer>,
-    /// The process's log filter, for `/log-level`.
-    pub log: std::sync::OnceLock<gofe_telemetry::logs::LogHandle>,
-}
-
-impl State {
-    /// The mesh TLS to reach `endpoint` with (outbound to a peer that is, or may be,
-    /// meshed), and whether plaintext may be tried when the peer does not answer it.
-    pub fn outbound_tls(
-        &self,
-        direction: Direction,
-        endpoint: EndpointAddr,
-    ) -> (Option<&MeshTls>, bool) {
-        match (direction, &self.mesh) {
-            (Direction::Outbound, Some(m)) => match m.outbound(endpoint) {
-                Outbound::Plaintext => (None, false),
-                // Without a current certificate of its own, a proxy's handshakes fail
-                // for its own reasons: auto mode goes plaintext this time, and learns
-                // nothing about the peer from it.
-                Outbound::TryMtls if !m.store.is_ready() => (None, false),
-                Outbound::TryMtls => (Some(&m.tls), true),
-                Outbound::RequireMtls => (Some(&m.tls), false),
-            },
-            _ => (None, false),
-        }
-    }
-
-    /// Auto mode: `endpoint` did not answer mTLS, so it is reached in plaintext for a
-    /// while.
-    pub fn plaintext_from_now(&self, endpoint: EndpointAddr, error: &ConnectError) {
-        if let Some(m) = &self.mesh {
-            debug!(%endpoint, %error, "peer does not answer mTLS; reaching it in plaintext");
-            m.remember_plaintext(endpoint);
-        }
-    }
-
-    /// The mesh TLS to reach an endpoint whose identity discovery named: mTLS with no
-    /// fallback, unless mTLS is off (or identity disabled) altogether.
-    pub fn required_tls(&self) -> (Option<&MeshTls>, bool) {
-        match &self.mesh {
-            Some(m) if self.config.outbound_mtls != config::OutboundMtls::Off => {
-                (Some(&m.tls), false)
-            }
-            _ => (None, false),
-        }
-    }
-
-    /// An opaque stream to `endpoint`, mTLS to meshed peers; with `expected`, mTLS to a
-    /// peer with that identity only.
-    pub async fn connect_stream(
-        &self,
-        direction: Direction,
-        endpoint: EndpointAddr,
-        expected: Option<&SpiffeId>,
-    ) -> Result<(Upstream, Peer), ConnectError> {
-        let connector = self.http.connector();
-        let plain = || async {
-            connector
-                .connect_stream(endpoint, None)
-                .await
-                .map(|(s, _)| (s, None))
-        };
-        let tls = match expected {
-            Some(_) => self.required_tls(),
-            None => self.outbound_tls(direction, endpoint),
-        };
-        if let (Some(tls), Some(expected)) = (tls.0, expected) {
-            let (s, peer) = connector.connect_stream(endpoint, Some(tls)).await?;
-            return match peer {
-                Some(p) if &p == expected => Ok((s, Some(Arc::new(p)))),
-                p => Err(ConnectError::Identity {
-                    addr: endpoint,
-                    presented: p.map(|p| p.to_string()).unwrap_or_default(),
-                    expected: expected.to_string(),
-                }),
-            };
-        }
-        match tls {
-            (None, _) => plain().await,
-            (Some(tls), may_fall_back) => match connector.connect_stream(endpoint, Some(tls)).await
-            {
-                Ok((s, peer)) => Ok((s, peer.map(Arc::new))),
-                Err(e) if may_fall_back && e.not_meshed() => {
-                    self.plaintext_from_now(endpoint, &e);
-                    plain().await
-                }
-                Err(e) => Err(e),
-            },
-        }
-    }
-
-    fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.mesh.as_ref().is_none_or(|m| m.store.is_ready())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -182,9 +80,9 @@ pub enum BindError {
         source: stdio::Error,
     },
     #[error(transparent)]
-    Mesh(#[from] mesh::MeshError),
-    #[error("discovery: {0}")]
-    Discovery(String),
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Destinations(#[from] DestinationsError),
     #[error(transparent)]
     Trace(#[from] gofe_telemetry::trace::TraceError),
 }
@@ -199,32 +97,37 @@ pub struct ProxyAddrs {
 }
 
 pub struct Proxy {
-    state: Arc<State>,
+    ctx: Arc<Ctx>,
     outbound: Vec<TcpListener>,
     inbound: Vec<TcpListener>,
     admin: Vec<TcpListener>,
 }
 
 impl Proxy {
-    /// Binds every listener. Must be called within a Tokio runtime.
+    /// Binds every listener on the host's sockets. Must be called within a Tokio
+    /// runtime.
     pub fn bind(config: Config) -> Result<Proxy, BindError> {
-        Self::bind_with(config, None)
+        Self::bind_with(config, None, Arc::new(HostSockets))
     }
 
-    /// Binds every listener; with `local_spans`, spans are also kept in memory there
-    /// (the demo shows them), and are made even without a collector.
+    /// Binds every listener with `sockets`; with `local_spans`, spans are also kept in
+    /// memory there (the demo shows them), and are made even without a collector.
     pub fn bind_with(
         config: Config,
         local_spans: Option<gofe_telemetry::trace::LocalSpans>,
+        sockets: Arc<dyn SocketFactory>,
     ) -> Result<Proxy, BindError> {
-        let sockets = SocketFactory::new();
         let outbound = bind_with_twin(
-            &sockets,
+            &*sockets,
             config::OUTBOUND_LISTEN.name,
             config.outbound_listen,
         )?;
-        let inbound = bind_with_twin(&sockets, config::INBOUND_LISTEN.name, config.inbound_listen)?;
-        let admin = bind_with_twin(&sockets, config::ADMIN_LISTEN.name, config.admin_listen)?;
+        let inbound = bind_with_twin(
+            &*sockets,
+            config::INBOUND_LISTEN.name,
+            config.inbound_listen,
+        )?;
+        let admin = bind_with_twin(&*sockets, config::ADMIN_LISTEN.name, config.admin_listen)?;
         let own = OwnListeners::new(
             outbound
                 .iter()
@@ -234,22 +137,18 @@ impl Proxy {
                 .collect(),
         );
         let metrics = Arc::new(Metrics::new());
-        let mesh = Mesh::new(&config)?.map(Arc::new);
-        let connector = Connector::new(
-            sockets.clone(),
-            config.connect_timeout,
-            own.clone(),
+        let identity = match &config.identity {
+            Some(id) => Some(Arc::new(ProxyIdentity::new(id, &config.trust_domain)?)),
+            None => None,
+        };
+        let connector = Arc::new(Connector::new(
+            TcpConnector::new(sockets.clone(), config.connect_timeout, own),
+            OutboundTls::new(identity.clone(), config.outbound_mtls, metrics.clone()),
             metrics.clone(),
-        );
-        let http = HttpEndpoints::new(connector, config.idle_timeout);
-        let (destinations, background) = Destinations::new(
-            &config.discovery,
-            config.dns_refresh,
-            config.policy_file.as_deref(),
-            config.policy.clone(),
-            &config.policy_vars,
-        )
-        .map_err(BindError::Discovery)?;
+        ));
+        let client = Arc::new(Client::new(connector, config.idle_timeout));
+        let (destinations, background) =
+            Destinations::new(&config, metrics.clone(), client.clone())?;
         for task in background {
             tokio::spawn(task);
         }
@@ -265,23 +164,28 @@ impl Proxy {
         } else {
             None
         };
-        let state = Arc::new(State {
+        let ctx = Arc::new(Ctx {
+            inbound: InboundRoutes::new(client.clone(), Arc::new(config.policy.clone())),
+            inbound_policy: InboundPolicy {
+                identity: identity.clone(),
+                mode: config.inbound_mtls,
+                authorize: config.inbound_authorize.clone(),
+            },
             config,
             metrics,
-            mesh,
             sockets,
-            own,
-            http,
+            client,
             destinations: Arc::new(destinations),
-            drain: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            ready: AtomicBool::new(false),
-            shutdown: Shutdown::default(),
+            identity,
             tracer,
             log: std::sync::OnceLock::new(),
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            listening: Default::default(),
+            shutdown: Shutdown::default(),
         });
         Ok(Proxy {
-            state,
+            ctx,
             outbound,
             inbound,
             admin,
@@ -299,39 +203,39 @@ impl Proxy {
 
     /// Lets `/log-level` show and change the process's log filter.
     pub fn set_log_handle(&self, handle: gofe_telemetry::logs::LogHandle) {
-        let _ = self.state.log.set(handle);
+        let _ = self.ctx.log.set(handle);
     }
 
     /// The proxy's tracer, when it makes spans.
     pub fn tracer(&self) -> Option<gofe_telemetry::trace::Tracer> {
-        self.state.tracer.clone()
+        self.ctx.tracer.clone()
     }
 
     /// The handle that starts draining.
     pub fn shutdown(&self) -> Shutdown {
-        self.state.shutdown.clone()
+        self.ctx.shutdown.clone()
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.state.metrics.clone()
+        self.ctx.metrics.clone()
     }
 
     /// The outbound destinations, their endpoints and their state.
     pub fn destinations(&self) -> Arc<Destinations> {
-        self.state.destinations.clone()
+        self.ctx.destinations.clone()
     }
 
-    /// The proxy's identity and mTLS, unless identity is disabled.
-    pub fn mesh(&self) -> Option<Arc<Mesh>> {
-        self.state.mesh.clone()
+    /// The proxy's identity, unless identity is disabled.
+    pub fn identity(&self) -> Option<Arc<ProxyIdentity>> {
+        self.ctx.identity.clone()
     }
 
     /// Serves until shutdown is requested, then drains: stops accepting, lets in-flight
     /// requests and connections finish within the grace period, and returns.
     pub async fn run(self) {
-        let state = self.state;
+        let ctx = self.ctx;
         for l in self.admin {
-            tokio::spawn(admin::serve(l, state.clone()));
+            tokio::spawn(admin::serve(l, ctx.clone()));
         }
         let mut accepting = Vec::new();
         for (listeners, direction) in [
@@ -340,51 +244,44 @@ impl Proxy {
         ] {
             for l in listeners {
                 info!(%direction, addr = ?l.local_addr().ok(), "listening");
-                accepting.push(tokio::spawn(accept::accept_loop(
-                    l,
-                    direction,
-                    state.clone(),
-                )));
+                accepting.push(tokio::spawn(accept::accept_loop(l, direction, ctx.clone())));
             }
         }
         let sweeper = {
-            let state = state.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(state.http.sweep_interval());
+                let mut tick = tokio::time::interval(ctx.client.pools().sweep_interval());
                 loop {
                     tick.tick().await;
-                    state.http.sweep();
-                    state.destinations.sweep();
+                    ctx.client.pools().sweep();
+                    ctx.destinations.sweep();
                 }
             })
         };
-        let maintain = state.mesh.clone().map(|m| {
-            info!(identity = %m.name(), "requesting a certificate");
-            let ready = m.clone();
+        let maintain = ctx.identity.clone().map(|id| {
+            info!(identity = %id.name(), "requesting a certificate");
+            let ready = id.clone();
             tokio::spawn(async move {
                 ready.store.wait_ready().await;
                 info!(identity = %ready.name(), "ready: identity held");
             });
-            tokio::spawn(m.maintain())
+            tokio::spawn(id.maintain())
         });
-        state.ready.store(true, Ordering::Release);
+        ctx.listening.store(true, Ordering::Release);
         info!("listening");
 
-        state.shutdown.requested().await;
-        let grace = state.config.shutdown_grace_period;
+        ctx.shutdown.requested().await;
+        let grace = ctx.config.shutdown_grace_period;
         info!(grace = ?grace, "draining");
-        state.ready.store(false, Ordering::Release);
-        state.drain.cancel();
+        ctx.listening.store(false, Ordering::Release);
+        ctx.drain.cancel();
         for a in accepting {
             let _ = a.await;
         }
-        state.tasks.close();
-        if tokio::time::timeout(grace, state.tasks.wait())
-            .await
-            .is_err()
-        {
+        ctx.tasks.close();
+        if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
             warn!(
-                open = state.tasks.len(),
+                open = ctx.tasks.len(),
                 "grace period over; closing the connections still open"
             );
         }
@@ -392,7 +289,7 @@ impl Proxy {
         if let Some(m) = maintain {
             m.abort();
         }
-        if let Some(tracer) = state.tracer.clone() {
+        if let Some(tracer) = ctx.tracer.clone() {
             // The spans still queued go out (or fail) within a bounded time.
             let _ = tokio::task::spawn_blocking(move || {
                 tracer.shutdown(std::time::Duration::from_secs(2))
@@ -406,7 +303,7 @@ impl Proxy {
 /// Binds `addr` and, for the IPv4 wildcard or loopback, the IPv6 twin on the same
 /// port where the host has IPv6, so that ip6tables redirects land somewhere.
 fn bind_with_twin(
-    sockets: &SocketFactory,
+    sockets: &dyn SocketFactory,
     var: &'static str,
     addr: SocketAddr,
 ) -> Result<Vec<TcpListener>, BindError> {

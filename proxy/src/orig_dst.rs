@@ -1,10 +1,10 @@
-//! The original destination of a connection that iptables redirected to one of the
-//! proxy's listeners, read from conntrack with `SO_ORIGINAL_DST` (IPv4) or
-//! `IP6T_SO_ORIGINAL_DST` (IPv6). socket2 wraps both getsockopts, so this module needs
-//! no unsafe code of its own.
+//! Stage 2: the original destination of an accepted connection. A connection that
+//! iptables redirected to one of the proxy's listeners has one (the socket factory
+//! reads it from conntrack); one that connected to the listener's own address was not
+//! redirected.
 
 use crate::addrs::OrigDstAddr;
-use socket2::SockRef;
+use crate::socket::SocketFactory;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use tokio::net::TcpStream;
@@ -19,39 +19,19 @@ pub enum OrigDst {
 }
 
 /// Reads the original destination of `stream`, accepted on a listener.
-pub fn original_dst(stream: &TcpStream) -> io::Result<OrigDst> {
+pub fn original_dst(sockets: &dyn SocketFactory, stream: &TcpStream) -> io::Result<OrigDst> {
     let local = stream.local_addr()?;
-    let sock = SockRef::from(stream);
-    let v4 = match local.ip() {
-        IpAddr::V4(_) => true,
-        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
-    };
-    let result = if v4 {
-        sock.original_dst_v4()
-    } else {
-        sock.original_dst_v6()
-    };
-    match result {
-        Ok(addr) => {
-            let addr = addr.as_socket().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "original destination is not an IP address",
-                )
-            })?;
-            Ok(classify(normalize(addr), normalize(local)))
-        }
-        // No conntrack entry: nothing redirected this connection.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(OrigDst::Direct),
-        Err(e) => Err(e),
-    }
+    Ok(match sockets.original_dst(stream)? {
+        Some(orig) => classify(normalize(orig), normalize(local)),
+        None => OrigDst::Direct,
+    })
 }
 
 fn classify(orig: SocketAddr, local: SocketAddr) -> OrigDst {
     if orig == local {
         OrigDst::Direct
     } else {
-        OrigDst::Redirected(OrigDstAddr(orig))
+        OrigDst::Redirected(OrigDstAddr::new(orig))
     }
 }
 
@@ -69,6 +49,7 @@ fn normalize(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socket::HostSockets;
 
     #[test]
     fn same_address_means_not_redirected() {
@@ -77,7 +58,7 @@ mod tests {
         let orig: SocketAddr = "10.0.0.7:80".parse().unwrap();
         assert_eq!(
             classify(orig, local),
-            OrigDst::Redirected(OrigDstAddr(orig))
+            OrigDst::Redirected(OrigDstAddr::new(orig))
         );
     }
 
@@ -93,6 +74,6 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let _c = TcpStream::connect(addr).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        assert_eq!(original_dst(&s).unwrap(), OrigDst::Direct);
+        assert_eq!(original_dst(&HostSockets, &s).unwrap(), OrigDst::Direct);
     }
 }

@@ -1,12 +1,34 @@
-//! Every socket the proxy uses comes from the `SocketFactory`: listeners, upstream
-//! connections, and the options every proxied connection gets. Nothing else in the
-//! proxy creates sockets.
+//! Leaf: every socket the proxy uses comes from a `SocketFactory`: listeners, endpoint
+//! connections, the options every proxied connection gets, and what the kernel says a
+//! redirected connection's original destination was. Production binds plain sockets on
+//! the host (`HostSockets`); tests substitute a factory of their own (one that hands out
+//! a fixed original destination, say), and nothing else in the proxy knows the
+//! difference.
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+pub type Connecting<'a> = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'a>>;
+
+pub trait SocketFactory: Send + Sync + 'static {
+    /// A listening socket.
+    fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener>;
+
+    /// Applies the options every accepted connection gets.
+    fn accepted(&self, stream: &TcpStream);
+
+    /// Connects to `addr` (the caller applies the timeout).
+    fn connect(&self, addr: SocketAddr) -> Connecting<'_>;
+
+    /// Where an accepted connection was going before a redirect brought it here; None
+    /// when nothing redirected it.
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>>;
+}
 
 /// Keep-alive probes find peers that vanished without a FIN (a node lost, a NAT entry
 /// expired) long before the kernel's two-hour default would.
@@ -17,17 +39,14 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// A burst of connections waits in the kernel rather than being refused.
 const LISTEN_BACKLOG: i32 = 1024;
 
-#[derive(Clone, Debug, Default)]
-pub struct SocketFactory {}
+/// The host's sockets, as production uses them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostSockets;
 
-impl SocketFactory {
-    pub fn new() -> Self {
-        Self {}
-    }
-
-    /// A listening socket. IPv6 listeners are IPv6-only so that a `0.0.0.0` and a `[::]`
-    /// listener can share a port.
-    pub fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+impl SocketFactory for HostSockets {
+    /// IPv6 listeners are IPv6-only so that a `0.0.0.0` and a `[::]` listener can share
+    /// a port.
+    fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
@@ -39,21 +58,48 @@ impl SocketFactory {
         TcpListener::from_std(socket.into())
     }
 
-    /// Options for a connection the proxy accepted.
-    pub fn accepted(&self, stream: &TcpStream) {
+    fn accepted(&self, stream: &TcpStream) {
         configure(stream);
     }
 
-    /// Connects to `addr`. The caller applies the timeout.
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
+    fn connect(&self, addr: SocketAddr) -> Connecting<'_> {
+        Box::pin(async move {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            let stream = socket.connect(addr).await?;
+            configure(&stream);
+            Ok(stream)
+        })
+    }
+
+    /// From conntrack, with `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6);
+    /// socket2 wraps both getsockopts, so no unsafe code is needed here.
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
+        let local = stream.local_addr()?;
+        let sock = SockRef::from(stream);
+        let v4 = match local.ip() {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
         };
-        let stream = socket.connect(addr).await?;
-        configure(&stream);
-        Ok(stream)
+        let result = if v4 {
+            sock.original_dst_v4()
+        } else {
+            sock.original_dst_v6()
+        };
+        match result {
+            Ok(addr) => addr.as_socket().map(Some).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "original destination is not an IP address",
+                )
+            }),
+            // No conntrack entry: nothing redirected this connection.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -75,6 +121,6 @@ pub fn reset(stream: &TcpStream) {
 
 /// Whether `ip` is an address of this host (in this network namespace): only a local
 /// address can be bound.
-pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+pub fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

@@ -1,18 +1,175 @@
-//! What is observed of one request from its start to the end of its response body:
-//! its latency (always), its span (with a trace collector) and its access log entry
-//! (with `GOFE_ACCESS_LOG=json`). Without tracing or the access log this is one
-//! `Instant`.
+//! What is observed of one request, as a layer around everything the proxy does with
+//! it: from its start to the end of its response body, its latency and status in the
+//! request metrics (always), its span (with a trace collector) and its access log
+//! entry (with `GOFE_ACCESS_LOG=json`). The layer also writes the response the client
+//! gets when the proxy could not forward the request. Without tracing or the access
+//! log, a request's observation is one `Instant`.
 
-use super::HttpConn;
+use super::conn::HttpConn;
+use super::errors::ProxyError;
 use crate::addrs::{Direction, EndpointAddr};
+use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
+use crate::call::{Answer, HttpAnswer, Permit};
+use crate::client::body::UpstreamBody;
+use crate::metrics::RequestStats;
+use crate::proto::{grpc, headers};
 use gofe_identity::SpiffeId;
 use gofe_telemetry::trace::{RequestInfo, RequestSpan, ResponseInfo, SpanKind};
 use http::uri::Authority;
-use http::{HeaderMap, Request, Version};
+use http::{HeaderMap, Request, Response, Version};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
+use tower::Service;
+use tracing::debug;
 
-pub(crate) struct Observe {
+/// The body of every response the proxy gives a client.
+pub type HttpBody = ResponseBody<UpstreamBody, Finish>;
+
+/// Observes each request `inner` handles.
+#[derive(Clone)]
+pub struct Observed<S> {
+    inner: S,
+    conn: Arc<HttpConn>,
+}
+
+impl<S> Observed<S> {
+    pub fn new(inner: S, conn: Arc<HttpConn>) -> Self {
+        Self { inner, conn }
+    }
+}
+
+impl<S> Service<Request<Incoming>> for Observed<S>
+where
+    S: Service<Request<Incoming>, Response = HttpAnswer, Error = ProxyError>,
+{
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = ObservedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        let _ = ready!(self.inner.poll_ready(cx));
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let grpc = grpc::is_grpc(&req);
+        let authority = headers::authority(&req);
+        let observe = Observe::start(&self.conn, &req, authority.as_ref());
+        observe.inject(req.headers_mut());
+        ObservedFuture {
+            inner: self.inner.call(req),
+            request: Some(Observing {
+                conn: self.conn.clone(),
+                grpc,
+                authority,
+                observe,
+            }),
+        }
+    }
+}
+
+struct Observing {
+    conn: Arc<HttpConn>,
+    grpc: bool,
+    authority: Option<Authority>,
+    observe: Observe,
+}
+
+pin_project_lite::pin_project! {
+    pub struct ObservedFuture<F> {
+        #[pin]
+        inner: F,
+        request: Option<Observing>,
+    }
+}
+
+impl<F> Future for ObservedFuture<F>
+where
+    F: Future<Output = Result<HttpAnswer, ProxyError>>,
+{
+    type Output = Result<Response<HttpBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let r = this
+            .request
+            .take()
+            .expect("an observed future is not polled after it is done");
+        Poll::Ready(Ok(match result {
+            Ok(answer) => respond(r, answer),
+            Err(error) => fail(r, error),
+        }))
+    }
+}
+
+/// The upstream's response, on its way back; counted when its body ends.
+fn respond(r: Observing, answer: HttpAnswer) -> Response<HttpBody> {
+    let Answer {
+        value: rsp,
+        peer,
+        endpoint,
+        permit,
+        retries,
+        deadline,
+    } = answer;
+    let mut observe = r.observe;
+    observe.answered(endpoint, peer.as_ref(), retries);
+    let stats = r.conn.stats(r.authority.as_ref(), peer.as_ref());
+    let (parts, body) = rsp.into_parts();
+    let finish = Finish {
+        stats,
+        observe,
+        _permit: permit,
+    };
+    let on_end = OnEnd::new(finish, parts.status, r.grpc, &parts.headers);
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, on_end).with_deadline(deadline),
+    )
+}
+
+/// The response for a request the proxy could not forward, counted when written.
+fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
+    debug!(client = %r.conn.client, %error, "request failed");
+    let mut observe = r.observe;
+    observe.failed(&error, error.endpoint());
+    let (status, headers, body) = error.response(r.grpc);
+    let finish = Finish {
+        stats: r.conn.stats(r.authority.as_ref(), None),
+        observe,
+        _permit: None,
+    };
+    let on_end = OnEnd::new(finish, status, r.grpc, &headers);
+    let mut rsp = Response::new(ResponseBody::full(body, Some(on_end)));
+    *rsp.status_mut() = status;
+    *rsp.headers_mut() = headers;
+    rsp
+}
+
+/// What happens when a response ends: the request is counted, its span ended and its
+/// log entry written, and its destination's concurrency slot freed.
+pub struct Finish {
+    stats: Arc<RequestStats>,
+    observe: Observe,
+    _permit: Option<Permit>,
+}
+
+impl EndHook for Finish {
+    fn ended(self, end: Ended) {
+        self.stats.record(end.status, end.grpc_status);
+        self.stats.latency.record(self.observe.started.elapsed());
+        self.observe
+            .finish(end.status.as_u16(), end.grpc_status, end.completed);
+    }
+}
+
+pub struct Observe {
     pub started: Instant,
     extra: Option<Box<Extra>>,
 }
@@ -47,21 +204,12 @@ fn version(v: Version) -> &'static str {
 }
 
 impl Observe {
-    /// Latency only, starting now.
-    #[cfg(test)]
-    pub fn now() -> Observe {
-        Observe {
-            started: Instant::now(),
-            extra: None,
-        }
-    }
-
     /// Starts observing `req`, which came on `conn`: its span is a child of the context
     /// its headers carry.
     pub fn start<B>(conn: &HttpConn, req: &Request<B>, authority: Option<&Authority>) -> Observe {
         let started = Instant::now();
-        let tracer = conn.state.tracer.as_ref();
-        let access_log = conn.state.config.access_log;
+        let tracer = conn.ctx.tracer.as_ref();
+        let access_log = conn.ctx.config.access_log;
         if tracer.is_none() && !access_log {
             return Observe {
                 started,
@@ -69,7 +217,7 @@ impl Observe {
             };
         }
         let at = SystemTime::now();
-        let client = conn.client.0;
+        let client = conn.client.addr();
         let span = tracer.map(|t| {
             t.start(
                 &RequestInfo {
@@ -184,7 +332,7 @@ impl Observe {
                 grpc_status,
                 peer_identity: peer.as_deref(),
                 retries,
-                endpoint: endpoint.map(|e| e.0),
+                endpoint: endpoint.map(|e| e.addr()),
                 error: error.as_deref(),
             });
         }

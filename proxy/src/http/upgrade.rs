@@ -1,87 +1,65 @@
 //! Requests that take their connection over: an HTTP/1.1 upgrade (WebSocket) or a
-//! CONNECT. Each gets a connection of its own (inside mesh TLS, as HTTP/1.1, to a
-//! meshed peer); once both sides have switched, the two connections are joined byte
-//! for byte, half-closes included.
+//! CONNECT. Each gets a connection of its own (outbound through its destination's
+//! connection stack, HTTP/1.1 inside mTLS to a meshed peer); once both sides have
+//! switched, the two connections are joined byte for byte, half-closes included. An
+//! explicit proxy client's CONNECT is answered by the proxy itself, which opens the
+//! tunnel.
 
-use super::body::{OnEnd, RequestBody, ResponseBody};
-use super::errors::{ProxyError, error_response};
-use super::forward::stats_for;
-use super::observe::Observe;
-use super::{HttpConn, headers};
-use crate::addrs::EndpointAddr;
-use crate::destination::{ConnTarget, Destination, PickError};
-use crate::discovery::DestKey;
-use crate::endpoint::{ConnectError, Peer, SendError};
-use crate::policy::call::Failure;
-use gofe_identity::SpiffeId;
+use super::conn::HttpConn;
+use super::errors::ProxyError;
+use crate::addrs::{DestKey, Direction};
+use crate::body::request::RequestBody;
+use crate::call::{Answer, Call, ConnectTo, HttpAnswer};
+use crate::client::body::UpstreamBody;
+use crate::client::error::SendError;
+use crate::client::h1;
+use crate::client::pool::Peer;
+use crate::forward::tunnel;
+use crate::proto::headers;
+use crate::route::destination::Destination;
+use crate::route::target::ConnTarget;
+use gofe_identity::tls::{ALPN_HTTP1, ALPN_TCP};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tower::ServiceExt;
 use tracing::debug;
 
 const HTTPS_PORT: u16 = 443;
 
 /// Where a request that takes its connection over goes.
-pub(crate) enum Via {
-    /// One endpoint (inbound: the application).
-    Endpoint(EndpointAddr),
+pub enum Via {
+    /// Inbound: the application.
+    App,
     /// An endpoint of an outbound destination, picked by its balancer (or the original
     /// destination while discovery knows nothing better).
-    Destination(Arc<Destination>, Option<EndpointAddr>),
+    Destination(Arc<Destination>),
 }
 
 /// Forwards an upgrade or CONNECT request to its endpoint (the application, or the
 /// proxy an application was talking to) and, if it agrees to switch, tunnels.
-pub(crate) async fn forward(
+pub async fn forward(
     conn: &HttpConn,
     mut req: Request<Incoming>,
     via: Via,
-    grpc: bool,
-    observe: Observe,
-) -> Response<ResponseBody> {
-    let authority = headers::authority(&req);
+) -> Result<HttpAnswer, ProxyError> {
     let client_side = hyper::upgrade::on(&mut req);
     let connect = req.method() == Method::CONNECT;
     headers::strip_hop_by_hop(req.headers_mut(), !connect);
-    super::forward::identify_client(conn, req.headers_mut());
+    conn.identify_client(req.headers_mut());
     if conn.target == ConnTarget::Explicit {
         *req.uri_mut() = headers::origin_form(req.uri(), req.method());
     }
-    let connected = match &via {
-        Via::Endpoint(endpoint) => dedicated(conn, *endpoint, None)
-            .await
-            .map(|(tx, peer)| (tx, peer, *endpoint))
-            .map_err(ProxyError::Send),
-        Via::Destination(d, fallback) => d
-            .connect(
-                &conn.state.metrics,
-                *fallback,
-                |e: &SendError| matches!(e, SendError::Connect(_)),
-                |ep| async move {
-                    let (tx, peer) = dedicated(conn, ep.addr, ep.identity.as_ref()).await?;
-                    Ok((tx, peer, ep.addr))
-                },
-            )
-            .await
-            .map_err(picked),
-    };
-    let (mut tx, peer, endpoint) = match connected {
-        Ok(c) => c,
-        Err(e) => return fail(conn, e, grpc, authority.as_ref(), observe),
-    };
-    let mut rsp = match tx.send_request(req.map(RequestBody::from)).await {
-        Ok(rsp) => rsp,
-        Err(source) => {
-            let e = SendError::Http {
-                addr: endpoint,
-                source,
-            };
-            return fail(conn, ProxyError::Send(e), grpc, authority.as_ref(), observe);
-        }
-    };
+    let (mut tx, peer, endpoint) = dedicated(conn, via).await?;
+    let mut rsp = tx
+        .send_request(req.map(RequestBody::from))
+        .await
+        .map_err(|source| SendError::Http {
+            addr: endpoint,
+            source,
+        })?;
     let switched = if connect {
         rsp.status().is_success()
     } else {
@@ -91,141 +69,81 @@ pub(crate) async fn forward(
     if switched {
         let server_side = hyper::upgrade::on(&mut rsp);
         let client = conn.client;
-        conn.state.tasks.spawn(async move {
+        conn.ctx.tasks.spawn(async move {
             match tokio::try_join!(client_side, server_side) {
-                Ok((c, s)) => join(TokioIo::new(c), TokioIo::new(s)).await,
+                Ok((c, s)) => tunnel::join(TokioIo::new(c), TokioIo::new(s)).await,
                 Err(error) => debug!(%client, %error, "upgrade did not complete"),
             }
         });
     }
-    let stats = stats_for(conn, authority.as_ref(), peer.as_ref());
-    let mut observe = observe;
-    observe.answered(None, peer.as_ref(), 0);
-    let on_end = OnEnd::new(stats, rsp.status(), grpc, rsp.headers()).with_observe(observe);
-    rsp.map(|body| ResponseBody::upstream(body, on_end))
+    let mut a = Answer::new(rsp.map(|b| UpstreamBody::new(b, None)), Some(endpoint));
+    a.peer = peer;
+    Ok(a)
 }
 
-fn picked<E: Into<ProxyError>>(e: PickError<E>) -> ProxyError {
-    match e {
-        PickError::NoEndpoints(destination) => {
-            ProxyError::Call(Failure::NoEndpoints { destination })
-        }
-        PickError::Failed(e) => e.into(),
-    }
-}
-
-/// A connection of its own to `endpoint`: mTLS to a meshed peer (plaintext if auto mode
-/// finds it is not one); with `expected`, mTLS to a peer with that identity only.
+/// A connection of its own for a request that takes it over, and its HTTP/1 client.
 async fn dedicated(
     conn: &HttpConn,
-    endpoint: EndpointAddr,
-    expected: Option<&SpiffeId>,
-) -> Result<(http1::SendRequest<RequestBody>, Peer), SendError> {
-    let http = &conn.state.http;
-    let tls = match expected {
-        Some(_) => conn.state.required_tls(),
-        None => conn.state.outbound_tls(conn.direction, endpoint),
-    };
-    let result = match tls {
-        (None, _) => http.connect_dedicated(endpoint, None).await,
-        (Some(tls), may_fall_back) => match http.connect_dedicated(endpoint, Some(tls)).await {
-            Err(SendError::Connect(e)) if may_fall_back && e.not_meshed() => {
-                conn.state.plaintext_from_now(endpoint, &e);
-                http.connect_dedicated(endpoint, None).await
-            }
-            other => other,
-        },
-    };
-    let result = match (result, expected) {
-        (Ok((_, peer)), Some(expected)) if peer.as_deref() != Some(expected) => {
-            Err(SendError::Connect(ConnectError::Identity {
-                addr: endpoint,
-                presented: peer.map(|p| p.to_string()).unwrap_or_default(),
-                expected: expected.to_string(),
-            }))
+    via: Via,
+) -> Result<
+    (
+        http1::SendRequest<RequestBody>,
+        Peer,
+        crate::addrs::EndpointAddr,
+    ),
+    ProxyError,
+> {
+    match via {
+        Via::App => {
+            let app = conn
+                .app
+                .as_ref()
+                .expect("an inbound connection has an application");
+            let (tx, peer) = conn
+                .ctx
+                .client
+                .dedicated(Direction::Inbound, app.addr, None)
+                .await?;
+            Ok((tx, peer, app.addr))
         }
-        (result, _) => result,
-    };
-    if let Err(SendError::Connect(e)) = &result {
-        conn.state.metrics.connect_error(conn.direction, e.reason());
+        Via::Destination(d) => {
+            let call =
+                Call::new(ConnectTo { alpn: ALPN_HTTP1 }).with_orig_dst(conn.target.orig_dst());
+            let a = d.connect_stack().oneshot(call).await?;
+            let addr = a.endpoint.expect("a connection is made to an endpoint");
+            let tx = h1::handshake(addr, a.value.io).await?;
+            Ok((tx, a.peer, addr))
+        }
     }
-    result
 }
 
 /// An explicit proxy client's CONNECT: the proxy itself opens the tunnel to the
 /// authority and answers 200.
-pub(crate) async fn connect_explicit(
+pub async fn connect_explicit(
     conn: &HttpConn,
     mut req: Request<Incoming>,
-    grpc: bool,
-    observe: Observe,
-) -> Response<ResponseBody> {
+) -> Result<HttpAnswer, ProxyError> {
     let Some(authority) = req.uri().authority().cloned() else {
-        return error_response(
-            &ProxyError::NoAuthority,
-            grpc,
-            stats_for(conn, None, None),
-            observe,
-        );
+        return Err(ProxyError::NoAuthority);
     };
     let dest = conn
-        .state
+        .ctx
         .destinations
         .get(DestKey::from_authority(&authority, HTTPS_PORT));
     let connected = dest
-        .connect(
-            &conn.state.metrics,
-            None,
-            |_: &ConnectError| true,
-            |ep| async move {
-                let r = conn
-                    .state
-                    .connect_stream(conn.direction, ep.addr, ep.identity.as_ref())
-                    .await;
-                if let Err(e) = &r {
-                    conn.state.metrics.connect_error(conn.direction, e.reason());
-                }
-                r
-            },
-        )
-        .await
-        .map_err(|e| picked(e.map_failed(SendError::Connect)));
-    let (server, peer) = match connected {
-        Ok(s) => s,
-        Err(e) => return fail(conn, e, grpc, Some(&authority), observe),
-    };
+        .connect_stack()
+        .oneshot(Call::new(ConnectTo { alpn: ALPN_TCP }))
+        .await?;
     let client_side = hyper::upgrade::on(&mut req);
     let client = conn.client;
-    conn.state.tasks.spawn(async move {
+    let server = connected.value.io;
+    conn.ctx.tasks.spawn(async move {
         match client_side.await {
-            Ok(c) => join(TokioIo::new(c), server).await,
+            Ok(c) => tunnel::join(TokioIo::new(c), server).await,
             Err(error) => debug!(%client, %error, "CONNECT tunnel did not open"),
         }
     });
-    let stats = stats_for(conn, Some(&authority), peer.as_ref());
-    let mut observe = observe;
-    observe.answered(None, peer.as_ref(), 0);
-    let on_end = OnEnd::new(stats, StatusCode::OK, grpc, &Default::default()).with_observe(observe);
-    Response::new(ResponseBody::full(bytes::Bytes::new(), Some(on_end)))
-}
-
-fn fail(
-    conn: &HttpConn,
-    error: ProxyError,
-    grpc: bool,
-    authority: Option<&http::uri::Authority>,
-    observe: Observe,
-) -> Response<ResponseBody> {
-    debug!(client = %conn.client, %error, "upgrade request failed");
-    error_response(&error, grpc, stats_for(conn, authority, None), observe)
-}
-
-async fn join<A, B>(mut a: A, mut b: B)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    if let Err(error) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        debug!(%error, "tunnel ended with an error");
-    }
+    let mut a = Answer::new(Response::new(UpstreamBody::empty()), connected.endpoint);
+    a.peer = connected.peer;
+    Ok(a)
 }

@@ -6,7 +6,8 @@
 //! two), so the accounting here is in thousandths of a retry.
 
 use parking_lot::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 /// How long a request's deposit (and a retry's withdrawal) counts.

@@ -1,26 +1,17 @@
 //! The concurrency limit: a destination takes at most GOFE_MAX_CONCURRENT_REQUESTS
 //! requests at once; beyond that a request fails at once (503 with
-//! `gofe-overloaded: true`) instead of queueing behind the others. A request holds
-//! its slot until its response body has ended.
+//! `gofe-overloaded: true`) instead of queueing behind the others. A request holds its
+//! slot until its response body has ended.
 
-use super::call::{Answer, Call, Failure};
+use crate::call::{Answer, Call, Failure, Permit};
 use futures_util::future::Either;
+use std::fmt::Debug;
 use std::future::{Future, Ready};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
-
-/// A slot, released when dropped.
-#[derive(Debug)]
-pub struct Permit(Arc<AtomicUsize>);
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 #[derive(Clone)]
 pub struct LimitLayer {
@@ -57,31 +48,29 @@ pub struct Limit<S> {
     cfg: LimitLayer,
 }
 
-impl<S, B> Service<Call> for Limit<S>
+impl<S, R, T> Service<Call<R>> for Limit<S>
 where
-    S: Service<Call, Response = Answer<B>, Error = Failure>,
+    S: Service<Call<R>, Response = Answer<T>, Error = Failure<R>>,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    R: Debug,
+    T: Send + 'static,
 {
-    type Response = Answer<B>;
-    type Error = Failure;
-    type Future = Either<Ready<Result<Answer<B>, Failure>>, Held<S::Future>>;
+    type Response = Answer<T>;
+    type Error = Failure<R>;
+    type Future = Either<Ready<Result<Answer<T>, Failure<R>>>, Held<S::Future>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure<R>>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
-        let before = self.cfg.in_flight.fetch_add(1, Ordering::AcqRel);
-        let permit = Permit(self.cfg.in_flight.clone());
-        if before >= self.cfg.max {
-            drop(permit);
+    fn call(&mut self, call: Call<R>) -> Self::Future {
+        let Some(permit) = Permit::take(&self.cfg.in_flight, self.cfg.max) else {
             let failure = Failure::Overloaded {
                 destination: self.cfg.destination.clone(),
                 limit: self.cfg.max,
             };
             return Either::Left(std::future::ready(Err(failure)));
-        }
+        };
         Either::Right(Held {
             answer: self.inner.call(call),
             permit: Some(permit),
@@ -98,11 +87,12 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B> Future for Held<F>
+impl<F, T, R> Future for Held<F>
 where
-    F: Future<Output = Result<Answer<B>, Failure>>,
+    F: Future<Output = Result<Answer<T>, Failure<R>>>,
+    R: Debug,
 {
-    type Output = Result<Answer<B>, Failure>;
+    type Output = Result<Answer<T>, Failure<R>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -115,12 +105,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::body::RequestBody;
+    use crate::body::request::RequestBody;
+    use crate::call::HttpCall;
     use http::{Request, Response};
+    use std::sync::atomic::Ordering;
     use tokio::sync::oneshot;
     use tower::ServiceExt;
 
-    fn get() -> Call {
+    fn get() -> HttpCall {
         Call::new(Request::new(RequestBody::empty()))
     }
 
@@ -128,7 +120,7 @@ mod tests {
     async fn beyond_the_limit_fails_at_once_and_a_slot_frees_when_the_answer_goes() {
         let (release_tx, release_rx) = oneshot::channel::<()>();
         let release = Arc::new(parking_lot::Mutex::new(Some(release_rx)));
-        let inner = tower::service_fn(move |_c: Call| {
+        let inner = tower::service_fn(move |_c: HttpCall| {
             let release = release.clone();
             async move {
                 // The first call waits for the test; the others answer at once.
@@ -136,7 +128,7 @@ mod tests {
                 if let Some(rx) = wait {
                     let _ = rx.await;
                 }
-                Ok::<_, Failure>(Answer::new(Response::new(()), None))
+                Ok::<_, Failure<_>>(Answer::new(Response::new(()), None))
             }
         });
         let in_flight = Arc::new(AtomicUsize::new(0));

@@ -11,15 +11,22 @@
 //! retryable, are tried again. Bodies are replayed from a bounded copy kept while they
 //! stream (GOFE_RETRY_MAX_BODY); a larger body is never retried once it has been sent.
 //! Each attempt carries `gofe-attempt: N`.
+//!
+//! A connection of its own (opaque TCP, a tunnel, an upgrade) is retried on another
+//! endpoint when it could not be made, under the same limit, budget and backoff
+//! (`RetryConnect`).
 
 use super::budget::RetryBudget;
-use super::call::{Answer, BoxFuture, Call, Failure};
-use super::replay::Replay;
-use super::{Policy, RetryPolicy};
-use crate::http::body::{RequestBody, grpc_status};
+use crate::body::replay::Replay;
+use crate::body::request::RequestBody;
+use crate::call::{
+    Answer, BoxFuture, Call, ConnectCall, ConnectFailure, Failure, HttpCall, HttpFailure,
+};
+use crate::config::policy::{Policy, RetryPolicy};
 use crate::metrics::Metrics;
+use crate::proto::grpc;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -43,6 +50,8 @@ pub struct RetryStats {
     pub metrics: Arc<Metrics>,
 }
 
+/// What every retry is measured against: the policy's limit, the destination's
+/// budget, and the backoff; and where retries are counted.
 #[derive(Clone)]
 pub struct RetryLayer {
     policy: Arc<Policy>,
@@ -57,6 +66,33 @@ impl RetryLayer {
             budget,
             stats,
         }
+    }
+
+    /// Whether retry `attempt` (1 for the first) may go, for `reason`: within the limit
+    /// and the budget, counted either way.
+    fn allow(&self, attempt: u32, reason: &str) -> bool {
+        if attempt > self.policy.retry.limit {
+            return false;
+        }
+        if !self.budget.withdraw() {
+            self.stats
+                .metrics
+                .retry_budget_exhausted(&self.stats.destination);
+            return false;
+        }
+        self.stats.metrics.retry(&self.stats.destination, reason);
+        true
+    }
+
+    /// The wait before retry `attempt`.
+    async fn back_off(&self, attempt: u32) {
+        let p = &self.policy.retry;
+        tokio::time::sleep(backoff(p.backoff_min, p.backoff_max, attempt)).await;
+    }
+
+    /// The layer for connections of their own.
+    pub fn for_connections(&self) -> RetryConnectLayer {
+        RetryConnectLayer(self.clone())
     }
 }
 
@@ -77,23 +113,108 @@ pub struct Retry<S> {
     cfg: RetryLayer,
 }
 
-impl<S, B> Service<Call> for Retry<S>
+impl<S, B> Service<HttpCall> for Retry<S>
 where
-    S: Service<Call, Response = Answer<B>, Error = Failure> + Clone + Send + 'static,
+    S: Service<HttpCall, Response = Answer<Response<B>>, Error = HttpFailure>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
-    type Response = Answer<B>;
-    type Error = Failure;
-    type Future = BoxFuture<Result<Answer<B>, Failure>>;
+    type Response = Answer<Response<B>>;
+    type Error = HttpFailure;
+    type Future = BoxFuture<Result<Answer<Response<B>>, HttpFailure>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), HttpFailure>> {
         // Each attempt waits for the inner service itself.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, call: HttpCall) -> Self::Future {
         Box::pin(run(self.inner.clone(), self.cfg.clone(), call))
+    }
+}
+
+/// Retries connections of their own that could not be made, on another endpoint.
+#[derive(Clone)]
+pub struct RetryConnectLayer(RetryLayer);
+
+impl<S> Layer<S> for RetryConnectLayer {
+    type Service = RetryConnect<S>;
+
+    fn layer(&self, inner: S) -> RetryConnect<S> {
+        RetryConnect {
+            inner,
+            cfg: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RetryConnect<S> {
+    inner: S,
+    cfg: RetryLayer,
+}
+
+impl<S, T> Service<ConnectCall> for RetryConnect<S>
+where
+    S: Service<ConnectCall, Response = Answer<T>, Error = ConnectFailure> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = Answer<T>;
+    type Error = ConnectFailure;
+    type Future = BoxFuture<Result<Answer<T>, ConnectFailure>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectFailure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: ConnectCall) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            cfg.budget.deposit();
+            let on = &cfg.policy.retry.on;
+            let retries_connects = on.connect_failure || on.status_5xx || on.gateway_error;
+            let orig_dst = call.orig_dst;
+            let mut req = call.req;
+            let mut tried = Vec::new();
+            let mut attempt = 1;
+            loop {
+                let call = Call {
+                    req,
+                    endpoint: None,
+                    tried: tried.clone(),
+                    orig_dst,
+                };
+                match inner.ready().await?.call(call).await {
+                    Ok(mut a) => {
+                        a.retries = attempt - 1;
+                        return Ok(a);
+                    }
+                    Err(Failure::Unsent {
+                        req: unsent,
+                        endpoint,
+                        error,
+                    }) if retries_connects => {
+                        if !cfg.allow(attempt, "connect-failure") {
+                            return Err(Failure::Unsent {
+                                req: unsent,
+                                endpoint,
+                                error,
+                            });
+                        }
+                        tried.extend(endpoint);
+                        cfg.back_off(attempt).await;
+                        req = *unsent;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
     }
 }
 
@@ -131,7 +252,11 @@ fn grpc_name(code: u16) -> &'static str {
     }
 }
 
-fn judge<B>(result: &Result<Answer<B>, Failure>, p: &RetryPolicy, safe: bool) -> Option<Verdict> {
+fn judge<B>(
+    result: &Result<Answer<Response<B>>, HttpFailure>,
+    p: &RetryPolicy,
+    safe: bool,
+) -> Option<Verdict> {
     let on = &p.on;
     let verdict = |reason: Cow<'static, str>, replay| Some(Verdict { reason, replay });
     match result {
@@ -139,9 +264,9 @@ fn judge<B>(result: &Result<Answer<B>, Failure>, p: &RetryPolicy, safe: bool) ->
             if !safe {
                 return None;
             }
-            let status = a.rsp.status().as_u16();
+            let status = a.value.status().as_u16();
             // A trailers-only gRPC response has its status in the headers.
-            if let Some(g) = grpc_status(a.rsp.headers())
+            if let Some(g) = grpc::status(a.value.headers())
                 && on.grpc(g)
             {
                 return verdict(grpc_name(g).into(), true);
@@ -200,14 +325,18 @@ fn copy_head(p: &Parts) -> Parts {
     r.into_parts().0
 }
 
-async fn run<S, B>(mut inner: S, cfg: RetryLayer, call: Call) -> Result<Answer<B>, Failure>
+async fn run<S, B>(
+    mut inner: S,
+    cfg: RetryLayer,
+    call: HttpCall,
+) -> Result<Answer<Response<B>>, HttpFailure>
 where
-    S: Service<Call, Response = Answer<B>, Error = Failure>,
+    S: Service<HttpCall, Response = Answer<Response<B>>, Error = HttpFailure>,
 {
     let p = &cfg.policy.retry;
     cfg.budget.deposit();
     let safe = p.retryable || is_idempotent(call.req.method());
-    let fallback = call.fallback;
+    let orig_dst = call.orig_dst;
     let on = &p.on;
     // Whether any condition could send the request again after it went out (as
     // `judge` decides: a refused stream whatever the method, the rest when safe).
@@ -254,7 +383,7 @@ where
                 req,
                 endpoint: None,
                 tried: tried.clone(),
-                fallback,
+                orig_dst,
             })
             .await;
         let endpoint = match &result {
@@ -262,7 +391,7 @@ where
             Err(f) => f.endpoint(),
         };
         tried.extend(endpoint);
-        let finish = |mut result: Result<Answer<B>, Failure>| {
+        let finish = |mut result: Result<Answer<Response<B>>, HttpFailure>| {
             if let (Some(r), Some(id)) = (&replay, body_id) {
                 r.commit(id);
             }
@@ -318,7 +447,7 @@ where
         cfg.stats
             .metrics
             .retry(&cfg.stats.destination, &verdict.reason);
-        tokio::time::sleep(backoff(p.backoff_min, p.backoff_max, attempt)).await;
+        cfg.back_off(attempt).await;
         req = next;
         attempt += 1;
     }
@@ -328,8 +457,9 @@ where
 mod tests {
     use super::*;
     use crate::addrs::EndpointAddr;
-    use crate::endpoint::{ConnectError, SendError};
-    use crate::http::body::Source;
+    use crate::body::source::Source;
+    use crate::client::error::SendError;
+    use crate::connect::error::ConnectError;
     use bytes::Bytes;
     use http::{Response, StatusCode};
     use http_body_util::BodyExt;
@@ -351,14 +481,18 @@ mod tests {
         bad: Behaviour,
         n: usize,
         seen: Seen,
-    ) -> impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static>
-    + Clone
+    ) -> impl Service<
+        HttpCall,
+        Response = Answer<Response<()>>,
+        Error = HttpFailure,
+        Future: Send + 'static,
+    > + Clone
     + Send
     + 'static {
-        tower::service_fn(move |call: Call| {
+        tower::service_fn(move |call: HttpCall| {
             let seen = seen.clone();
             async move {
-                let addr = EndpointAddr("10.0.0.1:80".parse().unwrap());
+                let addr = EndpointAddr::new("10.0.0.1:80".parse().unwrap());
                 let attempt = call.req.headers()[ATTEMPT_HEADER]
                     .to_str()
                     .unwrap()
@@ -407,11 +541,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut p = Policy::with_overrides(&base, &HashMap::new()).unwrap();
-        // Tests do not wait.
-        p.retry.backoff_min = Duration::from_nanos(1);
-        p.retry.backoff_max = Duration::from_nanos(1);
-        Arc::new(p)
+        // (The tests run on tokio's paused clock: backoffs take no real time.)
+        Arc::new(Policy::with_overrides(&base, &HashMap::new()).unwrap())
     }
 
     fn layer(p: &Arc<Policy>) -> (RetryLayer, Arc<Metrics>) {
@@ -426,7 +557,7 @@ mod tests {
         )
     }
 
-    fn request(method: Method, body: &'static [u8]) -> Call {
+    fn request(method: Method, body: &'static [u8]) -> HttpCall {
         let body = if body.is_empty() {
             RequestBody::empty()
         } else {
@@ -441,20 +572,24 @@ mod tests {
 
     async fn status(
         svc: Retry<
-            impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static>
-            + Clone
+            impl Service<
+                HttpCall,
+                Response = Answer<Response<()>>,
+                Error = HttpFailure,
+                Future: Send + 'static,
+            > + Clone
             + Send
             + 'static,
         >,
-        call: Call,
+        call: HttpCall,
     ) -> Result<u16, String> {
         svc.oneshot(call)
             .await
-            .map(|a| a.rsp.status().as_u16())
+            .map(|a| a.value.status().as_u16())
             .map_err(|e| e.to_string())
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_get_is_retried_on_503_with_the_attempt_numbered() {
         let p = policy(&[("GOFE_RETRY_ON", "5xx")]);
         let seen = Seen::default();
@@ -466,7 +601,7 @@ mod tests {
         assert_eq!(attempts, ["1", "2", "3"]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_limit_holds_and_the_last_answer_is_returned() {
         let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRY_LIMIT", "1")]);
         let seen = Seen::default();
@@ -477,7 +612,7 @@ mod tests {
         assert_eq!(seen.lock().len(), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_post_is_not_retried_on_503_unless_retryable_and_then_its_body_is_replayed() {
         let p = policy(&[("GOFE_RETRY_ON", "5xx")]);
         let seen = Seen::default();
@@ -512,7 +647,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_connect_failure_is_retried_even_for_a_post_with_its_body_intact() {
         let p = policy(&[]);
         let seen = Seen::default();
@@ -530,7 +665,7 @@ mod tests {
         assert_eq!(seen[1].2, b"payload");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_body_over_the_cap_is_not_replayed() {
         let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRY_MAX_BODY", "4")]);
         let seen = Seen::default();
@@ -546,7 +681,7 @@ mod tests {
         assert_eq!(seen.lock().len(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn resets_retry_idempotent_requests_only() {
         let p = policy(&[("GOFE_RETRY_ON", "reset")]);
         let seen = Seen::default();
@@ -565,7 +700,7 @@ mod tests {
         assert_eq!(seen.lock().len(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_budget_caps_retries_at_its_share_of_requests() {
         let p = policy(&[
             ("GOFE_RETRY_ON", "5xx"),
@@ -606,5 +741,60 @@ mod tests {
             );
         }
         assert!(backoff(min, max, 40) <= max);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_not_made_is_tried_again_avoiding_the_endpoints_tried() {
+        let p = policy(&[("GOFE_RETRY_LIMIT", "2")]);
+        let (layer, metrics) = layer(&p);
+        let seen: Arc<Mutex<Vec<Vec<EndpointAddr>>>> = Default::default();
+        let record = seen.clone();
+        let inner = tower::service_fn(move |call: ConnectCall| {
+            let seen = record.clone();
+            async move {
+                let n = seen.lock().len();
+                seen.lock().push(call.tried.clone());
+                let addr = EndpointAddr::new(format!("10.0.0.{}:80", n + 1).parse().unwrap());
+                if n < 3 {
+                    Err(Failure::Unsent {
+                        error: SendError::Connect(ConnectError::Refused { addr }),
+                        req: Box::new(call.req),
+                        endpoint: Some(addr),
+                    })
+                } else {
+                    Ok(Answer::new((), Some(addr)))
+                }
+            }
+        });
+        let svc = layer.for_connections().layer(inner);
+        let call = || Call::new(crate::call::ConnectTo { alpn: b"gofe/tcp" });
+        let failed = svc.clone().oneshot(call()).await;
+        assert!(
+            matches!(failed, Err(Failure::Unsent { .. })),
+            "two retries, then the failure"
+        );
+        let tried = seen.lock().clone();
+        let addr = |i: u8| EndpointAddr::new(format!("10.0.0.{i}:80").parse().unwrap());
+        assert_eq!(tried, vec![vec![], vec![addr(1)], vec![addr(1), addr(2)]]);
+        assert_eq!(metrics.retries_total("api:80"), 2);
+        let ok = svc.oneshot(call()).await.unwrap();
+        assert_eq!(ok.retries, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_for_its_backoff_on_the_clock() {
+        let p = policy(&[("GOFE_RETRY_ON", "5xx"), ("GOFE_RETRY_BACKOFF", "1s..1s")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::Status(503), 1, seen.clone()));
+        let started = tokio::time::Instant::now();
+        assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 200);
+        assert_eq!(seen.lock().len(), 2);
+        assert!(
+            started.elapsed() <= Duration::from_secs(1),
+            "full jitter: at most the ceiling, {:?}",
+            started.elapsed()
+        );
     }
 }

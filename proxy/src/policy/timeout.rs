@@ -5,8 +5,9 @@
 //! cuts it off when it fires (as Envoy's route timeout does). A per-try timeout ends
 //! with the attempt's headers.
 
-use super::call::{Answer, BoxFuture, Call, Failure};
+use crate::call::{Answer, BoxFuture, Call, Failure};
 use futures_util::future::Either;
+use std::fmt::Debug;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
@@ -55,22 +56,23 @@ pub struct Timeout<S> {
     cfg: TimeoutLayer,
 }
 
-impl<S, B> Service<Call> for Timeout<S>
+impl<S, R, T> Service<Call<R>> for Timeout<S>
 where
-    S: Service<Call, Response = Answer<B>, Error = Failure>,
+    S: Service<Call<R>, Response = Answer<T>, Error = Failure<R>>,
     S::Future: Send + 'static,
-    B: Send + 'static,
+    R: Debug + Send + 'static,
+    T: Send + 'static,
 {
-    type Response = Answer<B>;
-    type Error = Failure;
+    type Response = Answer<T>;
+    type Error = Failure<R>;
     /// Without a timeout, the inner future as it is.
-    type Future = Either<S::Future, BoxFuture<Result<Answer<B>, Failure>>>;
+    type Future = Either<S::Future, BoxFuture<Result<Answer<T>, Failure<R>>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure<R>>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, call: Call<R>) -> Self::Future {
         let endpoint = call.endpoint_addr();
         let answer = self.inner.call(call);
         let TimeoutLayer { after, scope } = self.cfg;
@@ -97,21 +99,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::body::RequestBody;
+    use crate::body::request::RequestBody;
+    use crate::call::{HttpCall, HttpFailure};
     use http::{Request, Response};
     use tower::ServiceExt;
 
     fn slow(
         delay: Duration,
-    ) -> impl Service<Call, Response = Answer<()>, Error = Failure, Future: Send + 'static> + Clone
-    {
-        tower::service_fn(move |_c: Call| async move {
+    ) -> impl Service<
+        HttpCall,
+        Response = Answer<Response<()>>,
+        Error = HttpFailure,
+        Future: Send + 'static,
+    > + Clone {
+        tower::service_fn(move |_c: HttpCall| async move {
             tokio::time::sleep(delay).await;
-            Ok::<_, Failure>(Answer::new(Response::new(()), None))
+            Ok::<_, HttpFailure>(Answer::new(Response::new(()), None))
         })
     }
 
-    fn get() -> Call {
+    fn get() -> HttpCall {
         Call::new(Request::new(RequestBody::empty()))
     }
 

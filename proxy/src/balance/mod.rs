@@ -1,0 +1,9 @@
+//! Stage 7: balancing a destination's attempts over its endpoints (`balancer`, as a
+//! layer in `layer`), from each endpoint's state (`state`): its latency estimate
+//! (`ewma`) and its outlier record (`outlier`).
+
+pub mod balancer;
+pub mod ewma;
+pub mod layer;
+pub mod outlier;
+pub mod state;

@@ -1,0 +1,8 @@
+//! Leaf: the bodies the proxy passes on. Requests go upstream as the client's own
+//! streaming body, or as one attempt's view of a body kept for retries; responses come
+//! back with a hook that runs once when they end.
+
+pub mod replay;
+pub mod request;
+pub mod response;
+pub mod source;

@@ -1,0 +1,71 @@
+//! Leaf: why a request did not get a response from an endpoint, and the request itself
+//! when it was never sent.
+
+use crate::addrs::EndpointAddr;
+use crate::body::request::RequestBody;
+use crate::connect::error::ConnectError;
+use http::Request;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: EndpointAddr,
+        source: hyper::Error,
+    },
+    #[error("request to {addr} failed: {source}")]
+    Http {
+        addr: EndpointAddr,
+        source: hyper::Error,
+    },
+}
+
+impl SendError {
+    /// Whether the failure came from the client's side: its request body failed (the
+    /// client went away, or sent a broken body) while it was being sent.
+    pub fn is_client_side(&self) -> bool {
+        matches!(self, SendError::Http { source, .. } if source.is_user())
+    }
+
+    /// Whether the peer refused the stream (HTTP/2 REFUSED_STREAM), so that it was not
+    /// processed.
+    pub fn is_refused_stream(&self) -> bool {
+        let SendError::Http { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            std::error::Error::source(source);
+        while let Some(c) = cause {
+            if let Some(h2) = c.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = c.source();
+        }
+        false
+    }
+}
+
+/// A send that failed; the request comes back when it was never sent.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    pub unsent: Option<Box<Request<RequestBody>>>,
+}
+
+impl SendFailure {
+    pub fn unsent(error: impl Into<SendError>, req: Request<RequestBody>) -> Self {
+        Self {
+            error: error.into(),
+            unsent: Some(Box::new(req)),
+        }
+    }
+
+    pub fn sent(error: SendError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+}

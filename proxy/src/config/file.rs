@@ -1,0 +1,252 @@
+//! The YAML files of destinations: the policy file (GOFE_POLICY_FILE) and the discovery
+//! file (GOFE_DISCOVERY=file:PATH) share one shape. Each destination is named by its
+//! authority (`host:port`, port 80 when left out) or by an address; it may list
+//! endpoints and override any policy setting:
+//!
+//! ```yaml
+//! destinations:
+//!   - name: api.demo:80
+//!     endpoints:
+//!       - address: 10.0.0.5:8080
+//!         weight: 2
+//!         identity: spiffe://cluster.local/ns/demo/sa/api
+//!     policy:
+//!       retry_on: 5xx,connect-failure
+//!       per_try_timeout: 200ms
+//!       retryable: true
+//! ```
+//!
+//! A file is checked whole: one mistake refuses all of it.
+
+use super::env::BadVar;
+use super::policy::Policy;
+use crate::addrs::{BadDestination, DestKey, EndpointAddr};
+use crate::endpoint::Endpoint;
+use gofe_identity::SpiffeId;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    #[serde(default)]
+    destinations: Vec<DestDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestDoc {
+    name: String,
+    #[serde(default)]
+    endpoints: Option<Vec<EndpointDoc>>,
+    #[serde(default)]
+    policy: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointDoc {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    identity: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What is wrong with a destinations file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The YAML does not parse or does not have the file's shape (the message gives the
+    /// line and column).
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("destination: {0}")]
+    Name(#[from] BadDestination),
+    #[error("{destination}: {problem}")]
+    Destination {
+        destination: String,
+        problem: Problem,
+    },
+    #[error("destination {0:?} is listed twice")]
+    Duplicate(String),
+}
+
+/// What is wrong with one destination of a file.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("endpoint address {0:?} is not ip:port")]
+    Address(String),
+    #[error("endpoint {0} has weight 0")]
+    ZeroWeight(String),
+    #[error(transparent)]
+    Identity(#[from] gofe_identity::spiffe::SpiffeIdError),
+    #[error("{0:?} is not a policy setting")]
+    UnknownSetting(String),
+    #[error("{0} must be a single value")]
+    NotScalar(String),
+    #[error("{}", BadVars(.0))]
+    Values(Vec<BadVar>),
+}
+
+struct BadVars<'a>(&'a [BadVar]);
+
+impl fmt::Display for BadVars<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, bad) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            bad.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
+/// One destination of a file.
+#[derive(Debug)]
+pub struct Entry {
+    pub endpoints: Option<Vec<Endpoint>>,
+    /// The file's policy for it, over the defaults (variable name to value).
+    pub overrides: HashMap<String, String>,
+    pub policy: Arc<Policy>,
+}
+
+/// A file, parsed and checked.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub destinations: HashMap<DestKey, Entry>,
+}
+
+fn scalar(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Table {
+    /// Parses `text`, every policy value checked against `base` (the defaults' values).
+    pub fn parse(text: &str, base: &HashMap<String, String>) -> Result<Table, FileError> {
+        let doc: Doc = serde_yaml::from_str(text)?;
+        let mut destinations = HashMap::new();
+        for d in doc.destinations {
+            let key = DestKey::parse(&d.name)?;
+            let in_dest = |problem: Problem| FileError::Destination {
+                destination: d.name.clone(),
+                problem,
+            };
+            let endpoints = match d.endpoints {
+                None => None,
+                Some(list) => Some(
+                    list.into_iter()
+                        .map(|e| endpoint(e).map_err(in_dest))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            let mut overrides = HashMap::new();
+            for (k, v) in &d.policy {
+                let var = Policy::var_for_key(k)
+                    .ok_or_else(|| in_dest(Problem::UnknownSetting(k.clone())))?;
+                let value = scalar(v).ok_or_else(|| in_dest(Problem::NotScalar(k.clone())))?;
+                overrides.insert(var.name.to_string(), value);
+            }
+            let policy = Policy::with_overrides(base, &overrides)
+                .map_err(|bad| in_dest(Problem::Values(bad)))?;
+            let entry = Entry {
+                endpoints,
+                overrides,
+                policy: Arc::new(policy),
+            };
+            if destinations.insert(key, entry).is_some() {
+                return Err(FileError::Duplicate(d.name));
+            }
+        }
+        Ok(Table { destinations })
+    }
+}
+
+fn endpoint(e: EndpointDoc) -> Result<Endpoint, Problem> {
+    let addr = e
+        .address
+        .parse()
+        .map_err(|_| Problem::Address(e.address.clone()))?;
+    if e.weight == 0 {
+        return Err(Problem::ZeroWeight(e.address));
+    }
+    let identity = e.identity.map(|i| i.parse::<SpiffeId>()).transpose()?;
+    Ok(Endpoint {
+        addr: EndpointAddr::new(addr),
+        weight: e.weight,
+        identity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_destination_with_endpoints_and_policy() {
+        let t = Table::parse(
+            r#"
+destinations:
+  - name: API.demo
+    endpoints:
+      - address: 10.0.0.5:8080
+        weight: 2
+        identity: spiffe://cluster.local/ns/demo/sa/api
+      - address: "[fd00::5]:8080"
+    policy:
+      retry_on: 5xx
+      retry_limit: 3
+      per_try_timeout: 200ms
+      retryable: true
+"#,
+            &HashMap::new(),
+        )
+        .unwrap();
+        let e = &t.destinations[&DestKey::parse("api.demo:80").unwrap()];
+        let eps = e.endpoints.as_ref().unwrap();
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[0].weight, 2);
+        assert_eq!(eps[1].weight, 1);
+        assert!(eps[0].identity.is_some());
+        assert!(e.policy.retry.on.status_5xx);
+        assert_eq!(e.policy.retry.limit, 3);
+        assert_eq!(e.policy.per_try_timeout, Some(Duration::from_millis(200)));
+        assert!(e.policy.retry.retryable);
+    }
+
+    #[test]
+    fn mistakes_are_refused_whole() {
+        for (bad, why) in [
+            (
+                "destinations: [{name: a, policy: {retry_on: sometimes}}]",
+                "GOFE_RETRY_ON",
+            ),
+            (
+                "destinations: [{name: a, policy: {log: debug}}]",
+                "not a policy setting",
+            ),
+            (
+                "destinations: [{name: a, endpoints: [{address: nowhere}]}]",
+                "not ip:port",
+            ),
+            ("destinations: [{name: a, colour: blue}]", "unknown field"),
+            ("destinations: [{name: a}, {name: a}]", "twice"),
+            ("destinations: [{name: 'a:b:c'}]", "destination"),
+        ] {
+            let err = Table::parse(bad, &HashMap::new()).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}

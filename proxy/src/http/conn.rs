@@ -1,0 +1,151 @@
+//! One accepted HTTP connection: where its requests go, who its client is, and the
+//! caches that spare its requests a lookup each (the destination and the metrics of
+//! the last authority, which a connection's requests nearly always share).
+
+use crate::addrs::{ClientAddr, DestKey, Direction};
+use crate::ctx::Ctx;
+use crate::endpoint::Endpoint;
+use crate::metrics::{RequestLabels, RequestStats};
+use crate::proto::mesh::CLIENT_ID;
+use crate::route::destination::Destination;
+use crate::route::target::ConnTarget;
+use gofe_identity::SpiffeId;
+use http::uri::Authority;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// The port an authority without one means, for plain HTTP.
+const HTTP_PORT: u16 = 80;
+
+/// The labels that pick a connection's last request counters.
+type StatsKey = (Arc<str>, Option<Arc<SpiffeId>>);
+
+pub struct HttpConn {
+    pub ctx: Arc<Ctx>,
+    pub direction: Direction,
+    pub client: ClientAddr,
+    pub target: ConnTarget,
+    /// Inbound: the application, as an endpoint for the inbound stack.
+    pub app: Option<Arc<Endpoint>>,
+    /// The mesh identity of the client, for an inbound connection over mTLS.
+    pub peer: Option<Arc<SpiffeId>>,
+    /// Why requests on this connection are refused (inbound policy), if they are.
+    pub refused: Option<String>,
+    last_stats: Mutex<Option<(StatsKey, Arc<RequestStats>)>>,
+    last_destination: Mutex<Option<(Option<Authority>, Arc<Destination>)>>,
+}
+
+impl HttpConn {
+    pub fn new(
+        ctx: Arc<Ctx>,
+        direction: Direction,
+        client: ClientAddr,
+        target: ConnTarget,
+    ) -> Self {
+        let app = match target {
+            ConnTarget::Inbound { app, .. } => Some(Arc::new(Endpoint::bare(app))),
+            _ => None,
+        };
+        Self {
+            ctx,
+            direction,
+            client,
+            target,
+            app,
+            peer: None,
+            refused: None,
+            last_stats: Mutex::new(None),
+            last_destination: Mutex::new(None),
+        }
+    }
+
+    pub fn with_peer(mut self, peer: Option<Arc<SpiffeId>>) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    pub fn refusing(mut self, reason: Option<String>) -> Self {
+        self.refused = reason;
+        self
+    }
+
+    /// Tells the application who the client is: the identity the client's proxy
+    /// presented over mTLS. Inbound only; called once the hop-by-hop headers, which a
+    /// client could use to name it, are gone.
+    pub fn identify_client(&self, headers: &mut http::HeaderMap) {
+        if self.direction == Direction::Inbound
+            && let Some(peer) = &self.peer
+            && let Ok(v) = http::HeaderValue::from_str(&peer.to_string())
+        {
+            headers.insert(CLIENT_ID, v);
+        }
+    }
+
+    /// The outbound destination a request to `authority` goes to: the authority's
+    /// when it has one, else the original destination's.
+    pub fn destination(&self, authority: Option<&Authority>) -> Option<Arc<Destination>> {
+        let mut last = self.last_destination.lock();
+        if let Some((a, d)) = last.as_ref()
+            && a.as_ref() == authority
+            && !d.is_removed()
+        {
+            d.touch();
+            return Some(d.clone());
+        }
+        let orig_dst = self.target.orig_dst();
+        let key = match (authority, orig_dst) {
+            // An authority without a port means the port the application connected to
+            // (80 for an explicit proxy request).
+            (Some(a), _) => DestKey::from_authority(a, orig_dst.map_or(HTTP_PORT, |o| o.port())),
+            (None, Some(o)) => DestKey::orig_dst(o),
+            (None, None) => return None,
+        };
+        let d = self.ctx.destinations.get(key);
+        *last = Some((authority.cloned(), d.clone()));
+        Some(d)
+    }
+
+    /// The request counters for a request to `authority` (the original destination
+    /// when the request has none) answered by `upstream_peer` (outbound, over mTLS);
+    /// inbound requests count under their client's identity.
+    pub fn stats(
+        &self,
+        authority: Option<&Authority>,
+        upstream_peer: Option<&Arc<SpiffeId>>,
+    ) -> Arc<RequestStats> {
+        let peer = match self.direction {
+            Direction::Inbound => self.peer.as_ref(),
+            Direction::Outbound => upstream_peer,
+        };
+        let fallback;
+        let label = match authority {
+            Some(a) => a.as_str(),
+            None => {
+                fallback = self
+                    .target
+                    .orig_dst()
+                    .map(|o| o.to_string())
+                    .unwrap_or_default();
+                fallback.as_str()
+            }
+        };
+        let mut last = self.last_stats.lock();
+        if let Some(((a, p), s)) = last.as_ref()
+            && a.as_ref() == label
+            && p.as_ref() == peer
+        {
+            return s.clone();
+        }
+        let label: Arc<str> = label.into();
+        let stats = self.ctx.metrics.requests.get(&RequestLabels {
+            direction: self.direction,
+            authority: label.clone(),
+            tls: peer.is_some(),
+            peer_identity: peer
+                .map(|p| Arc::from(p.to_string()))
+                .unwrap_or_else(|| Arc::from("")),
+        });
+        *last = Some(((label, peer.cloned()), stats.clone()));
+        stats
+    }
+}

@@ -1,0 +1,183 @@
+//! Forwarding one request: make it fit for the next hop (the client's identity set
+//! inbound and only there, hop-by-hop headers off, the target in the form the next
+//! hop's HTTP version wants), then send it through its stack: outbound, its
+//! destination's (limit, timeouts, retries, balancer, the endpoint over mTLS to meshed
+//! peers); inbound, its port's (limit, timeout, the application). Requests that take
+//! their connection over go to `upgrade`.
+
+use super::conn::HttpConn;
+use super::errors::ProxyError;
+use super::upgrade;
+use crate::addrs::Direction;
+use crate::body::request::RequestBody;
+use crate::call::{Call, HttpAnswer};
+use crate::proto::headers;
+use crate::proto::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
+use crate::route::destination::Destination;
+use crate::route::target::ConnTarget;
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Method, Request, Version, header};
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::{Service, ServiceExt};
+
+/// The requests of one connection, each forwarded.
+#[derive(Clone)]
+pub struct Forwarder {
+    conn: Arc<HttpConn>,
+}
+
+impl Forwarder {
+    pub fn new(conn: Arc<HttpConn>) -> Self {
+        Self { conn }
+    }
+}
+
+impl Service<Request<Incoming>> for Forwarder {
+    type Response = HttpAnswer;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<HttpAnswer, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(forward(self.conn.clone(), req))
+    }
+}
+
+/// Where a request goes.
+enum Target {
+    /// Inbound: the application in this pod.
+    App,
+    /// Outbound: a destination, through its stack.
+    Destination(Arc<Destination>),
+}
+
+async fn forward(
+    conn: Arc<HttpConn>,
+    mut req: Request<Incoming>,
+) -> Result<HttpAnswer, ProxyError> {
+    if let Some(reason) = &conn.refused {
+        return Err(ProxyError::Forbidden(reason.clone()));
+    }
+    let authority = headers::authority(&req);
+    match conn.direction {
+        Direction::Inbound => {
+            // Only this proxy says who the client is (set below, once the hop-by-hop
+            // headers, which a client could use to name it, are gone).
+            req.headers_mut().remove(CLIENT_ID);
+            req.headers_mut().remove(CLIENT_ID_UNDERSCORED);
+            if conn.peer.is_some() {
+                mesh::from_mesh(&mut req);
+            } else {
+                req.headers_mut().remove(ORIG_PROTO);
+            }
+        }
+        Direction::Outbound => {
+            req.headers_mut().remove(ORIG_PROTO);
+        }
+    }
+
+    let explicit = conn.target == ConnTarget::Explicit;
+    let target = match conn.target {
+        ConnTarget::Inbound { .. } => Target::App,
+        // Rare, heavy branches are boxed: hyper moves this future into a task for every
+        // HTTP/2 stream, so its size is paid per request.
+        ConnTarget::Explicit if req.method() == Method::CONNECT => {
+            return Box::pin(upgrade::connect_explicit(&conn, req)).await;
+        }
+        ConnTarget::Explicit | ConnTarget::Outbound(_) => {
+            match conn.destination(authority.as_ref()) {
+                Some(d) => Target::Destination(d),
+                None => return Err(ProxyError::NoAuthority),
+            }
+        }
+    };
+
+    // An h2c upgrade would turn the connection into HTTP/2 the proxies never see: the
+    // request goes on as a plain HTTP/1.1 request instead.
+    if headers::is_upgrade_to(&req, "h2c") {
+        headers::drop_upgrade(req.headers_mut());
+    }
+    if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
+        let via = match target {
+            Target::App => upgrade::Via::App,
+            Target::Destination(d) => upgrade::Via::Destination(d),
+        };
+        return Box::pin(upgrade::forward(&conn, req, via)).await;
+    }
+
+    headers::strip_hop_by_hop(req.headers_mut(), false);
+    conn.identify_client(req.headers_mut());
+    let mut req = req.map(RequestBody::from);
+    match req.version() {
+        Version::HTTP_2 => {
+            *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());
+        }
+        _ => {
+            let default_host = match &target {
+                Target::App => conn.app.as_ref().map(|a| a.addr.to_string()),
+                Target::Destination(d) => Some(d.name.to_string()),
+            };
+            prepare_http1(explicit, &mut req, default_host.as_deref());
+        }
+    }
+
+    let answer = match target {
+        Target::App => {
+            let app = conn
+                .app
+                .clone()
+                .expect("an inbound connection has an application");
+            let stack = conn.ctx.inbound.stack(app.addr.port());
+            stack.oneshot(Call::new(req).to(app)).await
+        }
+        Target::Destination(d) => {
+            let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
+            d.http_stack().oneshot(call).await
+        }
+    };
+    let mut answer = answer?;
+    headers::strip_hop_by_hop(answer.value.headers_mut(), false);
+    Ok(answer)
+}
+
+/// An HTTP/1 request as an HTTP/1 upstream should get it. `default_host` is the Host
+/// an HTTP/1.0 request without one is given.
+fn prepare_http1(explicit: bool, req: &mut Request<RequestBody>, default_host: Option<&str>) {
+    if explicit {
+        // The proxy is the target: the URI's authority names the origin and replaces
+        // any Host header (RFC 9112 §3.2.2). A redirected connection keeps its
+        // request-target, which may be meant for a forward proxy.
+        if let Some(host) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.uri_mut() = headers::origin_form(req.uri(), req.method());
+    }
+    // An intermediary speaks its own version upstream (RFC 9110 §6.2), so an HTTP/1.0
+    // client's requests reuse pooled HTTP/1.1 connections too; such a request needs
+    // the Host header HTTP/1.1 requires.
+    if req.version() == Version::HTTP_10 {
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST)
+            && let Some(host) = default_host.and_then(|h| HeaderValue::from_str(h).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+    // A body of unknown length still to come; hyper would send one on a GET as empty
+    // unless the framing is spelled out.
+    if req.body().is_streaming() {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! A destinations file kept parsed: read at start-up (where a mistake stops the proxy),
+//! then looked at every second; a version that parses replaces the table, one that
+//! does not is logged and the last good one stays.
+
+use crate::config::file::{FileError, Table};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How often a watched file is looked at.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse { path: PathBuf, source: FileError },
+}
+
+/// A file kept parsed: the current table, replaced when the file changes and parses.
+pub struct Watched {
+    pub path: PathBuf,
+    rx: watch::Receiver<Arc<Table>>,
+}
+
+impl Watched {
+    /// Reads `path` now and returns the watcher and the task that keeps it current.
+    /// `generation` goes up with every reload.
+    pub fn start(
+        path: &Path,
+        base: HashMap<String, String>,
+        generation: Arc<AtomicU64>,
+    ) -> Result<
+        (
+            Watched,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        WatchError,
+    > {
+        let text = std::fs::read_to_string(path).map_err(|source| WatchError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let table = Table::parse(&text, &base).map_err(|source| WatchError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = watch::channel(Arc::new(table));
+        let owned = path.to_owned();
+        let task = async move {
+            let mut last = text;
+            let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Ok(text) = tokio::fs::read_to_string(&owned).await else {
+                    continue;
+                };
+                if text == last {
+                    continue;
+                }
+                match Table::parse(&text, &base) {
+                    Ok(table) => {
+                        info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
+                        tx.send_replace(Arc::new(table));
+                        generation.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Err(error) => {
+                        warn!(path = %owned.display(), %error, "keeping the last good version of the file")
+                    }
+                }
+                last = text;
+            }
+        };
+        Ok((
+            Watched {
+                path: path.to_owned(),
+                rx,
+            },
+            task,
+        ))
+    }
+
+    pub fn current(&self) -> Arc<Table> {
+        self.rx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Table>> {
+        self.rx.clone()
+    }
+}

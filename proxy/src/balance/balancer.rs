@@ -585,4 +585,24 @@ mod tests {
         assert_eq!(now[0].pending(), 1);
         assert_eq!(now[1].endpoint.addr.to_string(), "10.0.0.5:80");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_comes_back_after_its_ejection_time() {
+        let b = balancer();
+        b.sync(&set(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)]));
+        let first = b.endpoints()[0].clone();
+        let flight = first.start();
+        let ejected = b
+            .observe(&flight, Outcome::Status(503), &outlier(50))
+            .ejected;
+        assert_eq!(ejected, Some(Duration::from_secs(30)));
+        assert_eq!(counts(&b, Lb::Random, 100).get("10.0.0.1:80"), None);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(counts(&b, Lb::Random, 100).get("10.0.0.1:80"), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            counts(&b, Lb::Random, 100)["10.0.0.1:80"] > 0,
+            "back after 30 s"
+        );
+    }
 }

@@ -152,3 +152,113 @@ fn back_from_mesh(req: &mut Request<RequestBody>) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OutboundMtls;
+    use crate::connect::error::ConnectError;
+    use crate::connect::tcp::{OwnListeners, TcpConnector};
+    use crate::connect::tls::OutboundTls;
+    use crate::metrics::Metrics;
+    use crate::socket::HostSockets;
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    async fn origin() -> (EndpointAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(s),
+                    hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }),
+                ));
+            }
+        });
+        (EndpointAddr::new(addr), conns)
+    }
+
+    fn client(idle: Duration) -> Client {
+        let metrics = Arc::new(Metrics::new());
+        let connector = Connector::new(
+            TcpConnector::new(
+                Arc::new(HostSockets),
+                Duration::from_secs(1),
+                OwnListeners::default(),
+            ),
+            OutboundTls::new(None, OutboundMtls::Off, metrics.clone()),
+            metrics,
+        );
+        Client::new(Arc::new(connector), idle)
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .body(RequestBody::empty())
+            .unwrap()
+    }
+
+    async fn send(c: &Client, addr: EndpointAddr) -> Result<String, SendFailure> {
+        let (rsp, _) = c.send(Direction::Outbound, addr, None, get()).await?;
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_once_their_response_is_read() {
+        let (addr, conns) = origin().await;
+        let c = client(Duration::from_secs(60));
+        for _ in 0..5 {
+            assert_eq!(send(&c, addr).await.unwrap(), "ok");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        assert_eq!(c.pools().idle_count(addr), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_gives_the_request_back() {
+        let closed: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let c = client(Duration::from_secs(60));
+        let err = send(&c, EndpointAddr::new(closed)).await.unwrap_err();
+        assert!(
+            matches!(err.error, SendError::Connect(ConnectError::Refused { .. })),
+            "{}",
+            err.error
+        );
+        assert!(err.unsent.is_some(), "a request that never left comes back");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_idle_timeout_are_swept() {
+        let (addr, _) = origin().await;
+        let c = client(Duration::from_millis(100));
+        send(&c, addr).await.unwrap();
+        assert_eq!(c.pools().idle_count(addr), 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while c.pools().idle_count(addr) > 0 {
+            c.pools().sweep();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the idle connection was never swept"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

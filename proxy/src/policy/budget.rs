@@ -143,4 +143,16 @@ mod tests {
         w.roll(later + Duration::from_secs(60));
         assert_eq!(w.balance(), 0);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_leave_the_window_with_time() {
+        let b = RetryBudget::new(1.0, 0);
+        for _ in 0..10 {
+            b.deposit();
+        }
+        tokio::time::advance(WINDOW / 2).await;
+        assert!(b.withdraw(), "half a window later the deposits still count");
+        tokio::time::advance(WINDOW).await;
+        assert!(!b.withdraw(), "a window later they are gone");
+    }
 }

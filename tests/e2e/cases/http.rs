@@ -10,6 +10,20 @@ use futures_util::{SinkExt, StreamExt};
 use std::io::Write;
 use tokio_tungstenite::tungstenite::Message;
 
+crate::cases::register![
+    http1_keepalive_reuses_connections,
+    http1_chunked_bodies_pass_both_ways,
+    http1_0_clients_and_forward_proxy_requests,
+    http1_64mib_bodies_stream_without_proxy_memory_growth,
+    http2_prior_knowledge_with_curl,
+    grpc_unary_and_bidirectional_streaming,
+    websocket_echo,
+    explicit_proxy_mode_routes_by_authority,
+    connect_to_an_application_proxy_is_tunnelled,
+    ipv6_original_destination,
+    h2load_through_two_sidecars,
+];
+
 pub fn http1_keepalive_reuses_connections(w: &World) -> anyhow::Result<()> {
     let (client, server) = meshed_pair(w, &[])?;
     let url = format!("http://{}:{HTTP_PORT}/", server.ip4);

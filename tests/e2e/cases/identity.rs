@@ -11,6 +11,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+crate::cases::register![
+    traffic_is_mtls_on_the_wire_and_the_app_sees_the_client_identity,
+    a_client_cannot_forge_its_identity,
+    strict_inbound_refuses_plaintext,
+    strict_inbound_refuses_a_foreign_ca_and_an_expired_certificate,
+    inbound_authorize_admits_only_listed_identities,
+    renewals_under_load_fail_no_request,
+    issuer_outage_keeps_traffic_flowing_and_renewal_resumes,
+    trust_anchor_rotation_fails_no_request,
+    auto_mode_reaches_an_unmeshed_pod_in_plaintext_and_remembers,
+    the_issuer_refuses_bad_tokens_and_names,
+];
+
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn identity_json(pod: &Pod<'_>) -> anyhow::Result<serde_json::Value> {

@@ -4,6 +4,12 @@
 use crate::harness::{World, sh};
 use anyhow::ensure;
 
+crate::cases::register![
+    init_rules_nft_backend,
+    init_rules_legacy_backend,
+    traffic_flows_with_legacy_backend,
+];
+
 fn save(pod: &crate::harness::Pod<'_>, bin: &str) -> anyhow::Result<String> {
     let mut cmd = pod.command(bin, None)?;
     cmd.args(["-t", "nat"]);

@@ -7,6 +7,11 @@ use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+crate::cases::register![
+    sigterm_drains_an_in_flight_request,
+    admin_endpoints_and_loopback_only_shutdown,
+];
+
 const DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn sigterm_drains_an_in_flight_request(w: &World) -> anyhow::Result<()> {

@@ -1,4 +1,6 @@
-//! The end-to-end cases, each a function of a fresh `World`.
+//! The end-to-end cases, each a function of a fresh `World`. Each module registers its
+//! own cases (`register!`, next to them); `all` gathers them, and `unregistered` finds
+//! any case function a module forgot to list.
 
 pub mod http;
 pub mod identity;
@@ -8,7 +10,73 @@ pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
 
+use crate::Case;
 use crate::harness::{Pod, World};
+
+/// Lists a module's cases: `cases()` returns them with their names.
+macro_rules! register {
+    ($($name:ident),* $(,)?) => {
+        pub fn cases() -> Vec<(&'static str, crate::Case)> {
+            vec![$((stringify!($name), $name as crate::Case)),*]
+        }
+    };
+}
+pub(crate) use register;
+
+/// A module's name, its registered cases, and its source.
+type Module = (&'static str, Vec<(&'static str, Case)>, &'static str);
+
+/// Every module's cases, and its source (to check nothing was left out).
+fn modules() -> Vec<Module> {
+    vec![
+        ("http", http::cases(), include_str!("http.rs")),
+        ("tcp", tcp::cases(), include_str!("tcp.rs")),
+        ("identity", identity::cases(), include_str!("identity.rs")),
+        (
+            "lifecycle",
+            lifecycle::cases(),
+            include_str!("lifecycle.rs"),
+        ),
+        ("iptables", iptables::cases(), include_str!("iptables.rs")),
+        (
+            "resilience",
+            resilience::cases(),
+            include_str!("resilience.rs"),
+        ),
+        (
+            "telemetry",
+            telemetry::cases(),
+            include_str!("telemetry.rs"),
+        ),
+    ]
+}
+
+pub fn all() -> Vec<(&'static str, Case)> {
+    modules()
+        .into_iter()
+        .flat_map(|(_, cases, _)| cases)
+        .collect()
+}
+
+/// Case functions (`pub fn name(w: &World)`) a module defines but did not register.
+pub fn unregistered() -> Vec<String> {
+    let mut missing = Vec::new();
+    for (module, cases, source) in modules() {
+        let mut rest = source;
+        while let Some(at) = rest.find("\npub fn ") {
+            rest = &rest[at + "\npub fn ".len()..];
+            let name_end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_'));
+            let Some(name_end) = name_end else { break };
+            let name = &rest[..name_end];
+            let params = rest[name_end..].split(')').next().unwrap_or_default();
+            let is_case = params.contains("&World") && !params.contains('<');
+            if is_case && !cases.iter().any(|(n, _)| *n == name) {
+                missing.push(format!("{module}::{name}"));
+            }
+        }
+    }
+    missing
+}
 
 /// The port the HTTP test application listens on.
 pub const HTTP_PORT: u16 = 8080;

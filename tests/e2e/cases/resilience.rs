@@ -19,6 +19,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+crate::cases::register![
+    a_failing_endpoint_is_retried_around_ejected_and_returns,
+    retries_stay_within_the_budget,
+    only_safe_requests_are_replayed,
+    timeouts_fire_on_time_for_http_and_grpc,
+    ewma_sends_less_to_a_slow_endpoint_round_robin_does_not,
+    ejection_never_exceeds_the_max_percent,
+    dns_discovery_follows_a_changing_record_set,
+    policy_file_changes_apply_at_run_time_and_a_broken_file_changes_nothing,
+    a_destination_at_its_limit_answers_503_at_once,
+    endpoints_come_and_go_under_load_without_failing_requests,
+    discovery_names_the_identity_each_endpoint_must_present,
+    a_streaming_upload_is_replayed_whole_after_an_early_503,
+];
+
 /// How long a test waits for a change to be seen (a file reloaded, an endpoint back).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -9,6 +9,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+crate::cases::register![
+    server_speaks_first_on_an_opaque_port,
+    half_close_is_honoured_both_ways,
+    application_tls_passes_through_with_sni,
+    closed_port_fails_fast,
+    skipped_ports_bypass_the_proxy,
+    proxy_own_connections_are_not_redirected,
+    connection_to_own_listener_is_refused,
+];
+
 const IO_DEADLINE: Duration = Duration::from_secs(5);
 
 pub fn server_speaks_first_on_an_opaque_port(w: &World) -> anyhow::Result<()> {

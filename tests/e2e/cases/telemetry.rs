@@ -13,6 +13,15 @@ use hyper_util::rt::TokioIo;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+crate::cases::register![
+    a_request_through_two_sidecars_is_one_trace_in_w3c_and_b3,
+    sampling_follows_the_ratio_and_the_parent,
+    a_dead_or_black_holed_collector_costs_requests_nothing,
+    latency_histogram_agrees_with_the_client,
+    promtool_accepts_a_real_scrape,
+    access_log_lines_and_log_level_changes,
+];
+
 /// Spans are exported within a second of ending; this allows for a slow machine.
 const SPAN_TIMEOUT: Duration = Duration::from_secs(15);
 

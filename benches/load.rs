@@ -1,7 +1,10 @@
 //! Load benchmark: one hop on loopback, direct vs through `gofe proxy` vs through
 //! HAProxy and nginx (when installed), for HTTP/1.1 keep-alive and HTTP/2.
 //!
-//! `cargo bench --bench load [-- --quick] [-- --out FILE]`
+//! `cargo bench --bench load [-- --quick] [-- --out FILE] [-- --baseline GOFE_BINARY]`
+//!
+//! With `--baseline`, an earlier build of gofe is measured beside this one, on the
+//! same targets and interleaved with them: a before/after in one run.
 //!
 //! With two or more CPUs the proxy under test runs on CPU 0, and the load generator
 //! (h2load), the origin and the latency client on CPU 1. "Requests per proxy core" is
@@ -64,6 +67,11 @@ enum Target {
     GofeTwoHopPlain,
     /// Two HAProxy instances (1 thread each), mutual TLS between them.
     HaproxyTwoHopMtls,
+    /// The same gofe targets with the binary `--baseline` names (an earlier build),
+    /// measured in the same run: before and after.
+    BaselineInbound,
+    BaselineOutbound,
+    BaselineTwoHopMtls,
 }
 
 impl Target {
@@ -77,13 +85,19 @@ impl Target {
             Target::GofeTwoHopMtls => "gofe → gofe, mTLS",
             Target::GofeTwoHopPlain => "gofe → gofe, plaintext",
             Target::HaproxyTwoHopMtls => "HAProxy → HAProxy, mTLS",
+            Target::BaselineInbound => "baseline gofe (inbound)",
+            Target::BaselineOutbound => "baseline gofe (outbound, explicit)",
+            Target::BaselineTwoHopMtls => "baseline gofe → gofe, mTLS",
         }
     }
 
     fn two_hop(self) -> bool {
         matches!(
             self,
-            Target::GofeTwoHopMtls | Target::GofeTwoHopPlain | Target::HaproxyTwoHopMtls
+            Target::GofeTwoHopMtls
+                | Target::GofeTwoHopPlain
+                | Target::HaproxyTwoHopMtls
+                | Target::BaselineTwoHopMtls
         )
     }
 }
@@ -158,7 +172,13 @@ fn main() -> anyhow::Result<()> {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let env = Env {
+        baseline: baseline.clone(),
         origin,
         dir: dir.clone(),
         pinned,
@@ -168,6 +188,9 @@ fn main() -> anyhow::Result<()> {
     let mut targets = vec![Target::Direct];
     if only.as_deref() != Some("two-hop") {
         targets.extend([Target::GofeInbound, Target::GofeOutbound]);
+        if baseline.is_some() {
+            targets.extend([Target::BaselineInbound, Target::BaselineOutbound]);
+        }
         if which("haproxy").is_some() {
             targets.push(Target::Haproxy);
         }
@@ -177,6 +200,9 @@ fn main() -> anyhow::Result<()> {
     }
     if only.as_deref() != Some("one-hop") {
         targets.extend([Target::GofeTwoHopMtls, Target::GofeTwoHopPlain]);
+        if baseline.is_some() {
+            targets.push(Target::BaselineTwoHopMtls);
+        }
         if which("haproxy").is_some() {
             targets.push(Target::HaproxyTwoHopMtls);
         }
@@ -245,6 +271,8 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// What every measurement shares.
 struct Env {
+    /// An earlier gofe binary, measured beside this one.
+    baseline: Option<PathBuf>,
     origin: SocketAddr,
     dir: PathBuf,
     pinned: bool,
@@ -361,12 +389,13 @@ struct Running {
 /// A gofe sidecar: its env and where its listeners are.
 fn gofe_sidecar(
     env: &Env,
+    bin: &str,
     outbound: u16,
     inbound: u16,
     name: Option<&str>,
 ) -> anyhow::Result<(Proxy, SocketAddr)> {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut c = pinned_command(env!("CARGO_BIN_EXE_gofe"), env.pinned);
+    let mut c = pinned_command(bin, env.pinned);
     c.arg("proxy")
         .env("GOFE_INBOUND_LISTEN", format!("127.0.0.1:{inbound}"))
         .env("GOFE_OUTBOUND_LISTEN", format!("127.0.0.1:{outbound}"))
@@ -455,23 +484,37 @@ fn start_target(target: Target, proto: Proto, env: &Env) -> anyhow::Result<Optio
         authority: origin.to_string(),
         admins,
     };
+    let this = env!("CARGO_BIN_EXE_gofe");
+    let baseline = env
+        .baseline
+        .as_ref()
+        .and_then(|b| b.to_str())
+        .unwrap_or(this);
     let mut cmd = match target {
         Target::Direct => return Ok(None),
-        Target::GofeInbound => {
-            let (p, admin) = gofe_sidecar(env, free_port()?, port, None)?;
+        Target::GofeInbound | Target::BaselineInbound => {
+            let bin = if target == Target::GofeInbound { this } else { baseline };
+            let (p, admin) = gofe_sidecar(env, bin, free_port()?, port, None)?;
             return Ok(Some(single(vec![p], vec![admin])));
         }
-        Target::GofeOutbound => {
-            let (p, admin) = gofe_sidecar(env, port, free_port()?, None)?;
+        Target::GofeOutbound | Target::BaselineOutbound => {
+            let bin = if target == Target::GofeOutbound { this } else { baseline };
+            let (p, admin) = gofe_sidecar(env, bin, port, free_port()?, None)?;
             return Ok(Some(single(vec![p], vec![admin])));
         }
-        Target::GofeTwoHopMtls | Target::GofeTwoHopPlain => {
-            let mtls = target == Target::GofeTwoHopMtls;
+        Target::GofeTwoHopMtls | Target::GofeTwoHopPlain | Target::BaselineTwoHopMtls => {
+            let mtls = target != Target::GofeTwoHopPlain;
+            let bin = if target == Target::BaselineTwoHopMtls { baseline } else { this };
             let server_inbound = free_port()?;
-            let (server, server_admin) =
-                gofe_sidecar(env, free_port()?, server_inbound, mtls.then_some("server"))?;
+            let (server, server_admin) = gofe_sidecar(
+                env,
+                bin,
+                free_port()?,
+                server_inbound,
+                mtls.then_some("server"),
+            )?;
             let (client, client_admin) =
-                gofe_sidecar(env, port, free_port()?, mtls.then_some("client"))?;
+                gofe_sidecar(env, bin, port, free_port()?, mtls.then_some("client"))?;
             // The client names the server sidecar's inbound listener as its authority;
             // the client sidecar routes by it, the server sidecar forwards to the origin.
             return Ok(Some(Running {
@@ -691,7 +734,7 @@ async fn measure(
             String::new()
         };
         // The mTLS figures count only if the sidecars really spoke mTLS throughout.
-        if l.target == Target::GofeTwoHopMtls
+        if matches!(l.target, Target::GofeTwoHopMtls | Target::BaselineTwoHopMtls)
             && let Some(client_admin) = l.running.as_ref().and_then(|r| r.admins.first())
         {
             let (_, metrics) = admin_get(*client_admin, "/metrics")?;

@@ -19,6 +19,6 @@ pub use parse::{
 };
 pub use proxy::{
     Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
-    TraceProtocol,
+    TraceProtocol, TraceTrust,
 };
 pub use vars::*;

@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
+pub mod trust;
 
 use crate::Case;
 use crate::harness::{Pod, World};
@@ -48,6 +49,7 @@ fn modules() -> Vec<Module> {
             telemetry::cases(),
             include_str!("telemetry.rs"),
         ),
+        ("trust", trust::cases(), include_str!("trust.rs")),
     ]
 }
 

@@ -146,7 +146,18 @@ impl Proxy {
             OutboundTls::new(identity.clone(), config.outbound_mtls, metrics.clone()),
             metrics.clone(),
         ));
-        let client = Arc::new(Client::new(connector, config.idle_timeout));
+        let limits = config.limits;
+        let h2 = client::h2::H2Settings {
+            max_streams: limits.h2_max_concurrent_streams,
+            max_header_list: limits.max_request_headers as u32,
+            keepalive: limits.h2_keepalive,
+        };
+        let client = Arc::new(Client::new(
+            connector,
+            config.idle_timeout,
+            h2,
+            metrics.clone(),
+        ));
         let (destinations, background) =
             Destinations::new(&config, metrics.clone(), client.clone())?;
         for task in background {

@@ -18,7 +18,7 @@ pub use parse::{
     parse_nonzero_duration, parse_socket_addr, parse_trust_domain,
 };
 pub use proxy::{
-    Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
-    TraceProtocol, TraceTrust,
+    Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, Limits, LogFormat,
+    OutboundMtls, TraceProtocol, TraceTrust,
 };
 pub use vars::*;

@@ -28,6 +28,7 @@ pub struct Config {
     pub opaque_ports: PortSet,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub limits: Limits,
     pub shutdown_grace_period: Duration,
     pub worker_threads: usize,
     pub log: String,
@@ -52,6 +53,52 @@ pub struct Config {
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
     pub policy_vars: HashMap<String, String>,
+}
+
+/// What one client can make a listener hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_request_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_keepalive: Duration,
+    pub http_idle_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Limits {
+    fn read(env: &mut Env<'_>) -> Limits {
+        Limits {
+            max_connections: env.get(&MAX_CONNECTIONS, |s| {
+                s.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| "expected a number of connections from 1 to 1000000".into())
+            }),
+            header_read_timeout: env.get(&HTTP_HEADER_READ_TIMEOUT, parse_nonzero_duration),
+            max_request_headers: env.get(&MAX_REQUEST_HEADERS, |s| {
+                parse_size(s).and_then(|n| {
+                    if (8 * 1024..=16 * 1024 * 1024).contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err("expected a size from 8KiB to 16MiB".into())
+                    }
+                })
+            }),
+            h2_max_concurrent_streams: env.get(&HTTP2_MAX_CONCURRENT_STREAMS, |s| {
+                s.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| "expected a number of streams from 1 to 100000".into())
+            }),
+            h2_keepalive: env.get(&HTTP2_KEEPALIVE, parse_nonzero_duration),
+            http_idle_timeout: env.get(&HTTP_IDLE_TIMEOUT, parse_nonzero_duration),
+            tcp_idle_timeout: env.get(&TCP_IDLE_TIMEOUT, parse_nonzero_duration),
+        }
+    }
 }
 
 /// Whose sampling decisions are honoured.
@@ -193,6 +240,7 @@ impl Config {
             opaque_ports: env.get(&OPAQUE_PORTS, PortSet::parse),
             connect_timeout: env.get(&CONNECT_TIMEOUT, parse_nonzero_duration),
             idle_timeout: env.get(&IDLE_TIMEOUT, parse_nonzero_duration),
+            limits: Limits::read(env),
             shutdown_grace_period: env.get(&SHUTDOWN_GRACE_PERIOD, parse_duration),
             worker_threads: env.get(&WORKER_THREADS, |s| {
                 s.parse::<usize>()
@@ -331,6 +379,25 @@ impl Config {
             (OPAQUE_PORTS.name, self.opaque_ports.to_string()),
             (CONNECT_TIMEOUT.name, d(self.connect_timeout)),
             (IDLE_TIMEOUT.name, d(self.idle_timeout)),
+            (
+                MAX_CONNECTIONS.name,
+                self.limits.max_connections.to_string(),
+            ),
+            (
+                HTTP_HEADER_READ_TIMEOUT.name,
+                d(self.limits.header_read_timeout),
+            ),
+            (
+                MAX_REQUEST_HEADERS.name,
+                format!("{}B", self.limits.max_request_headers),
+            ),
+            (
+                HTTP2_MAX_CONCURRENT_STREAMS.name,
+                self.limits.h2_max_concurrent_streams.to_string(),
+            ),
+            (HTTP2_KEEPALIVE.name, d(self.limits.h2_keepalive)),
+            (HTTP_IDLE_TIMEOUT.name, d(self.limits.http_idle_timeout)),
+            (TCP_IDLE_TIMEOUT.name, d(self.limits.tcp_idle_timeout)),
             (SHUTDOWN_GRACE_PERIOD.name, d(self.shutdown_grace_period)),
             (WORKER_THREADS.name, self.worker_threads.to_string()),
             (LOG.name, self.log.clone()),

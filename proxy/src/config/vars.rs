@@ -36,6 +36,20 @@ vars! {
         "TCP connect to an endpoint. Inside a cluster a healthy connect takes well under a millisecond; a second means the endpoint is gone.";
     IDLE_TIMEOUT = "GOFE_IDLE_TIMEOUT", "60s",
         "How long an unused pooled upstream connection is kept. Below the usual 75-120s server keep-alive so that the proxy closes first and never reuses a connection the server is closing.";
+    MAX_CONNECTIONS = "GOFE_MAX_CONNECTIONS", "20000",
+        "Open connections per listener; beyond it a new one is closed at once. Each costs a task and a few kilobytes of buffers, so this bounds what a flood of connections can make the proxy hold (~20000 x 40 KiB = 800 MiB at worst, far below a node's file-descriptor limit).";
+    HTTP_HEADER_READ_TIMEOUT = "GOFE_HTTP_HEADER_READ_TIMEOUT", "10s",
+        "A request head must arrive within this, counted from its first byte (slowloris); past it the connection is closed.";
+    MAX_REQUEST_HEADERS = "GOFE_MAX_REQUEST_HEADERS", "64KiB",
+        "Request head size (request line and headers), the same on every hop: HTTP/1 from the application, HTTP/2 from it and between proxies; larger heads get 431. Well above real cookies and tokens, small enough that a connection cannot hold megabytes of headers.";
+    HTTP2_MAX_CONCURRENT_STREAMS = "GOFE_HTTP2_MAX_CONCURRENT_STREAMS", "1024",
+        "HTTP/2 streams per connection, asked of clients and assumed of peers on the mesh hop; beyond it the proxy opens another connection to the peer, up to 8, then answers 503 with gofe-overloaded rather than queue.";
+    HTTP2_KEEPALIVE = "GOFE_HTTP2_KEEPALIVE", "30s",
+        "PING interval on idle HTTP/2 connections, both directions; a peer that does not answer within it is dead and its connection closed. A PING answered keeps a connection alive, not busy: it does not hold off the idle timeout.";
+    HTTP_IDLE_TIMEOUT = "GOFE_HTTP_IDLE_TIMEOUT", "5m",
+        "An HTTP connection from a client with no request in flight for this long is closed (gracefully: HTTP/2 GOAWAY).";
+    TCP_IDLE_TIMEOUT = "GOFE_TCP_IDLE_TIMEOUT", "1h",
+        "An opaque stream or tunnel with no bytes either way for this long is closed.";
     SHUTDOWN_GRACE_PERIOD = "GOFE_SHUTDOWN_GRACE_PERIOD", "30s",
         "After SIGTERM, how long in-flight requests and connections may run before the proxy exits. Matches Kubernetes' default terminationGracePeriodSeconds.";
     WORKER_THREADS = "GOFE_WORKER_THREADS", "0",
@@ -159,6 +173,13 @@ pub const PROXY_VARS: &[&Var] = &[
     &OPAQUE_PORTS,
     &CONNECT_TIMEOUT,
     &IDLE_TIMEOUT,
+    &MAX_CONNECTIONS,
+    &HTTP_HEADER_READ_TIMEOUT,
+    &MAX_REQUEST_HEADERS,
+    &HTTP2_MAX_CONCURRENT_STREAMS,
+    &HTTP2_KEEPALIVE,
+    &HTTP_IDLE_TIMEOUT,
+    &TCP_IDLE_TIMEOUT,
     &SHUTDOWN_GRACE_PERIOD,
     &WORKER_THREADS,
     &LOG,

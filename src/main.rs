@@ -7,6 +7,7 @@ mod demo;
 mod identity_cmd;
 mod init;
 mod inject;
+mod registry_cmd;
 mod webhook;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ enum Cmd {
     /// Add the sidecar to Kubernetes workloads (YAML in, YAML out), or serve as the
     /// mutating admission webhook that does it (--webhook).
     Inject(inject::InjectArgs),
+    /// Read and write the etcd registry: endpoints, and policy checked before it is
+    /// written (GOFE_REGISTRY and friends say where etcd is).
+    Registry(registry_cmd::RegistryArgs),
     /// Run a small mesh on this machine, without root, and show what it does.
     Demo(demo::DemoArgs),
 }
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Cmd::Identity(args) => identity_cmd::run(&args),
         Cmd::Await(args) => await_ready::run(&args),
         Cmd::Inject(args) => inject::run(&args),
+        Cmd::Registry(args) => registry_cmd::run(&args),
         Cmd::Demo(args) => demo::run(args),
     };
     match result {
@@ -176,6 +181,7 @@ fn warn_unknown_variables() {
         .chain(config::INIT_VARS)
         .chain(config::ISSUER_VARS)
         .chain(config::POLICY_VARS)
+        .chain(config::REGISTRY_VARS)
         .map(|v| v.name)
         .collect();
     for (name, _) in std::env::vars() {

@@ -68,7 +68,8 @@ pub fn run(args: &RegistryArgs) -> anyhow::Result<()> {
     if let RegistryCmd::Apply { file } = &args.cmd {
         // Checked before anything connects: a bad file never reaches etcd.
         let text = read_input(file)?;
-        let docs = split_policy_file(&text, &base).map_err(|e| anyhow::anyhow!(locate(&text, &e)))?;
+        let docs =
+            split_policy_file(&text, &base).map_err(|e| anyhow::anyhow!(locate(&text, &e)))?;
         return crate::runtime(1)?.block_on(apply(&registry, docs));
     }
     let rt = crate::runtime(1)?;
@@ -142,7 +143,9 @@ async fn ls(registry: &RegistryConfig, service: Option<&str>) -> anyhow::Result<
     };
     // With the trust anchors at hand, say which entries a sidecar would believe.
     let mut env = Env::from_process();
-    let anchors_path = env.get(&config::IDENTITY_TRUST_ANCHORS, |s| Ok::<_, String>(s.to_string()));
+    let anchors_path = env.get(&config::IDENTITY_TRUST_ANCHORS, |s| {
+        Ok::<_, String>(s.to_string())
+    });
     let trust_domain = env.get(&config::TRUST_DOMAIN, config::parse_trust_domain);
     env.finish().map_err(crate::BadConfig)?;
     let anchors = if anchors_path.is_empty() {
@@ -181,7 +184,10 @@ async fn ls(registry: &RegistryConfig, service: Option<&str>) -> anyhow::Result<
                     .join(","),
                 kv.lease(),
             ),
-            Err(e) => println!("{service}\t{key}\t-\t-\t-\t{:x}\tMALFORMED: {e}", kv.lease()),
+            Err(e) => println!(
+                "{service}\t{key}\t-\t-\t-\t{:x}\tMALFORMED: {e}",
+                kv.lease()
+            ),
         }
     }
     if service.is_none() {
@@ -209,7 +215,10 @@ pub fn locate(text: &str, err: &PolicyDocError) -> String {
             .enumerate()
             .skip(from)
             .find(|(_, l)| {
-                let l = l.trim_start().trim_start_matches("- ").trim_start_matches('{');
+                let l = l
+                    .trim_start()
+                    .trim_start_matches("- ")
+                    .trim_start_matches('{');
                 l.contains(&format!("{needle}:")) || l.contains(needle)
             })
             .map(|(i, _)| i)
@@ -274,14 +283,24 @@ pub fn locate(text: &str, err: &PolicyDocError) -> String {
                     .find(|(_, l)| names(l, name))
                     .map(|(i, _)| i)
             });
-            at(second.or(first), format!("destinations[{name}]"), err.to_string())
+            at(
+                second.or(first),
+                format!("destinations[{name}]"),
+                err.to_string(),
+            )
         }
-        PolicyDocError::File(FileError::Name(bad)) => {
-            at(dest_line(&bad.0), "destinations[].name".into(), err.to_string())
-        }
+        PolicyDocError::File(FileError::Name(bad)) => at(
+            dest_line(&bad.0),
+            "destinations[].name".into(),
+            err.to_string(),
+        ),
         PolicyDocError::Endpoints(d) => {
             let line = dest_line(d).and_then(|s| find(s, "endpoints"));
-            at(line, format!("destinations[{d}].endpoints"), err.to_string())
+            at(
+                line,
+                format!("destinations[{d}].endpoints"),
+                err.to_string(),
+            )
         }
         other => other.to_string(),
     }
@@ -300,10 +319,16 @@ mod tests {
     fn errors_name_their_line_and_field() {
         let text = "destinations:\n  - name: web.demo\n    policy:\n      retry_on: 5xx\n  - name: api.demo:80\n    policy:\n      retry_limit: 2\n      retry_on: sometimes\n";
         let e = error(text);
-        assert!(e.starts_with("line 8: destinations[api.demo:80].policy.retry_on:"), "{e}");
+        assert!(
+            e.starts_with("line 8: destinations[api.demo:80].policy.retry_on:"),
+            "{e}"
+        );
         assert!(e.contains("GOFE_RETRY_ON"), "{e}");
         let e = error("destinations:\n  - name: a\n    policy:\n      colour: blue\n");
-        assert!(e.starts_with("line 4: destinations[a].policy.colour:"), "{e}");
+        assert!(
+            e.starts_with("line 4: destinations[a].policy.colour:"),
+            "{e}"
+        );
         let e = error("destinations:\n  - name: a\n    polcy: {}\n");
         assert!(e.starts_with("line 3 column"), "{e}");
         let e = error("destinations:\n  - name: a\n  - name: b\n  - name: a\n");

@@ -6,6 +6,7 @@ pub mod http;
 pub mod identity;
 pub mod iptables;
 pub mod lifecycle;
+pub mod registry;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
@@ -48,6 +49,7 @@ fn modules() -> Vec<Module> {
             telemetry::cases(),
             include_str!("telemetry.rs"),
         ),
+        ("registry", registry::cases(), include_str!("registry.rs")),
     ]
 }
 

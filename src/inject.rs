@@ -389,7 +389,9 @@ impl Injector {
             ]);
         }
         if s.registry() {
-            mounts.push(json!({"name": REGISTRY_VOLUME, "mountPath": REGISTRY_DIR, "readOnly": true}));
+            mounts.push(
+                json!({"name": REGISTRY_VOLUME, "mountPath": REGISTRY_DIR, "readOnly": true}),
+            );
         }
         if !mounts.is_empty() {
             c["volumeMounts"] = Value::Array(mounts);

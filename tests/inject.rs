@@ -364,7 +364,10 @@ fn registering_pods_get_their_address_and_the_registry_secret() {
     )));
     let spec = &out[0]["spec"];
     let proxy = &spec["initContainers"][1];
-    assert_eq!(env(proxy, "GOFE_REGISTER").unwrap()["value"], "api.shop:80=8080");
+    assert_eq!(
+        env(proxy, "GOFE_REGISTER").unwrap()["value"],
+        "api.shop:80=8080"
+    );
     assert_eq!(
         env(proxy, "GOFE_REGISTER_ADDRESS").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
         "status.podIP"
@@ -382,7 +385,9 @@ fn registering_pods_get_their_address_and_the_registry_secret() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|v| v["secret"]["secretName"] == "gofe-registry" && v["secret"]["optional"] == true)
+            .any(
+                |v| v["secret"]["secretName"] == "gofe-registry" && v["secret"]["optional"] == true
+            )
     );
     // Injected twice: one of each.
     let again = inject(&inject(&pod(

@@ -463,7 +463,6 @@ impl Config {
         ]
         .into_iter()
         .chain(self.registry_effective())
-        .into_iter()
         .chain(POLICY_VARS.iter().map(|v| {
             let value = self
                 .policy_vars

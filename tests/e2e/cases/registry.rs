@@ -16,11 +16,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 crate::cases::register![
-    replicas_register_and_a_client_reaches_each_over_mtls_with_its_identity,
-    a_stopping_replica_leaves_first_and_a_killed_one_expires_within_its_ttl,
-    the_mesh_outlives_the_etcd_leader_and_a_minute_without_etcd,
-    forged_tampered_and_disallowed_entries_are_refused_and_never_dialled,
-    pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing,
+    registry_replicas_register_and_a_client_reaches_each_over_mtls_with_its_identity,
+    registry_a_stopping_replica_leaves_first_and_a_killed_one_expires_within_its_ttl,
+    registry_the_mesh_outlives_the_etcd_leader_and_a_minute_without_etcd,
+    registry_forged_tampered_and_disallowed_entries_are_refused_and_never_dialled,
+    registry_pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing,
+    registry_over_tls_with_a_client_certificate_and_a_password,
 ];
 
 const SERVICE: &str = "api.demo:80";
@@ -45,8 +46,22 @@ fn replica<'w>(
     name: &str,
     app_env: &[(&str, &str)],
 ) -> anyhow::Result<Pod<'w>> {
-    let pod = w
-        .pod(name)
+    replica_with(w, etcd, name, app_env, &[])
+}
+
+/// As `replica`, with more variables for its sidecar.
+fn replica_with<'w>(
+    w: &'w World,
+    etcd: &Etcd,
+    name: &str,
+    app_env: &[(&str, &str)],
+    sidecar_env: &[(&str, String)],
+) -> anyhow::Result<Pod<'w>> {
+    let mut b = w.pod(name);
+    for (k, v) in sidecar_env {
+        b = b.env(k, v);
+    }
+    let pod = b
         .sidecar()
         .env("GOFE_REGISTRY", &etcd.endpoints())
         .env("GOFE_REGISTER", &format!("{SERVICE}={HTTP_PORT}"))
@@ -60,10 +75,23 @@ fn replica<'w>(
 
 /// A pod whose sidecar finds its destinations in the registry.
 fn client<'w>(w: &'w World, etcd: &Etcd, name: &str) -> anyhow::Result<Pod<'w>> {
-    w.pod(name)
+    client_with(w, etcd, name, &[])
+}
+
+fn client_with<'w>(
+    w: &'w World,
+    etcd: &Etcd,
+    name: &str,
+    sidecar_env: &[(&str, String)],
+) -> anyhow::Result<Pod<'w>> {
+    let mut b = w
+        .pod(name)
         .sidecar()
-        .env("GOFE_REGISTRY", &etcd.endpoints())
-        .start()
+        .env("GOFE_REGISTRY", &etcd.endpoints());
+    for (k, v) in sidecar_env {
+        b = b.env(k, v);
+    }
+    b.start()
 }
 
 /// The client's view of SERVICE in `/endpoints`.
@@ -116,36 +144,42 @@ fn metric(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64>
 /// Keys under `prefix` in etcd now.
 fn keys(etcd: &Etcd, via: usize, prefix: &str) -> anyhow::Result<Vec<String>> {
     let prefix = prefix.to_string();
-    etcd.with_client(via, move |mut c| {
-        Box::pin(async move {
-            let r = c
-                .get(
-                    prefix,
-                    Some(
-                        etcd_client::GetOptions::new()
-                            .with_prefix()
-                            .with_keys_only(),
-                    ),
-                )
-                .await?;
-            Ok(r.kvs()
-                .iter()
-                .map(|kv| kv.key_str().unwrap_or_default().to_string())
-                .collect())
-        })
-    })
+    etcd.with_client(
+        via,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                let r = c
+                    .get(
+                        prefix,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only(),
+                        ),
+                    )
+                    .await?;
+                Ok(r.kvs()
+                    .iter()
+                    .map(|kv| kv.key_str().unwrap_or_default().to_string())
+                    .collect())
+            })
+        }),
+    )
 }
 
 fn put(etcd: &Etcd, key: String, value: Vec<u8>) -> anyhow::Result<()> {
-    etcd.with_client(0, move |mut c| {
-        Box::pin(async move {
-            c.put(key, value, None).await?;
-            Ok(())
-        })
-    })
+    etcd.with_client(
+        0,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                c.put(key, value, None).await?;
+                Ok(())
+            })
+        }),
+    )
 }
 
-pub fn replicas_register_and_a_client_reaches_each_over_mtls_with_its_identity(
+pub fn registry_replicas_register_and_a_client_reaches_each_over_mtls_with_its_identity(
     w: &World,
 ) -> anyhow::Result<()> {
     let etcd = Etcd::start(w, 1)?;
@@ -215,7 +249,7 @@ pub fn replicas_register_and_a_client_reaches_each_over_mtls_with_its_identity(
     Ok(())
 }
 
-pub fn a_stopping_replica_leaves_first_and_a_killed_one_expires_within_its_ttl(
+pub fn registry_a_stopping_replica_leaves_first_and_a_killed_one_expires_within_its_ttl(
     w: &World,
 ) -> anyhow::Result<()> {
     use nix::sys::signal::Signal;
@@ -285,7 +319,7 @@ pub fn a_stopping_replica_leaves_first_and_a_killed_one_expires_within_its_ttl(
     Ok(())
 }
 
-pub fn the_mesh_outlives_the_etcd_leader_and_a_minute_without_etcd(
+pub fn registry_the_mesh_outlives_the_etcd_leader_and_a_minute_without_etcd(
     w: &World,
 ) -> anyhow::Result<()> {
     let etcd = Etcd::start(w, 3)?;
@@ -395,7 +429,7 @@ fn foreign_signer(
     Ok(store)
 }
 
-pub fn forged_tampered_and_disallowed_entries_are_refused_and_never_dialled(
+pub fn registry_forged_tampered_and_disallowed_entries_are_refused_and_never_dialled(
     w: &World,
 ) -> anyhow::Result<()> {
     use gofe_proxy::route::discovery::entry::{self, Claim};
@@ -435,12 +469,15 @@ pub fn forged_tampered_and_disallowed_entries_are_refused_and_never_dialled(
     put(&etcd, key.clone(), entry::sign(&key, &claim, &store)?)?;
     // server's real entry, its address changed to the decoy's.
     let real_key = format!("{prefix}{}", addr_of(&server));
-    let real = etcd.with_client(0, move |mut c| {
-        Box::pin(async move {
-            let r = c.get(real_key, None).await?;
-            Ok(r.kvs()[0].value().to_vec())
-        })
-    })?;
+    let real = etcd.with_client(
+        0,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                let r = c.get(real_key, None).await?;
+                Ok(r.kvs()[0].value().to_vec())
+            })
+        }),
+    )?;
     let mut v: serde_json::Value = serde_json::from_slice(&real)?;
     v["address"] = addr_of(&tampered).into();
     put(
@@ -490,7 +527,7 @@ fn gofe_registry(pod: &Pod, etcd: &Etcd, args: &[&str]) -> anyhow::Result<std::p
     Ok(cmd.output()?)
 }
 
-pub fn pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing(
+pub fn registry_pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing(
     w: &World,
 ) -> anyhow::Result<()> {
     let etcd = Etcd::start(w, 1)?;
@@ -598,5 +635,70 @@ pub fn pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes
             Ok((r[0].status == 200).then_some(()))
         })?;
     }
+    Ok(())
+}
+
+pub fn registry_over_tls_with_a_client_certificate_and_a_password(w: &World) -> anyhow::Result<()> {
+    let etcd = Etcd::start_tls(w)?;
+    let tls = etcd.tls.as_ref().expect("TLS");
+    const PASSWORD: &str = "e2e-secret";
+    // Authentication on: only the root user, with its password, may read or write.
+    etcd.with_client(
+        0,
+        Box::new(|mut c| {
+            Box::pin(async move {
+                c.user_add("root", PASSWORD, None).await?;
+                c.user_grant_role("root", "root").await?;
+                c.auth_enable().await?;
+                Ok(())
+            })
+        }),
+    )?;
+    let secret = |name: &str, text: &str| -> anyhow::Result<String> {
+        let path = w.dir().join(name);
+        std::fs::write(&path, text)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        Ok(path.display().to_string())
+    };
+    let with_password = |file: String| {
+        vec![
+            ("GOFE_REGISTRY_CA", tls.ca.display().to_string()),
+            ("GOFE_REGISTRY_CERT", tls.client_cert.display().to_string()),
+            ("GOFE_REGISTRY_KEY", tls.client_key.display().to_string()),
+            ("GOFE_REGISTRY_USER", "root".to_string()),
+            ("GOFE_REGISTRY_PASSWORD_FILE", file),
+        ]
+    };
+    let good = with_password(secret("password", &format!("{PASSWORD}\n"))?);
+    let a = replica_with(w, &etcd, "a", &[], &good)?;
+    let client = client_with(w, &etcd, "client", &good)?;
+    wait_for_endpoints(&client, &[&a])?;
+    let replies = send(&client, target(), &get(), 20, 2)?;
+    ensure!(count_status(&replies, 200) == replies.len());
+    // The entry is there for the root user to read.
+    let prefix = format!("/gofe/services/{SERVICE}/");
+    let found = etcd.with_client_as(
+        0,
+        Some(("root", PASSWORD)),
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                let r = c
+                    .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await?;
+                Ok(r.kvs().len())
+            })
+        }),
+    )?;
+    ensure!(found == 1, "{found} entries");
+    // A wrong password gets nothing from etcd; the sidecar runs all the same.
+    let bad = with_password(secret("wrong-password", "guess\n")?);
+    let intruder = client_with(w, &etcd, "intruder", &bad)?;
+    eventually("the intruder logs its failure", CHANGE_TIMEOUT, || {
+        Ok(intruder
+            .proxy_log()?
+            .contains("authentication failed")
+            .then_some(()))
+    })?;
+    ensure!(metric(&intruder, "gofe_registry_connected", &[])? == 0.0);
     Ok(())
 }

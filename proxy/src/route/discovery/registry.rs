@@ -387,8 +387,12 @@ impl Registry {
             };
             if was_connected {
                 warn!(%error, "registry connection lost: serving the last good state");
+            } else if failures == 0 {
+                // The first failure of a streak is worth an operator's eye; the
+                // retries after it are not.
+                warn!(%error, "registry unreachable: trying again");
             } else {
-                debug!(%error, "registry unreachable");
+                debug!(%error, failures, "registry still unreachable");
             }
             failures = failures.saturating_add(1);
             tokio::time::sleep(backoff(failures)).await;

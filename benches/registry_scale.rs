@@ -274,6 +274,11 @@ async fn main() -> anyhow::Result<()> {
             },
             &stores[s],
         )?;
+        // The destination is one the clients already use: its entries are verified
+        // before the change (else the first look would verify ten, not one).
+        for r in &registries {
+            r.endpoints(&dest, None);
+        }
         let mut waiting: Vec<_> = registries
             .iter()
             .map(|r| {

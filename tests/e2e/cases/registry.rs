@@ -22,6 +22,7 @@ crate::cases::register![
     registry_forged_tampered_and_disallowed_entries_are_refused_and_never_dialled,
     registry_pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing,
     registry_over_tls_with_a_client_certificate_and_a_password,
+    registry_entries_are_signed_again_when_the_certificate_renews,
 ];
 
 const SERVICE: &str = "api.demo:80";
@@ -700,5 +701,64 @@ pub fn registry_over_tls_with_a_client_certificate_and_a_password(w: &World) -> 
             .then_some(()))
     })?;
     ensure!(metric(&intruder, "gofe_registry_connected", &[])? == 0.0);
+    Ok(())
+}
+
+/// The serial of the certificate that signed the entry at `key`.
+fn signer_serial(etcd: &Etcd, key: &str) -> anyhow::Result<String> {
+    use base64::Engine;
+    let key = key.to_string();
+    let value = etcd.with_client(
+        0,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                let r = c.get(key.clone(), None).await?;
+                let kv = r
+                    .kvs()
+                    .first()
+                    .with_context(|| format!("no entry at {key}"))?;
+                Ok(kv.value().to_vec())
+            })
+        }),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&value)?;
+    let leaf = v["signature"]["chain"][0].as_str().context("a chain")?;
+    let der = base64::engine::general_purpose::STANDARD.decode(leaf)?;
+    Ok(gofe_identity::cert::inspect(&der)?.serial)
+}
+
+pub fn registry_entries_are_signed_again_when_the_certificate_renews(
+    w: &World,
+) -> anyhow::Result<()> {
+    // Certificates of 8 s, renewed at about 70% of that.
+    w.issuer_with_lifetime(Duration::from_secs(8))?;
+    let etcd = Etcd::start(w, 1)?;
+    let a = replica(w, &etcd, "a", &[])?;
+    let client = client(w, &etcd, "client")?;
+    wait_for_endpoints(&client, &[&a])?;
+    let key = format!("/gofe/services/{SERVICE}/{}", addr_of(&a));
+    let first = signer_serial(&etcd, &key)?;
+    eventually(
+        "the entry signed by the renewed certificate",
+        CHANGE_TIMEOUT,
+        || Ok((signer_serial(&etcd, &key)? != first).then_some(())),
+    )?;
+    // The first certificate expires: the entry stays believed, signed by the new one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let replies = send(&client, target(), &get(), 10, 1)?;
+        ensure!(
+            count_status(&replies, 200) == replies.len(),
+            "{:?}",
+            replies.iter().find(|r| r.status != 200)
+        );
+        ensure!(addresses(&client)? == vec![addr_of(&a)]);
+        // Paced checks across the first certificate's expiry, not a wait.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ensure!(
+        metric(&client, "gofe_registry_entries_rejected_total", &[])? == 0.0,
+        "an entry was refused"
+    );
     Ok(())
 }

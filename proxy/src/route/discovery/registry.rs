@@ -264,6 +264,16 @@ impl Registry {
     /// destination policy's identities, when it lists them) admits; None when the
     /// registry has no entry for it (the next source is asked).
     pub fn endpoints(&self, dest: &DestKey, allowed: Option<&[SpiffeId]>) -> Option<Answer> {
+        self.endpoints_at(dest, allowed, SystemTime::now())
+    }
+
+    /// `endpoints` as of `now`.
+    fn endpoints_at(
+        &self,
+        dest: &DestKey,
+        allowed: Option<&[SpiffeId]>,
+        now: SystemTime,
+    ) -> Option<Answer> {
         if !matches!(dest, DestKey::Name { .. }) {
             return None;
         }
@@ -280,7 +290,6 @@ impl Registry {
         if entries.is_empty() {
             return None;
         }
-        let now = SystemTime::now();
         let mut judged = self.judged.lock();
         let roots = anchors.roots();
         if !judged
@@ -451,22 +460,29 @@ impl Registry {
 
     /// A full read: the mirror becomes what etcd holds.
     fn replace(&self, kvs: &[KeyValue], revision: i64) {
+        let read = kvs
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?, kv.value(), kv.mod_revision())));
+        self.replace_all(read, revision);
+    }
+
+    /// `replace` over (key, value, mod revision).
+    fn replace_all<'a>(&self, kvs: impl Iterator<Item = (&'a str, &'a [u8], i64)>, revision: i64) {
         let services_root = self.config.services_root();
         let policy_root = self.config.policy_root();
         let mut services = BTreeMap::new();
         let mut docs = Vec::new();
-        for kv in kvs {
-            let Ok(key) = kv.key_str() else { continue };
+        for (key, value, mod_revision) in kvs {
             if key.starts_with(&services_root) {
                 services.insert(
                     key.to_string(),
                     Kv {
-                        value: kv.value().into(),
-                        mod_revision: kv.mod_revision(),
+                        value: value.into(),
+                        mod_revision,
                     },
                 );
             } else if key.starts_with(&policy_root) {
-                docs.push((key.to_string(), kv.mod_revision(), kv.value().to_vec()));
+                docs.push((key.to_string(), mod_revision, value.to_vec()));
             }
         }
         let policies_changed;
@@ -513,32 +529,49 @@ impl Registry {
 
     /// Events from the watch.
     fn apply(&self, events: &[etcd_client::Event], revision: i64) {
+        let changes = events.iter().filter_map(|ev| {
+            let kv = ev.kv()?;
+            let put = ev.event_type() == EventType::Put;
+            Some((
+                kv.key_str().ok()?,
+                put.then(|| kv.value()),
+                kv.mod_revision(),
+            ))
+        });
+        self.apply_changes(changes, revision);
+    }
+
+    /// `apply` over (key, value or None when deleted, mod revision).
+    fn apply_changes<'a>(
+        &self,
+        changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>, i64)>,
+        revision: i64,
+    ) {
         let services_root = self.config.services_root();
         let policy_root = self.config.policy_root();
         let (mut services_changed, mut policies_changed) = (false, false);
         let mut m = self.mirror.write();
-        for ev in events {
-            let Some(kv) = ev.kv() else { continue };
-            let Ok(key) = kv.key_str() else { continue };
-            let put = ev.event_type() == EventType::Put;
+        for (key, value, mod_revision) in changes {
             if key.starts_with(&services_root) {
                 services_changed = true;
                 self.stats.update("services", "applied");
-                if put {
-                    m.services.insert(
-                        key.to_string(),
-                        Kv {
-                            value: kv.value().into(),
-                            mod_revision: kv.mod_revision(),
-                        },
-                    );
-                } else {
-                    m.services.remove(key);
-                    self.judged.lock().by_key.remove(key);
+                match value {
+                    Some(value) => {
+                        m.services.insert(
+                            key.to_string(),
+                            Kv {
+                                value: value.into(),
+                                mod_revision,
+                            },
+                        );
+                    }
+                    None => {
+                        m.services.remove(key);
+                        self.judged.lock().by_key.remove(key);
+                    }
                 }
             } else if key.starts_with(&policy_root) {
-                let value = put.then(|| kv.value());
-                policies_changed |= self.judge_policy(&mut m, key, kv.mod_revision(), value);
+                policies_changed |= self.judge_policy(&mut m, key, mod_revision, value);
             }
         }
         m.revision = revision;
@@ -665,5 +698,189 @@ impl Registry {
                 *n,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gofe_identity::issuer::material;
+    use gofe_identity::issuer::sign::{Allowed, Signer};
+    use gofe_identity::store::CertStore;
+
+    const API: &str = "spiffe://cluster.local/ns/demo/sa/api";
+
+    struct Mesh {
+        _dir: tempfile::TempDir,
+        anchors: Arc<TrustAnchors>,
+        signer: Signer,
+    }
+
+    fn mesh() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        material::bootstrap(dir.path(), "cluster.local").unwrap();
+        let m = material::load(dir.path()).unwrap();
+        Mesh {
+            anchors: Arc::new(TrustAnchors::from_pem(&m.anchors_pem).unwrap()),
+            signer: Signer::new(
+                m.issuer,
+                m.chain_pem,
+                m.not_after,
+                Duration::from_secs(3600),
+                "cluster.local".into(),
+            ),
+            _dir: dir,
+        }
+    }
+
+    fn store(mesh: &Mesh, name: &str) -> Arc<CertStore> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(name.try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let signed = mesh.signer.sign(&csr, &Allowed::AnyInTrustDomain).unwrap();
+        let store = CertStore::new(
+            gofe_identity::store::signing_key(&gofe_identity::trust::provider(), &key).unwrap(),
+        );
+        let chain = gofe_identity::cert::certs_from_pem(signed.chain_pem.as_bytes()).unwrap();
+        let info = gofe_identity::cert::inspect(&chain[0]).unwrap();
+        store.set(chain, info);
+        store
+    }
+
+    fn registry(mesh: &Mesh) -> Arc<Registry> {
+        let config = RegistryConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            tls: None,
+            auth: None,
+            prefix: "/gofe".into(),
+        };
+        Registry::new(
+            config,
+            Some(mesh.anchors.clone()),
+            "cluster.local",
+            HashMap::new(),
+            Generation::default(),
+        )
+    }
+
+    /// The key and signed value of an entry for api.demo:80 at `address`.
+    fn entry(store: &CertStore, address: &str, identity: &str, weight: u32) -> (String, Vec<u8>) {
+        let key = format!("/gofe/services/api.demo:80/{address}");
+        let claim = entry::Claim {
+            address: address.parse().unwrap(),
+            identity: identity.into(),
+            weight,
+            metadata: [("version".to_string(), "v2".to_string())].into(),
+        };
+        let value = entry::sign(&key, &claim, store).unwrap();
+        (key, value)
+    }
+
+    fn api() -> DestKey {
+        DestKey::parse("api.demo:80").unwrap()
+    }
+
+    #[test]
+    fn entries_that_verify_are_endpoints_with_their_weight_metadata_and_identity() {
+        let mesh = mesh();
+        let r = registry(&mesh);
+        let api_store = store(&mesh, API);
+        let (k1, v1) = entry(&api_store, "10.0.0.1:8080", API, 3);
+        // Claims api's identity with another workload's certificate.
+        let (k2, v2) = entry(
+            &store(&mesh, "spiffe://cluster.local/ns/demo/sa/web"),
+            "10.0.0.2:8080",
+            API,
+            1,
+        );
+        // api's entry, its address changed.
+        let (_, v3) = entry(&api_store, "10.0.0.3:8080", API, 1);
+        let tampered = String::from_utf8(v3)
+            .unwrap()
+            .replace("10.0.0.3:8080", "10.0.0.4:8080");
+        let k4 = "/gofe/services/api.demo:80/10.0.0.4:8080".to_string();
+        r.replace_all(
+            [
+                (k1.as_str(), v1.as_slice(), 1),
+                (k2.as_str(), v2.as_slice(), 2),
+                (k4.as_str(), tampered.as_bytes(), 3),
+            ]
+            .into_iter(),
+            3,
+        );
+        let answer = r.endpoints(&api(), None).unwrap();
+        assert_eq!(answer.endpoints.len(), 1);
+        let e = &answer.endpoints[0];
+        assert_eq!(e.addr.addr(), "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(e.weight, 3);
+        assert_eq!(e.identity.as_ref().unwrap().to_string(), API);
+        assert_eq!(e.metadata["version"], "v2");
+        assert_eq!(r.stats.rejected_count("identity"), 1);
+        assert_eq!(r.stats.rejected_count("signature"), 1);
+        assert_eq!(r.rejected(&api()).len(), 2);
+        // Read again: judged once, counted once.
+        r.endpoints(&api(), None).unwrap();
+        assert_eq!(r.stats.rejected_count("signature"), 1);
+        // Unknown to the registry: the next source is asked.
+        assert!(
+            r.endpoints(&DestKey::parse("web.demo:80").unwrap(), None)
+                .is_none()
+        );
+        // The policy allows another identity only: nothing is used, and that is counted.
+        let web: SpiffeId = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+        let none = r.endpoints(&api(), Some(&[web])).unwrap();
+        assert!(none.endpoints.is_empty());
+        assert_eq!(r.stats.rejected_count("not_allowed"), 1);
+        // Deleted: gone.
+        r.apply_changes([(k1.as_str(), None, 4)].into_iter(), 4);
+        assert!(r.endpoints(&api(), None).unwrap().endpoints.is_empty());
+    }
+
+    #[test]
+    fn an_entry_whose_certificate_expired_is_dropped() {
+        let mesh = mesh();
+        let r = registry(&mesh);
+        let (k, v) = entry(&store(&mesh, API), "10.0.0.1:8080", API, 1);
+        r.replace_all([(k.as_str(), v.as_slice(), 1)].into_iter(), 1);
+        let answer = r.endpoints(&api(), None).unwrap();
+        assert_eq!(answer.endpoints.len(), 1);
+        assert!(
+            answer.recheck.unwrap() <= Duration::from_secs(3601),
+            "looked at again by expiry"
+        );
+        let later = SystemTime::now() + Duration::from_secs(7200);
+        assert!(
+            r.endpoints_at(&api(), None, later)
+                .unwrap()
+                .endpoints
+                .is_empty()
+        );
+        assert_eq!(r.stats.rejected_count("expired"), 1);
+    }
+
+    #[test]
+    fn a_bad_policy_document_is_refused_and_the_last_good_stays() {
+        let mesh = mesh();
+        let r = registry(&mesh);
+        let key = "/gofe/policy/api.demo:80";
+        let good = b"destinations: [{name: api.demo:80, policy: {retry_on: 5xx}}]";
+        r.apply_changes([(key, Some(good.as_slice()), 1)].into_iter(), 1);
+        assert!(r.policy(&api()).unwrap().retry.on.status_5xx);
+        let bad = b"destinations: [{name: api.demo:80, policy: {retry_on: never}}]";
+        r.apply_changes([(key, Some(bad.as_slice()), 2)].into_iter(), 2);
+        assert!(
+            r.policy(&api()).unwrap().retry.on.status_5xx,
+            "the last good stays"
+        );
+        // Under another destination's key, or with endpoints: refused too.
+        let other = b"destinations: [{name: web.demo:80, policy: {retry_limit: 1}}]";
+        r.apply_changes([(key, Some(other.as_slice()), 3)].into_iter(), 3);
+        let updates = r.stats.updates.lock().clone();
+        assert_eq!(updates[&("policy", "applied")], 1);
+        assert_eq!(updates[&("policy", "rejected")], 2);
+        // A full read that no longer has it: removed.
+        r.replace_all(std::iter::empty(), 4);
+        assert!(r.policy(&api()).is_none());
     }
 }

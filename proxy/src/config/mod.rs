@@ -20,7 +20,8 @@ pub use parse::{
     parse_nonzero_duration, parse_socket_addr, parse_trust_domain,
 };
 pub use proxy::{
-    Config, DiscoverySource, IdentityConfig, InboundMtls, LogFormat, OutboundMtls, TraceProtocol,
+    Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
+    TraceProtocol,
 };
 pub use registry::{RegisterConfig, Registered, RegistryConfig, RegistryTls};
 pub use vars::*;

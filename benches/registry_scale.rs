@@ -160,13 +160,11 @@ async fn main() -> anyhow::Result<()> {
             &csr,
             &gofe_identity::issuer::sign::Allowed::AnyInTrustDomain,
         )?;
-        let store = gofe_identity::store::CertStore::new(gofe_identity::store::signing_key(
-            &gofe_identity::trust::provider(),
-            &key,
-        )?);
+        let store = gofe_identity::store::CertStore::new();
+        let signing = gofe_identity::store::signing_key(&gofe_identity::trust::provider(), &key)?;
         let chain = gofe_identity::cert::certs_from_pem(signed.chain_pem.as_bytes())?;
         let info = gofe_identity::cert::inspect(&chain[0])?;
-        store.set(chain, info);
+        store.set(chain, info, signing);
         Ok(store)
     };
     let service = |s: usize| DestKey::parse(&format!("svc-{s}.bench:80")).unwrap();

@@ -151,11 +151,11 @@ mod tests {
         params.subject_alt_names = vec![rcgen::SanType::URI(name.try_into().unwrap())];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let signed = signer.sign(&csr, &Allowed::AnyInTrustDomain).unwrap();
-        let store =
-            CertStore::new(crate::store::signing_key(&crate::trust::provider(), &key).unwrap());
+        let store = CertStore::new();
+        let signing = crate::store::signing_key(&crate::trust::provider(), &key).unwrap();
         let chain = cert::certs_from_pem(signed.chain_pem.as_bytes()).unwrap();
         let info = cert::inspect(&chain[0]).unwrap();
-        store.set(chain, info);
+        store.set(chain, info, signing);
         (TrustAnchors::from_pem(&m.anchors_pem).unwrap(), store)
     }
 

@@ -45,10 +45,19 @@ struct Plan {
     stats: Arc<RegistryStats>,
 }
 
-/// The running registration: stopped (and its entries deleted) by `deregister`.
+/// The running registration: stopped (and its entries deleted) by `deregister`;
+/// dropped without it (the proxy's run abandoned), it stops keeping the lease alive
+/// and the entries expire with it, as a killed process's would.
 pub struct Registration {
     stop: CancellationToken,
+    abandon: CancellationToken,
     done: tokio::sync::Mutex<Option<oneshot::Receiver<bool>>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.abandon.cancel();
+    }
 }
 
 impl Registration {
@@ -66,8 +75,10 @@ impl Registration {
             stats,
         };
         let stop = CancellationToken::new();
+        let abandon = CancellationToken::new();
         let (tx, rx) = oneshot::channel();
         let token = stop.clone();
+        let abandoned = abandon.clone();
         let spawned = std::thread::Builder::new()
             .name("gofe-register".into())
             .spawn(move || {
@@ -75,7 +86,12 @@ impl Registration {
                     .enable_all()
                     .build()
                     .expect("the registration's runtime");
-                let revoked = rt.block_on(run(plan, token));
+                let revoked = rt.block_on(async {
+                    tokio::select! {
+                        r = run(plan, token) => r,
+                        _ = abandoned.cancelled() => false,
+                    }
+                });
                 let _ = tx.send(revoked);
             });
         if let Err(error) = spawned {
@@ -84,6 +100,7 @@ impl Registration {
         }
         Some(Registration {
             stop,
+            abandon,
             done: tokio::sync::Mutex::new(Some(rx)),
         })
     }

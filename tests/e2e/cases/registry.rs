@@ -420,13 +420,11 @@ fn foreign_signer(
     params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into()?)];
     let csr = params.serialize_request(&key)?.pem()?;
     let signed = signer.sign(&csr, &Allowed::AnyInTrustDomain)?;
-    let store = gofe_identity::store::CertStore::new(gofe_identity::store::signing_key(
-        &gofe_identity::trust::provider(),
-        &key,
-    )?);
+    let store = gofe_identity::store::CertStore::new();
+    let signing = gofe_identity::store::signing_key(&gofe_identity::trust::provider(), &key)?;
     let chain = gofe_identity::cert::certs_from_pem(signed.chain_pem.as_bytes())?;
     let info = gofe_identity::cert::inspect(&chain[0])?;
-    store.set(chain, info);
+    store.set(chain, info, signing);
     Ok(store)
 }
 

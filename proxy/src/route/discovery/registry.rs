@@ -739,12 +739,12 @@ mod tests {
         params.subject_alt_names = vec![rcgen::SanType::URI(name.try_into().unwrap())];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let signed = mesh.signer.sign(&csr, &Allowed::AnyInTrustDomain).unwrap();
-        let store = CertStore::new(
-            gofe_identity::store::signing_key(&gofe_identity::trust::provider(), &key).unwrap(),
-        );
+        let store = CertStore::new();
+        let signing =
+            gofe_identity::store::signing_key(&gofe_identity::trust::provider(), &key).unwrap();
         let chain = gofe_identity::cert::certs_from_pem(signed.chain_pem.as_bytes()).unwrap();
         let info = gofe_identity::cert::inspect(&chain[0]).unwrap();
-        store.set(chain, info);
+        store.set(chain, info, signing);
         store
     }
 

@@ -368,6 +368,15 @@ pub fn registry_the_mesh_outlives_the_etcd_leader_and_a_minute_without_etcd(
         std::thread::sleep(Duration::from_millis(500));
     }
     ensure!(metric(&client, "gofe_registry_connected", &[])? == 0.0);
+    // A destination first seen during the outage falls through to the next sources
+    // (DNS knows nothing here): its original destination.
+    let fresh = Req::get("fresh.demo:8080");
+    let replies = send(&client, SocketAddr::from((a.ip4, HTTP_PORT)), &fresh, 5, 1)?;
+    ensure!(
+        count_status(&replies, 200) == replies.len(),
+        "a new destination during the outage: {:?}",
+        replies.iter().find(|r| r.status != 200)
+    );
     let age = metric(&client, "gofe_registry_state_age_seconds", &[])?;
     ensure!(age >= 55.0, "state age after a minute away: {age}");
     let d = destination(&client)?;

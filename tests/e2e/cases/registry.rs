@@ -23,6 +23,7 @@ crate::cases::register![
     registry_pushed_policy_reaches_every_sidecar_within_a_second_and_a_bad_one_changes_nothing,
     registry_over_tls_with_a_client_certificate_and_a_password,
     registry_entries_are_signed_again_when_the_certificate_renews,
+    registry_a_lost_lease_is_registered_again,
 ];
 
 const SERVICE: &str = "api.demo:80";
@@ -766,6 +767,52 @@ pub fn registry_entries_are_signed_again_when_the_certificate_renews(
     ensure!(
         metric(&client, "gofe_registry_entries_rejected_total", &[])? == 0.0,
         "an entry was refused"
+    );
+    Ok(())
+}
+
+/// The lease the entry at `key` is on (0: none, or no entry).
+fn lease_of(etcd: &Etcd, key: &str) -> anyhow::Result<i64> {
+    let key = key.to_string();
+    etcd.with_client(
+        0,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                let r = c.get(key, None).await?;
+                Ok(r.kvs().first().map_or(0, |kv| kv.lease()))
+            })
+        }),
+    )
+}
+
+pub fn registry_a_lost_lease_is_registered_again(w: &World) -> anyhow::Result<()> {
+    let etcd = Etcd::start(w, 1)?;
+    let a = replica(w, &etcd, "a", &[])?;
+    let key = format!("/gofe/services/{SERVICE}/{}", addr_of(&a));
+    let first = eventually("a registered", CHANGE_TIMEOUT, || {
+        Ok(Some(lease_of(&etcd, &key)?).filter(|l| *l != 0))
+    })?;
+    // The lease goes (as when etcd was away longer than the TTL): the entry with it.
+    etcd.with_client(
+        0,
+        Box::new(move |mut c| {
+            Box::pin(async move {
+                c.lease_revoke(first).await?;
+                Ok(())
+            })
+        }),
+    )?;
+    let second = eventually("a registered again on a new lease", CHANGE_TIMEOUT, || {
+        Ok(Some(lease_of(&etcd, &key)?).filter(|l| *l != 0 && *l != first))
+    })?;
+    ensure!(second != first);
+    ensure!(
+        metric(
+            &a,
+            "gofe_registry_lease_renewals_total",
+            &[("result", "expired")]
+        )? >= 1.0,
+        "the lost lease is counted"
     );
     Ok(())
 }

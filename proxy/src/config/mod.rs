@@ -21,7 +21,7 @@ pub use parse::{
 };
 pub use proxy::{
     Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
-    TraceProtocol,
+    TraceProtocol, TraceTrust,
 };
 pub use registry::{RegisterConfig, Registered, RegistryConfig, RegistryTls};
 pub use vars::*;

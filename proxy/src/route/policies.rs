@@ -49,6 +49,11 @@ impl Policies {
         self.generation.get()
     }
 
+    /// The files policy comes from: the policy file, then the discovery files.
+    pub fn files(&self) -> impl Iterator<Item = &Arc<Watched>> {
+        self.policy_file.iter().chain(&self.discovery_files)
+    }
+
     /// The defaults every destination starts from.
     pub fn base(&self) -> &Arc<Policy> {
         &self.base

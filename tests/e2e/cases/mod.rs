@@ -10,6 +10,7 @@ pub mod registry;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
+pub mod trust;
 
 use crate::Case;
 use crate::harness::{Pod, World};
@@ -49,6 +50,7 @@ fn modules() -> Vec<Module> {
             telemetry::cases(),
             include_str!("telemetry.rs"),
         ),
+        ("trust", trust::cases(), include_str!("trust.rs")),
         ("registry", registry::cases(), include_str!("registry.rs")),
     ]
 }

@@ -25,6 +25,10 @@ const TOKEN_VOLUME: &str = "gofe-identity-token";
 const ANCHORS_VOLUME: &str = "gofe-trust-anchors";
 /// A writable /run for the init container's iptables lock.
 const RUN_VOLUME: &str = "gofe-init-run";
+/// With a registry: the optional Secret `gofe-registry` (etcd's CA, a client
+/// certificate and key, a password), for GOFE_REGISTRY_CA and friends to name.
+const REGISTRY_VOLUME: &str = "gofe-registry";
+pub const REGISTRY_DIR: &str = "/var/run/gofe/registry";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 const ANCHORS_DIR: &str = "/var/run/gofe/anchors";
 /// The binary's path in the image (k8s/Dockerfile).
@@ -277,6 +281,12 @@ impl Injector {
                 "configMap": {"name": "gofe-trust-anchors"},
             }));
         }
+        if settings.registry() {
+            volumes.push(json!({
+                "name": REGISTRY_VOLUME,
+                "secret": {"secretName": "gofe-registry", "optional": true},
+            }));
+        }
         volumes.push(json!({"name": RUN_VOLUME, "emptyDir": {"medium": "Memory"}}));
         spec.insert("volumes".into(), Value::Array(volumes));
         Ok(())
@@ -323,6 +333,10 @@ impl Injector {
         }
         env.push(json!({"name": config::TRUST_DOMAIN.name, "value": s.trust_domain}));
         env.push(json!({"name": config::SERVICE_NAME.name, "value": service}));
+        if s.proxy_env.contains_key(config::REGISTER.name) {
+            // Others reach the pod on its own address.
+            env.push(json!({"name": config::REGISTER_ADDRESS.name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}));
+        }
         // An annotation overrides what the injector would set.
         env.retain(|e| {
             e["name"]
@@ -367,11 +381,20 @@ impl Injector {
                 "limits": {"memory": "250Mi"},
             },
         });
+        let mut mounts = Vec::new();
         if s.identity {
-            c["volumeMounts"] = json!([
-                {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
-                {"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true},
+            mounts.extend([
+                json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
+                json!({"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true}),
             ]);
+        }
+        if s.registry() {
+            mounts.push(
+                json!({"name": REGISTRY_VOLUME, "mountPath": REGISTRY_DIR, "readOnly": true}),
+            );
+        }
+        if !mounts.is_empty() {
+            c["volumeMounts"] = Value::Array(mounts);
         }
         let fields = c.as_object_mut().expect("an object");
         if s.native_sidecar {
@@ -422,6 +445,13 @@ pub fn annotation_of(var: &str) -> String {
 }
 
 impl Settings {
+    /// Whether the pod's proxy uses the registry (GOFE_REGISTRY set).
+    fn registry(&self) -> bool {
+        self.proxy_env
+            .get(config::REGISTRY.name)
+            .is_some_and(|v| !v.trim().is_empty())
+    }
+
     fn read(
         annotations: &BTreeMap<String, String>,
         workload: &str,
@@ -550,6 +580,23 @@ impl Settings {
                 "the proxy container cannot read the pod's files; set the policy with annotations",
             );
         }
+        for var in [
+            &config::REGISTRY_CA,
+            &config::REGISTRY_CERT,
+            &config::REGISTRY_KEY,
+            &config::REGISTRY_PASSWORD_FILE,
+        ] {
+            if vars
+                .get(var.name)
+                .is_some_and(|v| !v.trim().is_empty() && !v.starts_with(REGISTRY_DIR))
+            {
+                refuse(
+                    &mut errors,
+                    var,
+                    &format!("a file of the gofe-registry Secret, mounted at {REGISTRY_DIR}/"),
+                );
+            }
+        }
         if vars
             .get(config::DISCOVERY.name)
             .is_some_and(|v| v.contains("file:"))
@@ -619,7 +666,10 @@ fn remove_injected(pod: &mut Value) {
     for (key, names) in [
         ("initContainers", &[INIT_CONTAINER, PROXY_CONTAINER][..]),
         ("containers", &[PROXY_CONTAINER][..]),
-        ("volumes", &[TOKEN_VOLUME, ANCHORS_VOLUME, RUN_VOLUME][..]),
+        (
+            "volumes",
+            &[TOKEN_VOLUME, ANCHORS_VOLUME, REGISTRY_VOLUME, RUN_VOLUME][..],
+        ),
     ] {
         if let Some(Value::Array(items)) = spec.get_mut(key) {
             items.retain(|v| !ours(v, names));

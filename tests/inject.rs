@@ -358,6 +358,63 @@ fn settings_that_change_what_is_injected() {
 }
 
 #[test]
+fn registering_pods_get_their_address_and_the_registry_secret() {
+    let out = docs(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"https://etcd.gofe-system.svc:2379\", config.gofe.io/register: \"api.shop:80=8080\", config.gofe.io/registry-ca: /var/run/gofe/registry/ca.crt}",
+    )));
+    let spec = &out[0]["spec"];
+    let proxy = &spec["initContainers"][1];
+    assert_eq!(
+        env(proxy, "GOFE_REGISTER").unwrap()["value"],
+        "api.shop:80=8080"
+    );
+    assert_eq!(
+        env(proxy, "GOFE_REGISTER_ADDRESS").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert!(
+        proxy["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/var/run/gofe/registry"),
+        "{proxy}"
+    );
+    assert!(
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |v| v["secret"]["secretName"] == "gofe-registry" && v["secret"]["optional"] == true
+            )
+    );
+    // Injected twice: one of each.
+    let again = inject(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"http://etcd:2379\", config.gofe.io/register: \"api.shop:80=8080\"}",
+    )));
+    assert_eq!(again.matches("gofe-registry").count(), inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"http://etcd:2379\", config.gofe.io/register: \"api.shop:80=8080\"}",
+    )).matches("gofe-registry").count());
+    // Files elsewhere than the Secret, a registration without a registry: refused.
+    for (annotations, why) in [
+        (
+            "{gofe.io/inject: enabled, config.gofe.io/registry: \"https://etcd:2379\", config.gofe.io/registry-ca: /etc/ca.pem}",
+            "config.gofe.io/registry-ca",
+        ),
+        (
+            "{gofe.io/inject: enabled, config.gofe.io/register: \"api.shop:80=8080\"}",
+            "config.gofe.io/register",
+        ),
+    ] {
+        let out = inject_with(&pod(annotations), &[]);
+        assert!(!out.status.success(), "{annotations}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
 fn namespace_and_pod_annotations_decide() {
     let ns = ["--namespace-annotations", "gofe.io/inject=enabled"];
     assert!(!injected(&inject_with(&pod("{}"), &[])), "nothing asks");

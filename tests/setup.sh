@@ -2,7 +2,8 @@
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
-# manifests. The benchmark also
+# manifests, etcd (Debian's etcd-server) for the registry's tests, and protoc
+# (protobuf-compiler), which the etcd client's build needs for etcd's API. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -11,6 +12,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v nginx >/dev/null || need+=(nginx-light)
@@ -29,4 +32,4 @@ if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load, promtool and kubernetes-validate are installed"
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc and kubernetes-validate are installed"

@@ -13,6 +13,9 @@
 //! 9. `client` — pooled connections (HTTP/1, HTTP/2, the mesh's HTTP/2 over mTLS)
 //! 10. `connect` — TCP, and the one outbound-TLS decision
 //!
+//! Beside the path: `register` — this pod's own entries in the registry, made once it
+//! is ready and deleted when draining starts.
+//!
 //! Leaves, used at any stage: `addrs`, `body`, `call`, `config`, `endpoint`, `io`,
 //! `metrics`, `proto`, `socket`; `identity` (this proxy's certificate); `ctx` (what
 //! every connection shares); `admin` (the admin server, beside the path).
@@ -32,6 +35,7 @@ pub mod inbound;
 pub mod opaque;
 pub mod orig_dst;
 pub mod policy;
+pub mod register;
 pub mod route;
 
 pub mod addrs;
@@ -158,8 +162,12 @@ impl Proxy {
             h2,
             metrics.clone(),
         ));
-        let (destinations, background) =
-            Destinations::new(&config, metrics.clone(), client.clone())?;
+        let (destinations, background) = Destinations::new(
+            &config,
+            metrics.clone(),
+            client.clone(),
+            identity.as_ref().map(|i| i.anchors.clone()),
+        )?;
         for task in background {
             tokio::spawn(task);
         }
@@ -280,11 +288,19 @@ impl Proxy {
         });
         ctx.listening.store(true, Ordering::Release);
         info!("listening");
+        let registration = register::Registration::start(&ctx);
 
         ctx.shutdown.requested().await;
         let grace = ctx.config.shutdown_grace_period;
         info!(grace = ?grace, "draining");
         ctx.listening.store(false, Ordering::Release);
+        if let Some(r) = registration {
+            // Clients stop choosing this pod before it stops serving: the entries go
+            // first, the listeners once the watchers have seen it.
+            if r.deregister().await {
+                tokio::time::sleep(register::PROPAGATION.min(grace)).await;
+            }
+        }
         ctx.drain.cancel();
         for a in accepting {
             let _ = a.await;

@@ -8,6 +8,7 @@
 mod apps;
 mod cases;
 mod dns;
+mod etcd;
 mod grpc;
 mod harness;
 mod otlp;

@@ -1,7 +1,8 @@
 //! Leaf: the proxy's settings. Every `GOFE_*` variable is declared once (`vars`), read
 //! in one pass into typed values (`proxy`, `policy`, `issuer`), and every bad value is
 //! reported together before start-up (`env`). The destinations files (`file`) are
-//! parsed by the same code at start-up and on every reload.
+//! parsed by the same code at start-up and on every reload; the registry's settings
+//! (`registry`) serve the proxy and `gofe registry` alike.
 
 pub mod env;
 pub mod file;
@@ -9,6 +10,7 @@ pub mod issuer;
 pub mod parse;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod vars;
 
 pub use env::{BadVar, ConfigError, Env};
@@ -21,4 +23,5 @@ pub use proxy::{
     Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, Limits, LogFormat,
     OutboundMtls, TraceProtocol, TraceTrust,
 };
+pub use registry::{RegisterConfig, Registered, RegistryConfig, RegistryTls};
 pub use vars::*;

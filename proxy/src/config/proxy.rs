@@ -5,6 +5,7 @@ use super::env::{ConfigError, Env};
 use super::file::Table;
 use super::parse::*;
 use super::policy::Policy;
+use super::registry::{RegisterConfig, RegistryConfig};
 use super::vars::*;
 use gofe_identity::SpiffeId;
 use std::collections::HashMap;
@@ -45,8 +46,12 @@ pub struct Config {
     pub outbound_mtls: OutboundMtls,
     pub inbound_mtls: InboundMtls,
     pub inbound_authorize: Vec<SpiffeId>,
-    /// GOFE_DISCOVERY: `dns`, `file:PATH`, in order.
+    /// GOFE_DISCOVERY: `registry`, `dns`, `file:PATH`, in order.
     pub discovery: Vec<DiscoverySource>,
+    /// etcd, the registry and config center; None when GOFE_REGISTRY is empty.
+    pub registry: Option<RegistryConfig>,
+    /// What this pod registers there; None when GOFE_REGISTER is empty.
+    pub register: Option<RegisterConfig>,
     pub policy_file: Option<PathBuf>,
     pub dns_refresh: (Duration, Duration),
     /// The default policy of every destination.
@@ -145,19 +150,22 @@ pub enum DiscoverySource {
     Dns,
     /// A YAML file of destinations, re-read when it changes.
     File(PathBuf),
+    /// The etcd registry's signed entries, watched.
+    Registry,
 }
 
 impl DiscoverySource {
-    /// `dns`, `file:PATH`, comma-separated, in the order they are asked.
+    /// `registry`, `dns`, `file:PATH`, comma-separated, in the order they are asked.
     pub fn parse_list(s: &str) -> Result<Vec<DiscoverySource>, String> {
         s.split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(|p| match p.strip_prefix("file:") {
                 _ if p == "dns" => Ok(DiscoverySource::Dns),
+                _ if p == "registry" => Ok(DiscoverySource::Registry),
                 Some(path) if !path.is_empty() => Ok(DiscoverySource::File(PathBuf::from(path))),
                 _ => Err(format!(
-                    "{p:?} is not a source: expected dns or file:PATH, comma-separated"
+                    "{p:?} is not a source: expected registry, dns or file:PATH, comma-separated"
                 )),
             })
             .collect()
@@ -169,6 +177,7 @@ impl fmt::Display for DiscoverySource {
         match self {
             DiscoverySource::Dns => f.write_str("dns"),
             DiscoverySource::File(p) => write!(f, "file:{}", p.display()),
+            DiscoverySource::Registry => f.write_str("registry"),
         }
     }
 }
@@ -309,11 +318,25 @@ impl Config {
                 Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
             }),
             dns_refresh: env.get(&DNS_REFRESH, parse_range),
+            registry: RegistryConfig::read(env),
+            register: None,
             policy: Policy::read(env),
             policy_vars: Policy::base_vars(|name| env.raw(name)),
         };
         let mut cfg = cfg;
         cfg.identity = read_identity(env, &cfg);
+        cfg.register = RegisterConfig::read(env, cfg.registry.is_some(), cfg.identity.is_some());
+        if cfg.registry.is_some() && env.raw(DISCOVERY.name).is_none() {
+            // The registry knows what registered; DNS the rest.
+            cfg.discovery = vec![DiscoverySource::Registry, DiscoverySource::Dns];
+        }
+        if cfg.registry.is_none() && cfg.discovery.contains(&DiscoverySource::Registry) {
+            env.reject(
+                &DISCOVERY,
+                env.raw(DISCOVERY.name).unwrap_or_default(),
+                "sources without registry, or GOFE_REGISTRY set",
+            );
+        }
         if env.check_files {
             check_files(env, &cfg);
         }
@@ -357,6 +380,73 @@ impl Config {
         let mut env = Env::from_map(map);
         let cfg = Config::read(&mut env);
         env.finish().map(|()| cfg)
+    }
+
+    /// The registry's settings under the names users type (the password stays in its
+    /// file).
+    fn registry_effective(&self) -> Vec<(&'static str, String)> {
+        let r = self.registry.as_ref();
+        let tls = r.and_then(|r| r.tls.as_ref());
+        let client = tls.and_then(|t| t.client.as_ref());
+        let path = |p: Option<&PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+        let reg = self.register.as_ref();
+        vec![
+            (
+                REGISTRY.name,
+                r.map(|r| r.endpoints.join(",")).unwrap_or_default(),
+            ),
+            (REGISTRY_CA.name, path(tls.map(|t| &t.ca))),
+            (REGISTRY_CERT.name, path(client.map(|c| &c.0))),
+            (REGISTRY_KEY.name, path(client.map(|c| &c.1))),
+            (
+                REGISTRY_USER.name,
+                r.and_then(|r| r.auth.as_ref())
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                REGISTRY_PASSWORD_FILE.name,
+                path(r.and_then(|r| r.auth.as_ref()).map(|a| &a.1)),
+            ),
+            (
+                REGISTRY_PREFIX.name,
+                r.map_or(REGISTRY_PREFIX.default.to_string(), |r| r.prefix.clone()),
+            ),
+            (
+                REGISTER.name,
+                reg.map(|g| {
+                    g.services
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            ),
+            (
+                REGISTER_ADDRESS.name,
+                reg.and_then(|g| g.address)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                REGISTER_TTL.name,
+                reg.map_or(REGISTER_TTL.default.to_string(), |g| {
+                    humantime::format_duration(g.ttl).to_string()
+                }),
+            ),
+            (
+                REGISTER_METADATA.name,
+                reg.map(|g| {
+                    g.metadata
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            ),
+        ]
     }
 
     /// The effective settings under the names users type, for `/config`.
@@ -491,6 +581,7 @@ impl Config {
             ),
         ]
         .into_iter()
+        .chain(self.registry_effective())
         .chain(POLICY_VARS.iter().map(|v| {
             let value = self
                 .policy_vars
@@ -511,7 +602,7 @@ fn check_files(env: &mut Env<'_>, cfg: &Config) {
         .map(|p| (&POLICY_FILE, p.clone()))
         .chain(cfg.discovery.iter().filter_map(|s| match s {
             DiscoverySource::File(p) => Some((&DISCOVERY, p.clone())),
-            DiscoverySource::Dns => None,
+            DiscoverySource::Dns | DiscoverySource::Registry => None,
         }))
         .collect::<Vec<_>>();
     for (var, path) in files {
@@ -729,6 +820,10 @@ mod tests {
             ]
         );
         assert!(DiscoverySource::parse_list("consul").is_err());
+        assert_eq!(
+            DiscoverySource::parse_list("registry,dns").unwrap(),
+            vec![DiscoverySource::Registry, DiscoverySource::Dns]
+        );
         assert!(DiscoverySource::parse_list("file:").is_err());
     }
 
@@ -745,5 +840,65 @@ mod tests {
         let again = Config::from_map(&map).unwrap();
         assert_eq!(again.idle_timeout, Duration::from_secs(90));
         assert_eq!(again.effective(), cfg.effective());
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_registry_comes_first_by_default_and_needs_its_endpoints() {
+        let cfg = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.discovery,
+            vec![DiscoverySource::Registry, DiscoverySource::Dns]
+        );
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_DISCOVERY", "registry"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_DISCOVERY", "{err}");
+    }
+
+    #[test]
+    fn registering_needs_the_registry_and_an_identity() {
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+            ("GOFE_REGISTER", "api.demo:80=8080"),
+            ("GOFE_REGISTER_TTL", "1s"),
+        ]))
+        .unwrap_err();
+        let names: Vec<&str> = err.0.iter().map(|b| b.name).collect();
+        assert_eq!(names, vec!["GOFE_REGISTER_TTL", "GOFE_REGISTER"], "{err}");
+        let cfg = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_ADDR", "issuer:8443"),
+            (
+                "GOFE_IDENTITY_NAME",
+                "spiffe://cluster.local/ns/demo/sa/api",
+            ),
+            ("GOFE_IDENTITY_TRUST_ANCHORS", "/anchors.pem"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+            ("GOFE_REGISTER", "api.demo:80=8080"),
+            ("GOFE_REGISTER_METADATA", "version=v2"),
+        ]))
+        .unwrap();
+        let register = cfg.register.unwrap();
+        assert_eq!(register.services[0].port, 8080);
+        assert_eq!(register.ttl, Duration::from_secs(10));
+        assert_eq!(register.metadata["version"], "v2");
     }
 }

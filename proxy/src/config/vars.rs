@@ -137,9 +137,31 @@ vars! {
     MAX_CONCURRENT_REQUESTS = "GOFE_MAX_CONCURRENT_REQUESTS", "1024",
         "Requests in flight per destination; beyond it, 503 at once with gofe-overloaded: true.";
     DISCOVERY = "GOFE_DISCOVERY", "dns",
-        "Endpoint sources, in order, comma-separated: dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint.";
+        "Endpoint sources, in order, comma-separated: registry (etcd, GOFE_REGISTRY), dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint. With GOFE_REGISTRY set and this unset: registry,dns.";
     POLICY_FILE = "GOFE_POLICY_FILE", "",
         "YAML file of per-destination policy overriding these defaults; re-read when it changes, a bad file is logged and the last good one stays.";
+    REGISTRY = "GOFE_REGISTRY", "",
+        "etcd (v3) endpoints of the registry and config center, comma-separated: http://h:2379,http://h2:2379 (https:// with TLS). Empty: no registry.";
+    REGISTRY_CA = "GOFE_REGISTRY_CA", "",
+        "PEM file of the CA that signed etcd's serving certificate; required with https:// endpoints.";
+    REGISTRY_CERT = "GOFE_REGISTRY_CERT", "",
+        "Client certificate (PEM) presented to etcd, when etcd asks for one; with GOFE_REGISTRY_KEY.";
+    REGISTRY_KEY = "GOFE_REGISTRY_KEY", "",
+        "The client certificate's key (PEM).";
+    REGISTRY_USER = "GOFE_REGISTRY_USER", "",
+        "etcd user, when etcd has authentication on; with GOFE_REGISTRY_PASSWORD_FILE.";
+    REGISTRY_PASSWORD_FILE = "GOFE_REGISTRY_PASSWORD_FILE", "",
+        "File holding the etcd user's password (a file, not a variable, so it stays out of /config and the process environment).";
+    REGISTRY_PREFIX = "GOFE_REGISTRY_PREFIX", "/gofe",
+        "Key prefix: endpoints under <prefix>/services/<authority>/<address>, policy under <prefix>/policy/<destination>. One etcd can hold several meshes under different prefixes.";
+    REGISTER = "GOFE_REGISTER", "",
+        "What this pod serves, registered once it is ready: service:port=app-port, comma-separated (api.demo:80=8080); @N after the app port gives a weight. Needs GOFE_REGISTRY and an identity.";
+    REGISTER_ADDRESS = "GOFE_REGISTER_ADDRESS", "",
+        "The IP others reach this pod on (Kubernetes: status.podIP). Empty: the address this host uses to reach etcd.";
+    REGISTER_TTL = "GOFE_REGISTER_TTL", "10s",
+        "Lease time to live, kept alive every third of it: a killed pod's endpoints disappear within it; short enough for that, long enough that two missed renewals do not drop a live pod.";
+    REGISTER_METADATA = "GOFE_REGISTER_METADATA", "",
+        "Labels carried by this pod's entries, version=v2,zone=a: shown in /endpoints and `gofe registry ls`.";
     DNS_REFRESH = "GOFE_DNS_REFRESH", "1s..60s",
         "DNS records are re-resolved when their TTL runs out, but no sooner than the first and no later than the second.";
     ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
@@ -203,6 +225,28 @@ pub const PROXY_VARS: &[&Var] = &[
     &DISCOVERY,
     &POLICY_FILE,
     &DNS_REFRESH,
+    &REGISTRY,
+    &REGISTRY_CA,
+    &REGISTRY_CERT,
+    &REGISTRY_KEY,
+    &REGISTRY_USER,
+    &REGISTRY_PASSWORD_FILE,
+    &REGISTRY_PREFIX,
+    &REGISTER,
+    &REGISTER_ADDRESS,
+    &REGISTER_TTL,
+    &REGISTER_METADATA,
+];
+
+/// The variables `gofe registry` reads: how to reach etcd.
+pub const REGISTRY_VARS: &[&Var] = &[
+    &REGISTRY,
+    &REGISTRY_CA,
+    &REGISTRY_CERT,
+    &REGISTRY_KEY,
+    &REGISTRY_USER,
+    &REGISTRY_PASSWORD_FILE,
+    &REGISTRY_PREFIX,
 ];
 
 /// The variables a destination's policy is made of: each may be overridden per

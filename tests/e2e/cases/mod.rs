@@ -6,6 +6,7 @@ pub mod http;
 pub mod identity;
 pub mod iptables;
 pub mod lifecycle;
+pub mod registry;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
@@ -50,6 +51,7 @@ fn modules() -> Vec<Module> {
             include_str!("telemetry.rs"),
         ),
         ("trust", trust::cases(), include_str!("trust.rs")),
+        ("registry", registry::cases(), include_str!("registry.rs")),
     ]
 }
 

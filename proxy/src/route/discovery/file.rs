@@ -26,6 +26,33 @@ pub enum WatchError {
     Parse { path: PathBuf, source: FileError },
 }
 
+/// A number that goes up whenever a source of policy changes (a file reloaded, a
+/// document pushed by the registry), waking whoever waits for it: destinations look at
+/// their policy again, discovery at the identities a policy allows.
+#[derive(Clone, Default)]
+pub struct Generation {
+    /// Read for every request (a plain atomic load on the hot path)...
+    counter: Arc<AtomicU64>,
+    /// ...and announced to the few that wait for a change.
+    changed: Arc<watch::Sender<()>>,
+}
+
+impl Generation {
+    pub fn bump(&self) {
+        self.counter.fetch_add(1, Ordering::AcqRel);
+        self.changed.send_replace(());
+    }
+
+    pub fn get(&self) -> u64 {
+        self.counter.load(Ordering::Acquire)
+    }
+
+    /// Sees every bump after this call.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+}
+
 /// A file kept parsed: the current table, replaced when the file changes and parses.
 pub struct Watched {
     pub path: PathBuf,
@@ -46,7 +73,7 @@ impl Watched {
     pub fn start(
         path: &Path,
         base: HashMap<String, String>,
-        generation: Arc<AtomicU64>,
+        generation: Generation,
     ) -> Result<
         (
             Watched,
@@ -81,7 +108,7 @@ impl Watched {
                     Ok(table) => {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
                         tx.send_replace(Arc::new(table));
-                        generation.fetch_add(1, Ordering::AcqRel);
+                        generation.bump();
                         counts.ok.inc();
                     }
                     Err(error) => {

@@ -493,18 +493,30 @@ fn start_target(target: Target, proto: Proto, env: &Env) -> anyhow::Result<Optio
     let mut cmd = match target {
         Target::Direct => return Ok(None),
         Target::GofeInbound | Target::BaselineInbound => {
-            let bin = if target == Target::GofeInbound { this } else { baseline };
+            let bin = if target == Target::GofeInbound {
+                this
+            } else {
+                baseline
+            };
             let (p, admin) = gofe_sidecar(env, bin, free_port()?, port, None)?;
             return Ok(Some(single(vec![p], vec![admin])));
         }
         Target::GofeOutbound | Target::BaselineOutbound => {
-            let bin = if target == Target::GofeOutbound { this } else { baseline };
+            let bin = if target == Target::GofeOutbound {
+                this
+            } else {
+                baseline
+            };
             let (p, admin) = gofe_sidecar(env, bin, port, free_port()?, None)?;
             return Ok(Some(single(vec![p], vec![admin])));
         }
         Target::GofeTwoHopMtls | Target::GofeTwoHopPlain | Target::BaselineTwoHopMtls => {
             let mtls = target != Target::GofeTwoHopPlain;
-            let bin = if target == Target::BaselineTwoHopMtls { baseline } else { this };
+            let bin = if target == Target::BaselineTwoHopMtls {
+                baseline
+            } else {
+                this
+            };
             let server_inbound = free_port()?;
             let (server, server_admin) = gofe_sidecar(
                 env,
@@ -734,8 +746,10 @@ async fn measure(
             String::new()
         };
         // The mTLS figures count only if the sidecars really spoke mTLS throughout.
-        if matches!(l.target, Target::GofeTwoHopMtls | Target::BaselineTwoHopMtls)
-            && let Some(client_admin) = l.running.as_ref().and_then(|r| r.admins.first())
+        if matches!(
+            l.target,
+            Target::GofeTwoHopMtls | Target::BaselineTwoHopMtls
+        ) && let Some(client_admin) = l.running.as_ref().and_then(|r| r.admins.first())
         {
             let (_, metrics) = admin_get(*client_admin, "/metrics")?;
             let outbound = |tls: &str| {

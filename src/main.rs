@@ -2,6 +2,7 @@
 //! CLI; the data path itself is the `gofe-proxy` crate.
 #![forbid(unsafe_code)]
 
+mod app_probes;
 mod await_ready;
 mod demo;
 mod identity_cmd;

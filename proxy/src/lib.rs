@@ -14,7 +14,8 @@
 //! 10. `connect` — TCP, and the one outbound-TLS decision
 //!
 //! Leaves, used at any stage: `addrs`, `body`, `call`, `config`, `endpoint`, `io`,
-//! `metrics`, `proto`, `socket`; `identity` (this proxy's certificate); `ctx` (what
+//! `metrics`, `probes` (the application's probes, run for the kubelet), `proto`,
+//! `socket`; `identity` (this proxy's certificate); `ctx` (what
 //! every connection shares); `admin` (the admin server, beside the path).
 //!
 //! A module imports only modules below it on the path, and leaves. `Proxy` binds the
@@ -44,6 +45,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod io;
 pub mod metrics;
+pub mod probes;
 pub mod proto;
 pub mod socket;
 

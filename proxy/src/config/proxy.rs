@@ -5,6 +5,7 @@ use super::env::{ConfigError, Env};
 use super::file::Table;
 use super::parse::*;
 use super::policy::Policy;
+use super::probes::AppProbes;
 use super::vars::*;
 use gofe_identity::SpiffeId;
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub struct Config {
     pub discovery: Vec<DiscoverySource>,
     pub policy_file: Option<PathBuf>,
     pub dns_refresh: (Duration, Duration),
+    /// GOFE_APP_PROBES: the application's probes the admin server runs for the kubelet.
+    pub app_probes: AppProbes,
     /// The default policy of every destination.
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
@@ -211,6 +214,7 @@ impl Config {
                 Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
             }),
             dns_refresh: env.get(&DNS_REFRESH, parse_range),
+            app_probes: env.get(&APP_PROBES, AppProbes::parse),
             policy: Policy::read(env),
             policy_vars: Policy::base_vars(|name| env.raw(name)),
         };
@@ -370,6 +374,7 @@ impl Config {
                 DNS_REFRESH.name,
                 format!("{}..{}", d(self.dns_refresh.0), d(self.dns_refresh.1)),
             ),
+            (APP_PROBES.name, self.app_probes.raw().to_string()),
         ]
         .into_iter()
         .chain(POLICY_VARS.iter().map(|v| {

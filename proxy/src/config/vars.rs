@@ -122,6 +122,8 @@ vars! {
         "Endpoint sources, in order, comma-separated: dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint.";
     POLICY_FILE = "GOFE_POLICY_FILE", "",
         "YAML file of per-destination policy overriding these defaults; re-read when it changes, a bad file is logged and the last good one stays.";
+    APP_PROBES = "GOFE_APP_PROBES", "",
+        "The application's own liveness, readiness and startup probes (JSON, written by the injector), which the admin server runs at /app-health/<container>/<livez|readyz|startupz> when the kubelet asks. Empty: the kubelet probes the application itself, which strict inbound mTLS would refuse.";
     DNS_REFRESH = "GOFE_DNS_REFRESH", "1s..60s",
         "DNS records are re-resolved when their TTL runs out, but no sooner than the first and no later than the second.";
     ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
@@ -176,6 +178,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &DISCOVERY,
     &POLICY_FILE,
     &DNS_REFRESH,
+    &APP_PROBES,
 ];
 
 /// The variables a destination's policy is made of: each may be overridden per

@@ -10,6 +10,7 @@ mod cases;
 mod dns;
 mod grpc;
 mod harness;
+mod kubelet;
 mod otlp;
 
 use cases::Skip;

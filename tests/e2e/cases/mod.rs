@@ -5,6 +5,7 @@
 pub mod http;
 pub mod identity;
 pub mod iptables;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod resilience;
 pub mod tcp;
@@ -47,6 +48,11 @@ fn modules() -> Vec<Module> {
             "telemetry",
             telemetry::cases(),
             include_str!("telemetry.rs"),
+        ),
+        (
+            "kubernetes",
+            kubernetes::cases(),
+            include_str!("kubernetes.rs"),
         ),
     ]
 }

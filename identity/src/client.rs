@@ -37,10 +37,20 @@ pub enum CertifyError {
     Timeout(Duration),
 }
 
-/// A certificate fresh from the issuer, checked.
+/// A certificate fresh from the issuer, checked, with the key it certifies.
 pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
     pub info: CertInfo,
+    /// Made for this request and never sent anywhere: a certificate leaked (or a key
+    /// compromised) serves no later certificate.
+    pub key: Arc<dyn SigningKey>,
+}
+
+/// A key pair made in this process, and the CSR naming `name` that it signs.
+struct Request {
+    csr_pem: String,
+    public_key: Vec<u8>,
+    key: Arc<dyn SigningKey>,
 }
 
 pub struct IdentityClient {
@@ -49,9 +59,6 @@ pub struct IdentityClient {
     name: SpiffeId,
     token_file: PathBuf,
     anchors: Arc<TrustAnchors>,
-    csr_pem: String,
-    public_key: Vec<u8>,
-    signing_key: Arc<dyn SigningKey>,
 }
 
 impl IdentityClient {
@@ -64,37 +71,42 @@ impl IdentityClient {
     ) -> Result<IdentityClient, String> {
         let server_name =
             ServerName::try_from(server_name).map_err(|e| format!("issuer server name: {e}"))?;
-        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(name.to_string()).map_err(|e| e.to_string())?,
-        )];
-        let csr_pem = params
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|e| e.to_string())?;
-        let signing_key =
-            crate::store::signing_key(anchors.provider(), &key).map_err(|e| e.to_string())?;
-        Ok(IdentityClient {
+        let client = IdentityClient {
             addr,
             server_name,
             name,
             token_file,
             anchors,
+        };
+        // A first key pair now: a name that cannot be put in a CSR is a start-up error.
+        client.request().map_err(|e| e.to_string())?;
+        Ok(client)
+    }
+
+    /// A fresh key pair and its CSR.
+    fn request(&self) -> Result<Request, CertifyError> {
+        let bad = |e: String| CertifyError::Response(format!("cannot make a CSR: {e}"));
+        let key = rcgen::KeyPair::generate().map_err(|e| bad(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(self.name.to_string())
+                .map_err(|e| bad(e.to_string()))?,
+        )];
+        let csr_pem = params
+            .serialize_request(&key)
+            .and_then(|csr| csr.pem())
+            .map_err(|e| bad(e.to_string()))?;
+        let signing_key = crate::store::signing_key(self.anchors.provider(), &key)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Request {
             csr_pem,
             public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
-            signing_key,
+            key: signing_key,
         })
     }
-
     pub fn name(&self) -> &SpiffeId {
         &self.name
-    }
-
-    /// The key certificates are issued for; it stays in this process.
-    pub fn signing_key(&self) -> Arc<dyn SigningKey> {
-        self.signing_key.clone()
     }
 
     pub async fn certify(&self) -> Result<Issued, CertifyError> {
@@ -104,6 +116,7 @@ impl IdentityClient {
     }
 
     async fn exchange(&self) -> Result<Issued, CertifyError> {
+        let request = self.request()?;
         let token =
             std::fs::read_to_string(&self.token_file).map_err(|source| CertifyError::Token {
                 path: self.token_file.clone(),
@@ -131,7 +144,7 @@ impl IdentityClient {
             .map_err(|e| connect_err(e.to_string()))?;
         tokio::spawn(conn);
         let body = serde_json::to_vec(&CertifyRequest {
-            csr: self.csr_pem.clone(),
+            csr: request.csr_pem.clone(),
             token: token.trim().to_string(),
         })
         .map_err(|e| CertifyError::Response(e.to_string()))?;
@@ -164,12 +177,17 @@ impl IdentityClient {
         self.check(
             cert::certs_from_pem(rsp.certificate_chain.as_bytes())
                 .map_err(|e| CertifyError::Response(e.to_string()))?,
+            request,
         )
     }
 
     /// A certificate is used only if it names us, carries our key, and chains to the
     /// anchors peers will check it against.
-    fn check(&self, chain: Vec<CertificateDer<'static>>) -> Result<Issued, CertifyError> {
+    fn check(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        request: Request,
+    ) -> Result<Issued, CertifyError> {
         let bad = |m: String| CertifyError::Response(m);
         let leaf = &chain[0];
         let info = cert::inspect(leaf).map_err(|e| bad(e.to_string()))?;
@@ -183,7 +201,7 @@ impl IdentityClient {
         let parsed = x509_parser::parse_x509_certificate(leaf)
             .map_err(|e| bad(e.to_string()))?
             .1;
-        if parsed.public_key().raw != self.public_key.as_slice() {
+        if parsed.public_key().raw != request.public_key.as_slice() {
             return Err(bad("certificate is not for this proxy's key".into()));
         }
         let end_entity =
@@ -203,6 +221,10 @@ impl IdentityClient {
                 "certificate does not chain to the trust anchors: {e}"
             ))
         })?;
-        Ok(Issued { chain, info })
+        Ok(Issued {
+            chain,
+            info,
+            key: request.key,
+        })
     }
 }

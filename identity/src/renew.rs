@@ -85,7 +85,7 @@ pub async fn maintain(client: Arc<IdentityClient>, store: Arc<CertStore>) {
                             not_after = %crate::cert::rfc3339(issued.info.not_after),
                             "certificate issued"
                         );
-                        store.set(issued.chain, issued.info);
+                        store.set(issued.chain, issued.info, issued.key);
                         store.renewals_ok.inc();
                         Ok(lifetime)
                     }

@@ -1,5 +1,5 @@
-//! The certificate a proxy holds. The private key is made in the process and never
-//! leaves it; certificates come and go. TLS configs resolve their certificate here at
+//! The certificate a proxy holds, with its private key: each key is made in the
+//! process for one certificate and never leaves it; certificates come and go. TLS configs resolve their certificate here at
 //! every handshake, so a renewal takes effect on the next connection while open
 //! connections carry on.
 
@@ -14,14 +14,13 @@ use rustls::{SignatureScheme, crypto::CryptoProvider};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-/// A certificate in use.
+/// A certificate in use, and its key (`certified.key`).
 pub struct Held {
     pub certified: Arc<CertifiedKey>,
     pub info: CertInfo,
 }
 
 pub struct CertStore {
-    key: Arc<dyn SigningKey>,
     current: RwLock<Option<Arc<Held>>>,
     next_renewal: RwLock<Option<SystemTime>>,
     pub renewals_ok: Counter,
@@ -38,9 +37,8 @@ impl std::fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    pub fn new(key: Arc<dyn SigningKey>) -> Arc<CertStore> {
+    pub fn new() -> Arc<CertStore> {
         Arc::new(CertStore {
-            key,
             current: RwLock::new(None),
             next_renewal: RwLock::new(None),
             renewals_ok: Counter::default(),
@@ -49,10 +47,15 @@ impl CertStore {
         })
     }
 
-    /// Starts using `chain` (leaf first) for new handshakes.
-    pub fn set(&self, chain: Vec<CertificateDer<'static>>, info: CertInfo) {
+    /// Starts using `chain` (leaf first), which certifies `key`, for new handshakes.
+    pub fn set(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        info: CertInfo,
+        key: Arc<dyn SigningKey>,
+    ) {
         let held = Held {
-            certified: Arc::new(CertifiedKey::new(chain, self.key.clone())),
+            certified: Arc::new(CertifiedKey::new(chain, key)),
             info,
         };
         *self.current.write() = Some(Arc::new(held));

@@ -126,9 +126,77 @@ async fn issues_a_certificate_for_the_tokens_identity() {
     assert!(lifetime > Duration::from_secs(3500) && lifetime <= Duration::from_secs(3600));
     // Backdated a little for clock skew.
     assert!(issued.info.not_before < SystemTime::now() - Duration::from_secs(30));
-    // A second certificate has a new serial.
+    // A second certificate has a new serial, and certifies a new key.
     let again = client.certify().await.unwrap();
     assert_ne!(again.info.serial, issued.info.serial);
+    let key = |chain: &[rustls::pki_types::CertificateDer<'static>]| {
+        x509_parser::parse_x509_certificate(&chain[0])
+            .unwrap()
+            .1
+            .public_key()
+            .raw
+            .to_vec()
+    };
+    assert_ne!(
+        key(&again.chain),
+        key(&issued.chain),
+        "a fresh key pair each time"
+    );
+}
+
+#[tokio::test]
+async fn an_issuer_about_to_expire_is_not_ready_and_issues_nothing_that_would_outlive_it() {
+    let c = Cluster::new();
+    // The issuer's own certificate has a minute left; workload certificates last an hour.
+    material::bootstrap_for(&c.path("issuer"), "cluster.local", Duration::from_secs(60)).unwrap();
+    let bound = Bound::bind(IssuerConfig {
+        dir: c.path("issuer"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        cert_lifetime: Duration::from_secs(3600),
+        jwks: Some(JwksSource::File(c.path("jwks.json"))),
+        insecure_dev: false,
+        trust_domain: "cluster.local".into(),
+        audience: TOKEN_AUDIENCE.into(),
+        token_issuer: None,
+    })
+    .await
+    .unwrap();
+    let (addr, admin) = (bound.addr(), bound.admin_addr());
+    let _issuer = tokio::spawn(bound.run(std::future::pending()));
+    let token = c.write_token("web.token", &c.token("default", "web", TOKEN_AUDIENCE, 600));
+    let (status, message) = refused(
+        c.client(addr, "spiffe://cluster.local/ns/default/sa/web", &token)
+            .certify()
+            .await,
+    );
+    assert_eq!(status, 503, "{message}");
+    assert!(message.contains("expires"), "{message}");
+    let (ready, body) = get(admin, "/ready").await;
+    assert_eq!(ready, 503, "{body}");
+    let (_, metrics) = get(admin, "/metrics").await;
+    assert!(metrics.contains("gofe_issuer_ready 0"), "{metrics}");
+    assert!(
+        metrics.contains("gofe_issuer_requests_total{result=\"issuer_expiring\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A plain GET to the issuer's admin listener: status and body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 #[tokio::test]

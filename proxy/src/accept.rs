@@ -162,7 +162,11 @@ fn target(stream: &TcpStream, direction: Direction, ctx: &Ctx) -> Result<ConnTar
             if ctx.client.connector().tcp().is_own(orig.addr()) {
                 return Err("its original destination is one of this proxy's own listeners");
             }
-            Ok(ConnTarget::redirected(direction, orig))
+            Ok(ConnTarget::redirected(
+                direction,
+                orig,
+                ctx.config.inbound_target,
+            ))
         }
         Ok(OrigDst::Direct) => match direction {
             Direction::Outbound => Ok(ConnTarget::Explicit),

@@ -1,7 +1,11 @@
-//! Protocol detection: reads a connection's first bytes, within a deadline, until they
-//! say HTTP/1.x, HTTP/2 (prior knowledge), TLS (its SNI read for metrics) or none of
-//! these. The bytes read are handed on, to be replayed to whatever serves the
-//! connection.
+//! Stage 3: protocol detection. Reads a connection's first bytes, within a deadline,
+//! until they say HTTP/1.x, HTTP/2 (prior knowledge), TLS (its SNI read for metrics)
+//! or none of these. The bytes read are handed on, to be replayed to whatever serves
+//! the connection.
+//!
+//! Detection is incremental: each read is looked at once (the TLS ClientHello is fed
+//! to one acceptor as it arrives; the request line is scanned from where the last read
+//! left off), so a client trickling its bytes one at a time costs linear time.
 
 use bytes::{Bytes, BytesMut};
 use std::io;
@@ -13,7 +17,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Enough for any HTTP/1 request line we accept and for a TLS ClientHello in one
 /// maximum-size record (16 KiB plus its header).
-const MAX_DETECT_BYTES: usize = 18 * 1024;
+pub const MAX_DETECT_BYTES: usize = 18 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -50,12 +54,13 @@ pub struct Detected {
 }
 
 /// Reads from `io` until the protocol is known, the client stops sending (EOF or
-/// `timeout`), or `MAX_DETECT_BYTES` are read; the last two mean opaque.
+/// `timeout`), or `MAX_DETECT_BYTES` are read.
 pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(4096);
+    let mut detector = Detector::default();
     loop {
-        if let Some(protocol) = classify(&buf) {
+        if let Some(protocol) = detector.feed(&buf) {
             return Ok(Detected {
                 protocol,
                 prefix: buf.freeze(),
@@ -63,31 +68,43 @@ pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::
             });
         }
         if buf.len() >= MAX_DETECT_BYTES {
-            return Ok(undecided(buf, false));
+            return Ok(undecided(buf, Stopped::Full));
         }
         if buf.capacity() == buf.len() {
             buf.reserve(buf.len().min(MAX_DETECT_BYTES - buf.len()));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) => return Ok(undecided(buf, true)),
-            Ok(Ok(0)) => return Ok(undecided(buf, false)),
+            Err(_elapsed) => return Ok(undecided(buf, Stopped::Timeout)),
+            Ok(Ok(0)) => return Ok(undecided(buf, Stopped::Eof)),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
     }
 }
 
-/// No decision from the bytes read: the client stopped sending (EOF, the deadline) or
-/// sent more than detection reads. Bytes that begin like HTTP are HTTP even so: hyper
-/// then answers a slow or oversized request properly, and a client cannot pass HTTP to
-/// the application unexamined (headers such as gofe-client-id unstripped) by stalling
-/// or padding. Anything else is opaque; a TLS record cut short goes through as TLS
-/// would, opaquely.
-fn undecided(buf: BytesMut, timed_out: bool) -> Detected {
+/// Why detection stopped without a decision.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// The client half-closed: what it sent is all it will send.
+    Eof,
+    /// The deadline passed: more may come later.
+    Timeout,
+    /// More than detection reads.
+    Full,
+}
+
+/// No decision from the bytes read. Bytes that begin like HTTP are HTTP even so: hyper
+/// then answers a slow, cut-off or oversized request properly, and a client cannot pass
+/// HTTP to the application unexamined (headers such as gofe-client-id unstripped) by
+/// stalling or padding. While more may come (a stall, a buffer full), any method-like
+/// token counts, whatever its case; after an end of stream, nothing can follow, and
+/// only an upper-case method (a request cut short) does. Anything else is opaque; a TLS
+/// record cut short goes through as TLS would, opaquely.
+fn undecided(buf: BytesMut, stopped: Stopped) -> Detected {
     let protocol =
         if !buf.is_empty() && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
             Protocol::Http2
-        } else if begins_like_http1(&buf) {
+        } else if begins_like_http1(&buf, stopped != Stopped::Eof) {
             Protocol::Http1
         } else {
             Protocol::Opaque
@@ -95,84 +112,115 @@ fn undecided(buf: BytesMut, timed_out: bool) -> Detected {
     Detected {
         protocol,
         prefix: buf.freeze(),
-        timed_out,
+        timed_out: stopped == Stopped::Timeout,
     }
 }
 
-/// A method token (upper-case letters, as every standard method) and, once there is
-/// more, a space: the start of an HTTP/1 request line.
-fn begins_like_http1(buf: &[u8]) -> bool {
-    let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
-    method > 0 && (method == buf.len() || (method <= 20 && buf[method] == b' '))
-}
-
-/// Decides from the bytes so far; `None` means more bytes are needed.
-pub fn classify(buf: &[u8]) -> Option<Protocol> {
-    if buf.is_empty() {
-        return None;
-    }
-    let n = buf.len().min(H2_PREFACE.len());
-    if buf[..n] == H2_PREFACE[..n] {
-        return if buf.len() >= H2_PREFACE.len() {
-            Some(Protocol::Http2)
+/// A method-like token (upper-case letters; with `any_case`, any letters) and, once
+/// there is more, a space or a tab: the start of an HTTP/1 request line, well formed or
+/// not.
+fn begins_like_http1(buf: &[u8], any_case: bool) -> bool {
+    let letter = |b: &u8| {
+        if any_case {
+            b.is_ascii_alphabetic()
         } else {
-            None
-        };
-    }
-    if buf[0] == 0x16 {
-        return classify_tls(buf);
-    }
-    classify_http1(buf)
+            b.is_ascii_uppercase()
+        }
+    };
+    let method = buf.iter().take_while(|b| letter(b)).count();
+    method > 0 && (method == buf.len() || (method <= 20 && matches!(buf[method], b' ' | b'\t')))
 }
 
-/// A TLS handshake record (type 22, version 3.x) is TLS; its SNI is read if the whole
-/// ClientHello has arrived.
-fn classify_tls(buf: &[u8]) -> Option<Protocol> {
-    if buf.len() < 3 {
-        return None;
-    }
-    if buf[1] != 0x03 {
-        return classify_http1(buf);
-    }
-    let mut acceptor = rustls::server::Acceptor::default();
-    let mut rest = buf;
-    while !rest.is_empty() {
-        match acceptor.read_tls(&mut rest) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+/// Decides from `buf` alone (as `Detector::feed` would from its first read).
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    Detector::default().feed(buf)
+}
+
+/// What is known so far about a connection's first bytes.
+#[derive(Default)]
+pub struct Detector {
+    /// Bytes of the buffer already looked at.
+    seen: usize,
+    /// The ClientHello so far, once the bytes look like TLS.
+    tls: Option<Box<rustls::server::Acceptor>>,
+}
+
+impl Detector {
+    /// Looks at what `buf` holds beyond the bytes already seen (`buf` only grows
+    /// between calls); `None` means more bytes are needed.
+    pub fn feed(&mut self, buf: &[u8]) -> Option<Protocol> {
+        let from = self.seen;
+        self.seen = buf.len();
+        if buf.is_empty() {
+            return None;
         }
-    }
-    match acceptor.accept() {
-        Ok(Some(accepted)) => {
-            let hello = accepted.client_hello();
-            Some(Protocol::Tls {
-                server_name: hello.server_name().map(str::to_owned),
-                mesh: hello
-                    .alpn()
-                    .is_some_and(|mut protocols| protocols.any(gofe_identity::tls::is_mesh_alpn)),
-            })
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] == H2_PREFACE[..n] {
+            return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
         }
-        Ok(None) if buf.len() < MAX_DETECT_BYTES => None,
-        Ok(None) | Err(_) => Some(Protocol::Tls {
-            server_name: None,
-            mesh: false,
-        }),
+        if buf[0] == 0x16 && (buf.len() < 2 || buf[1] == 0x03) {
+            return self.tls(buf, from);
+        }
+        http1(buf, from)
+    }
+
+    /// A TLS handshake record (type 22, version 3.x) is TLS; its SNI and ALPN are read
+    /// once the whole ClientHello has arrived.
+    fn tls(&mut self, buf: &[u8], from: usize) -> Option<Protocol> {
+        let acceptor = self.tls.get_or_insert_with(Default::default);
+        let mut rest = &buf[from..];
+        while !rest.is_empty() {
+            match acceptor.read_tls(&mut rest) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let hello = accepted.client_hello();
+                Some(Protocol::Tls {
+                    server_name: hello.server_name().map(str::to_owned),
+                    mesh: hello.alpn().is_some_and(|mut protocols| {
+                        protocols.any(gofe_identity::tls::is_mesh_alpn)
+                    }),
+                })
+            }
+            Ok(None) if buf.len() < MAX_DETECT_BYTES => None,
+            Ok(None) | Err(_) => Some(Protocol::Tls {
+                server_name: None,
+                mesh: false,
+            }),
+        }
     }
 }
 
-/// An HTTP/1 request line: `METHOD SP target SP HTTP/1.x CRLF`.
-fn classify_http1(buf: &[u8]) -> Option<Protocol> {
-    // No room for headers: a request line that parses and is followed by a header
-    // reports TooManyHeaders, which is enough to know it is HTTP/1.
-    let mut headers: [httparse::Header<'_>; 0] = [];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => Some(Protocol::Http1),
-        Ok(httparse::Status::Partial) if req.version.is_some() => Some(Protocol::Http1),
-        Ok(httparse::Status::Partial) => None,
-        Err(httparse::Error::TooManyHeaders) => Some(Protocol::Http1),
-        Err(_) => Some(Protocol::Opaque),
+/// An HTTP/1 request line: `METHOD SP target SP HTTP/1.x CRLF`. A first line that
+/// names an HTTP version is HTTP whether or not it parses: a malformed one (two spaces,
+/// a tab, `HTTP/1.2`, a NUL) is answered 400 by the HTTP server and closed, never
+/// passed on as opaque bytes, which a lenient application would read as a request with
+/// whatever headers the client wrote (a forged gofe-client-id among them). Bytes that
+/// cannot begin a request line (binary protocols) are opaque at once; a first line
+/// without a version (memcached's `get key`, Redis' `PING`) is opaque once it ends.
+fn http1(buf: &[u8], from: usize) -> Option<Protocol> {
+    if !buf[0].is_ascii_alphabetic() {
+        return Some(Protocol::Opaque);
     }
+    // The first line so far, and whether it names a version ("HTTP/" in any case),
+    // looked for in the new bytes and the four before them.
+    let line_end = buf
+        .iter()
+        .skip(from)
+        .position(|b| *b == b'\n')
+        .map(|i| i + from);
+    let line = &buf[..line_end.unwrap_or(buf.len())];
+    let look_from = from.saturating_sub(4).min(line.len());
+    if line[look_from..]
+        .windows(5)
+        .any(|w| w.eq_ignore_ascii_case(b"HTTP/"))
+    {
+        return Some(Protocol::Http1);
+    }
+    line_end.map(|_| Protocol::Opaque)
 }
 
 #[cfg(test)]
@@ -201,7 +249,11 @@ mod tests {
     fn partial_request_line_needs_more() {
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET /some/pa"), None);
-        assert_eq!(classify(b"GET / HTTP/1."), None);
+        assert_eq!(
+            classify(b"GET / HTTP/1."),
+            Some(Protocol::Http1),
+            "a version named is enough"
+        );
     }
 
     #[test]
@@ -209,6 +261,87 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
         assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+    }
+
+    #[test]
+    fn malformed_request_lines_that_name_a_version_are_http() {
+        for line in [
+            &b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET\t/ HTTP/1.1\r\n",
+            b"GET / HTTP/1.2\r\n",
+            b"get / http/1.1\r\n",
+            b"FOO /x HTTP/1.1\r\n",
+            b"GET /\x00 HTTP/1.1\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+        ] {
+            assert_eq!(
+                classify(line),
+                Some(Protocol::Http1),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_lower_case_request_is_http_but_words_then_an_end_are_not() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"get / ")
+            .await
+            .unwrap();
+        let d = detect(&mut b, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Http1, "more could follow: HTTP");
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"client data")
+            .await
+            .unwrap();
+        drop(a);
+        let d = detect(&mut b, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(d.protocol, Protocol::Opaque, "nothing can follow an end");
+    }
+
+    #[test]
+    fn a_first_line_without_a_version_is_opaque_once_it_ends() {
+        assert_eq!(classify(b"get key"), None);
+        assert_eq!(classify(b"get key\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"PING\r\n"), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn a_request_trickled_byte_by_byte_is_looked_at_once() {
+        let request = b"GET /trickled HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut d = Detector::default();
+        let mut decided = None;
+        for n in 1..=request.len() {
+            if let Some(p) = d.feed(&request[..n]) {
+                decided = Some((n, p));
+                break;
+            }
+        }
+        assert_eq!(
+            decided,
+            Some((19, Protocol::Http1)),
+            "as soon as HTTP/ arrives"
+        );
+        let hello = client_hello("trickle.example");
+        let mut d = Detector::default();
+        let mut decided = None;
+        for n in 1..=hello.len() {
+            if let Some(p) = d.feed(&hello[..n]) {
+                decided = Some((n, p));
+                break;
+            }
+        }
+        assert_eq!(
+            decided,
+            Some((
+                hello.len(),
+                Protocol::Tls {
+                    server_name: Some("trickle.example".into()),
+                    mesh: false
+                }
+            ))
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl ProxyIdentity {
             anchors.clone(),
         )
         .map_err(IdentityError::Client)?;
-        let store = CertStore::new(client.signing_key());
+        let store = CertStore::new();
         Ok(ProxyIdentity {
             tls: MeshTls::new(store.clone(), anchors.clone(), trust_domain),
             store,

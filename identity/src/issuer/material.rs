@@ -114,6 +114,16 @@ fn ca_params(common_name: String, lifetime: Duration, path_len: Option<u8>) -> C
 /// Writes a fresh trust anchor (a self-signed root, its key discarded) and an issuer
 /// certificate and key signed by it into `dir`.
 pub fn bootstrap(dir: &Path, trust_domain: &str) -> Result<(), MaterialError> {
+    bootstrap_for(dir, trust_domain, ISSUER_LIFETIME)
+}
+
+/// As `bootstrap`, with an issuer certificate valid for `issuer_lifetime` (a rotation
+/// rehearsal, or an issuer about to expire).
+pub fn bootstrap_for(
+    dir: &Path,
+    trust_domain: &str,
+    issuer_lifetime: Duration,
+) -> Result<(), MaterialError> {
     let root_key = KeyPair::generate()?;
     let root_params = ca_params(
         format!("gofe trust anchor ({trust_domain})"),
@@ -125,7 +135,7 @@ pub fn bootstrap(dir: &Path, trust_domain: &str) -> Result<(), MaterialError> {
     let issuer_key = KeyPair::generate()?;
     let issuer = ca_params(
         format!("gofe issuer ({trust_domain})"),
-        ISSUER_LIFETIME,
+        issuer_lifetime,
         Some(0),
     )
     .signed_by(&issuer_key, &root_issuer)?;

@@ -32,14 +32,30 @@ pub const SERVER_NAME: &str = "gofe-identity.gofe-system.svc";
 
 /// The serving certificate is re-issued this often, valid for twice as long.
 const SERVING_REFRESH: Duration = Duration::from_secs(12 * 3600);
-const MAX_REQUEST: usize = 64 * 1024;
+/// A certify request is a CSR (under a kilobyte) and a service-account token (a few):
+/// 16 KiB is generous, and what a client can make the issuer hold per request.
+const MAX_REQUEST: usize = 16 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client has this long to send its request headers: slow clients cannot hold
 /// connections open at no cost.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are closed at accept rather than exhaust file
-/// descriptors.
-const MAX_CONNECTIONS: usize = 10_000;
+/// ... and this long for its body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at accept. Sized with the HTTP/2 limits
+/// below to the issuer's memory limit (64 MiB in k8s/): a connection holds at most its
+/// TLS buffers (~34 KiB) and one connection window of request bodies (64 KiB), so 256
+/// of them ~25 MiB.
+const MAX_CONNECTIONS: usize = 256;
+/// HTTP/2: a proxy asks for one certificate at a time; a few streams per connection are
+/// plenty, each with a window of one request.
+const H2_MAX_STREAMS: u32 = 8;
+const H2_STREAM_WINDOW: u32 = MAX_REQUEST as u32;
+const H2_CONNECTION_WINDOW: u32 = 64 * 1024;
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Refusals logged per `REFUSAL_LOG_WINDOW` at most; the rest are counted, and the
+/// count logged, so a flood of bad requests cannot flood the log.
+const REFUSAL_LOGS: u32 = 10;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 /// After an accept error (out of file descriptors, say), wait before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -87,6 +103,32 @@ struct Issuer {
     signer: Signer,
     tokens: Option<TokenVerifier>,
     results: Family<&'static str, Counter>,
+    refusal_log: parking_lot::Mutex<SampledLog>,
+    connections_refused: Counter,
+}
+
+/// Which refusals are logged: the first few of each window.
+struct SampledLog {
+    window_started: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl SampledLog {
+    /// Whether to log this one; with how many went unlogged before it.
+    fn admit(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.window_started) >= REFUSAL_LOG_WINDOW {
+            self.window_started = now;
+            self.logged = 0;
+        }
+        if self.logged < REFUSAL_LOGS {
+            self.logged += 1;
+            return Some(std::mem::take(&mut self.suppressed));
+        }
+        self.suppressed += 1;
+        None
+    }
 }
 
 /// The issuer, bound and checked, ready to serve.
@@ -179,6 +221,12 @@ impl Bound {
                 signer,
                 tokens,
                 results: Family::new(64, |_| "other"),
+                refusal_log: parking_lot::Mutex::new(SampledLog {
+                    window_started: std::time::Instant::now(),
+                    logged: 0,
+                    suppressed: 0,
+                }),
+                connections_refused: Counter::default(),
             }),
             serving,
             listener: bind(config.listen).await?,
@@ -231,7 +279,8 @@ impl Bound {
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    warn!(%peer, "too many connections; closing this one");
+                    issuer.connections_refused.inc();
+                    tracing::debug!(%peer, "too many connections; closing this one");
                     continue;
                 };
                 let (issuer, tls) = (issuer.clone(), tls.clone());
@@ -251,11 +300,19 @@ impl Bound {
                     builder
                         .http1()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_READ_TIMEOUT);
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .max_buf_size(2 * MAX_REQUEST);
                     builder
                         .http2()
                         .timer(TokioTimer::new())
-                        .keep_alive_interval(HEADER_READ_TIMEOUT);
+                        .keep_alive_interval(HEADER_READ_TIMEOUT)
+                        .max_concurrent_streams(H2_MAX_STREAMS)
+                        .initial_stream_window_size(H2_STREAM_WINDOW)
+                        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                        .max_header_list_size(H2_MAX_HEADER_LIST)
+                        .max_send_buf_size(H2_CONNECTION_WINDOW as usize)
+                        .max_pending_accept_reset_streams(H2_MAX_STREAMS as usize)
+                        .max_local_error_reset_streams(Some(H2_MAX_STREAMS as usize));
                     let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
@@ -299,7 +356,14 @@ impl Issuer {
                 },
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_REQUEST).collect().await {
+        let collected = tokio::time::timeout(
+            BODY_READ_TIMEOUT,
+            Limited::new(req.into_body(), MAX_REQUEST).collect(),
+        )
+        .await
+        .map_err(|_| format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let body = match collected {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 return self.refuse(
@@ -347,6 +411,12 @@ impl Issuer {
                     },
                 )
             }
+            Err(e @ SignError::Expiring { .. }) => self.refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "issuer_expiring",
+                peer,
+                e.to_string(),
+            ),
             Err(e @ SignError::BadCsr(_)) => {
                 self.refuse(StatusCode::BAD_REQUEST, "invalid_csr", peer, e.to_string())
             }
@@ -368,15 +438,22 @@ impl Issuer {
         error: String,
     ) -> Response<Full<Bytes>> {
         self.results.get(&result).inc();
-        warn!(%peer, result, %error, "certificate refused");
+        if let Some(unlogged) = self.refusal_log.lock().admit() {
+            warn!(%peer, result, %error, unlogged, "certificate refused");
+        }
         json(status, &ErrorResponse { error })
+    }
+
+    /// Ready while a certificate issued now would be covered by the issuer's own.
+    fn ready(&self) -> Result<(), SignError> {
+        self.signer.can_issue(self.signer.lifetime())
     }
 
     fn metrics(&self) -> String {
         let mut e = Exposition::new();
         e.family(
             "gofe_issuer_requests_total",
-            "Certify requests, by result: issued, invalid_token, invalid_csr, name_refused, bad_request, error.",
+            "Certify requests, by result: issued, invalid_token, invalid_csr, name_refused, bad_request, issuer_expiring, error.",
             Kind::Counter,
         );
         let mut results = self.results.snapshot();
@@ -384,6 +461,39 @@ impl Issuer {
         for (result, c) in results {
             e.sample("gofe_issuer_requests_total", &[("result", result)], c.get());
         }
+        e.family(
+            "gofe_issuer_connections_refused_total",
+            "Connections closed at accept because the issuer served its maximum.",
+            Kind::Counter,
+        );
+        e.sample(
+            "gofe_issuer_connections_refused_total",
+            &[],
+            self.connections_refused.get(),
+        );
+        e.family(
+            "gofe_issuer_certificate_expiry_timestamp_seconds",
+            "When the issuer's own certificate expires; it stops issuing a lifetime before.",
+            Kind::Gauge,
+        );
+        let expiry = self
+            .signer
+            .issuer_not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        e.sample(
+            "gofe_issuer_certificate_expiry_timestamp_seconds",
+            &[],
+            expiry,
+        );
+        e.family(
+            "gofe_issuer_ready",
+            "1 while the issuer can issue a whole-lifetime certificate, else 0.",
+            Kind::Gauge,
+        );
+        let ready = u64::from(self.ready().is_ok());
+        e.sample("gofe_issuer_ready", &[], ready);
         gofe_telemetry::process::render(&mut e);
         e.finish()
     }
@@ -404,7 +514,17 @@ async fn serve_admin(listener: tokio::net::TcpListener, issuer: Arc<Issuer>) {
                 let issuer = issuer.clone();
                 async move {
                     let rsp = match req.uri().path() {
-                        "/live" | "/ready" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+                        "/live" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+                        "/ready" => match issuer.ready() {
+                            Ok(()) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+                            Err(e) => {
+                                let mut r = Response::new(Full::new(Bytes::from(format!(
+                                    "not ready: {e}\n"
+                                ))));
+                                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                                r
+                            }
+                        },
                         "/metrics" => Response::new(Full::new(Bytes::from(issuer.metrics()))),
                         _ => {
                             let mut r =

@@ -28,6 +28,14 @@ pub enum SignError {
         requested: String,
         trust_domain: String,
     },
+    #[error(
+        "the issuer's own certificate expires at {}, before a {lifetime:?} certificate issued now would: renew the issuer's certificate",
+        crate::cert::rfc3339(*issuer_not_after)
+    )]
+    Expiring {
+        issuer_not_after: SystemTime,
+        lifetime: Duration,
+    },
     #[error("cannot sign: {0}")]
     Internal(String),
 }
@@ -99,8 +107,26 @@ impl Signer {
         self.lifetime
     }
 
+    pub fn issuer_not_after(&self) -> SystemTime {
+        self.issuer_not_after
+    }
+
+    /// Whether a certificate issued now, for the whole lifetime, would still be covered
+    /// by the issuer's own: an issuer never hands out a certificate that outlives it
+    /// (or one born expired), and stops issuing (and is not ready) before that.
+    pub fn can_issue(&self, lifetime: Duration) -> Result<(), SignError> {
+        if SystemTime::now() + lifetime > self.issuer_not_after {
+            return Err(SignError::Expiring {
+                issuer_not_after: self.issuer_not_after,
+                lifetime,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks `csr_pem` against what the caller may have and issues it.
     pub fn sign(&self, csr_pem: &str, allowed: &Allowed) -> Result<Signed, SignError> {
+        self.can_issue(self.lifetime)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| SignError::BadCsr(e.to_string()))?;
         let names = &csr.params.subject_alt_names;
@@ -165,7 +191,8 @@ impl Signer {
     ) -> Result<(rcgen::Certificate, String, SystemTime), SignError> {
         let internal = |e: rcgen::Error| SignError::Internal(e.to_string());
         let now = SystemTime::now();
-        // Never outlive the issuer's own certificate.
+        // Never outlive the issuer's own certificate (`can_issue` refuses workload
+        // certificates before it comes to this; the serving certificate is cut short).
         let not_after = (now + lifetime).min(self.issuer_not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();

@@ -54,6 +54,10 @@ impl Client {
         loop {
             let decision = self.connector.decide(direction, addr, expected);
             let result = match decision {
+                Decision::Refuse(reason) => Err(SendFailure::unsent(
+                    self.connector.refuse(direction, addr, reason),
+                    req,
+                )),
                 Decision::Plaintext => self.send_plain(direction, addr, req).await,
                 Decision::Mtls { .. } => self.send_mesh(direction, addr, decision, req).await,
             };

@@ -20,6 +20,7 @@ pub use parse::{
 };
 pub use probes::{AppProbe, AppProbes, HttpScheme, ProbeAction, ProbeKind};
 pub use proxy::{
-    Config, DiscoverySource, IdentityConfig, InboundMtls, LogFormat, OutboundMtls, TraceProtocol,
+    Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
+    TraceProtocol,
 };
 pub use vars::*;

@@ -23,6 +23,7 @@ pub struct Config {
     pub outbound_listen: SocketAddr,
     pub inbound_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub inbound_target: InboundTarget,
     pub inbound_direct_target: Option<SocketAddr>,
     pub detect_timeout: Duration,
     pub opaque_ports: PortSet,
@@ -53,6 +54,24 @@ pub struct Config {
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
     pub policy_vars: HashMap<String, String>,
+}
+
+/// Where redirected inbound connections go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundTarget {
+    /// The pod address the client dialled.
+    PodIp,
+    /// The loopback address of the client's family.
+    Localhost,
+}
+
+impl fmt::Display for InboundTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InboundTarget::PodIp => "pod-ip",
+            InboundTarget::Localhost => "localhost",
+        })
+    }
 }
 
 /// A source of endpoints, as GOFE_DISCOVERY names it.
@@ -141,6 +160,11 @@ impl Config {
             outbound_listen: env.get(&OUTBOUND_LISTEN, parse_socket_addr),
             inbound_listen: env.get(&INBOUND_LISTEN, parse_socket_addr),
             admin_listen: env.get(&ADMIN_LISTEN, parse_socket_addr),
+            inbound_target: env.get(&INBOUND_TARGET, |s| match s {
+                "pod-ip" => Ok(InboundTarget::PodIp),
+                "localhost" => Ok(InboundTarget::Localhost),
+                _ => Err("expected pod-ip or localhost".into()),
+            }),
             inbound_direct_target: env.get(&INBOUND_DIRECT_TARGET, |s| {
                 if s.is_empty() {
                     Ok(None)
@@ -274,6 +298,7 @@ impl Config {
             (OUTBOUND_LISTEN.name, self.outbound_listen.to_string()),
             (INBOUND_LISTEN.name, self.inbound_listen.to_string()),
             (ADMIN_LISTEN.name, self.admin_listen.to_string()),
+            (INBOUND_TARGET.name, self.inbound_target.to_string()),
             (
                 INBOUND_DIRECT_TARGET.name,
                 self.inbound_direct_target

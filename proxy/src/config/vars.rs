@@ -24,6 +24,8 @@ vars! {
         "Inbound listener; iptables' PREROUTING chain redirects connections to the pod here.";
     ADMIN_LISTEN = "GOFE_ADMIN_LISTEN", "0.0.0.0:4191",
         "Admin server (probes, metrics); never intercepted, so the kubelet and Prometheus reach it.";
+    INBOUND_TARGET = "GOFE_INBOUND_TARGET", "pod-ip",
+        "Where redirected inbound connections go: pod-ip, the address the client dialled (so a port the application bound to loopback only, a debug or admin port, stays unreachable from other pods), or localhost (127.0.0.1 or ::1, which reaches loopback-only listeners too).";
     INBOUND_DIRECT_TARGET = "GOFE_INBOUND_DIRECT_TARGET", "",
         "Where the inbound listener forwards connections that reached it without an iptables redirect (running without iptables, as the demo does). Empty: such connections are refused.";
     DETECT_TIMEOUT = "GOFE_DETECT_TIMEOUT", "10s",
@@ -151,6 +153,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &OUTBOUND_LISTEN,
     &INBOUND_LISTEN,
     &ADMIN_LISTEN,
+    &INBOUND_TARGET,
     &INBOUND_DIRECT_TARGET,
     &DETECT_TIMEOUT,
     &OPAQUE_PORTS,

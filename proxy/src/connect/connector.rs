@@ -53,9 +53,13 @@ impl Connector {
     ) -> Result<Connected, ConnectError> {
         let timeout = self.tcp.timeout();
         let deadline = tokio::time::Instant::now() + timeout;
+        if let Decision::Refuse(reason) = decision {
+            return Err(self.refuse(direction, addr, reason));
+        }
         let result = match self.tcp.connect(addr, deadline).await {
             Err(e) => Err(e),
             Ok(tcp) => match decision {
+                Decision::Refuse(_) => unreachable!("refused above"),
                 Decision::Plaintext => Ok(Connected {
                     io: Upstream::Plain(tcp),
                     peer: None,
@@ -76,6 +80,18 @@ impl Connector {
             self.metrics.connect_error(direction, e.reason());
         }
         result
+    }
+
+    /// The failure a refusing decision is, counted.
+    pub fn refuse(
+        &self,
+        direction: Direction,
+        addr: EndpointAddr,
+        reason: &'static str,
+    ) -> ConnectError {
+        let e = ConnectError::Refuse { addr, reason };
+        self.metrics.connect_error(direction, e.reason());
+        e
     }
 
     /// A connection of its own to `addr` (opaque TCP, a tunnel, an upgrade): decided,

@@ -26,10 +26,16 @@ use tokio_rustls::client::TlsStream;
 const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
 const PLAINTEXT_MEMORY_MAX: usize = 10_000;
 
+const NO_CERTIFICATE: &str =
+    "this proxy holds no valid certificate of its own (see /ready and /identity)";
+
 /// How to reach an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision<'a> {
     Plaintext,
+    /// Neither: mTLS would be required or tried, and this proxy holds no valid
+    /// certificate of its own. Nothing is sent in plaintext instead.
+    Refuse(&'static str),
     /// Mesh mTLS. `expected`: the identity the peer must present. `fallback`: a peer
     /// that shows it has no sidecar is noted, and reached in plaintext after a new
     /// decision (auto mode).
@@ -76,26 +82,22 @@ impl OutboundTls {
         };
         match (self.mode, expected) {
             (OutboundMtls::Off, _) => Decision::Plaintext,
+            // A peer auto mode found without a sidecar (and named by no discovery
+            // source with an identity).
+            (OutboundMtls::Auto, None) if self.remembered(addr) => Decision::Plaintext,
+            // Without a valid certificate of its own, a proxy cannot tell a peer
+            // without a sidecar from its own failing handshakes: it sends nothing
+            // rather than guess plaintext (and /ready says why).
+            _ if !identity.is_ready() => Decision::Refuse(NO_CERTIFICATE),
             // An identity named by discovery: mTLS with it, or nothing.
             (_, Some(_)) | (OutboundMtls::Strict, None) => Decision::Mtls {
                 expected,
                 fallback: false,
             },
-            (OutboundMtls::Auto, None) => {
-                if self.remembered(addr) {
-                    Decision::Plaintext
-                } else if !identity.is_ready() {
-                    // Without a current certificate of its own, a proxy's handshakes
-                    // fail for its own reasons: auto mode goes plaintext this time, and
-                    // learns nothing about the peer from it.
-                    Decision::Plaintext
-                } else {
-                    Decision::Mtls {
-                        expected: None,
-                        fallback: true,
-                    }
-                }
-            }
+            (OutboundMtls::Auto, None) => Decision::Mtls {
+                expected: None,
+                fallback: true,
+            },
         }
     }
 
@@ -180,33 +182,20 @@ impl OutboundTls {
     }
 }
 
-/// Whether a failed handshake shows a peer that does not speak the mesh's TLS, as
-/// opposed to a mesh peer with a problem (which must not be answered by dropping to
-/// plaintext). Auto mode is opportunistic all the same: a peer that presents a
-/// certificate not of this mesh is taken for one without a sidecar; where discovery
-/// names the identity to expect, or with GOFE_OUTBOUND_MTLS=strict, there is no
-/// fallback at all.
+/// Whether a failed handshake is evidence that the peer has no sidecar: it closed the
+/// connection on the ClientHello without a word, or answered it with something that is
+/// not TLS (a plaintext server's error page). Anything else is a failure and never a
+/// reason for plaintext: a certificate that does not verify (another CA, self-signed:
+/// what an attacker on the path would present), a TLS alert, or a connection reset in
+/// the middle of the handshake. Where discovery names the identity to expect, or with
+/// GOFE_OUTBOUND_MTLS=strict, there is no fallback at all.
 fn speaks_no_mesh_tls(e: &io::Error) -> bool {
-    use rustls::{AlertDescription, CertificateError, Error as Tls};
-    if matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    ) {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
         return true;
     }
     matches!(
-        e.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()),
-        Some(
-            Tls::InvalidMessage(_)
-                | Tls::AlertReceived(AlertDescription::NoApplicationProtocol)
-                | Tls::InvalidCertificate(
-                    CertificateError::UnknownIssuer
-                        | CertificateError::BadSignature
-                        | CertificateError::Other(_),
-                )
-        )
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidMessage(_))
     )
 }

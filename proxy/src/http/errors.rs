@@ -1,7 +1,9 @@
 //! Why the proxy could not forward a request, and the response it writes itself then:
 //! a status that says what failed (400 no destination, 403 refused, 502 unreachable,
 //! 503 overloaded or no endpoints, 504 timed out), the reason in `gofe-proxy-error`,
-//! and for gRPC clients a gRPC status they understand.
+//! and for gRPC clients a gRPC status they understand. The local application
+//! (outbound) is told everything (addresses, identities); a remote client (inbound) is
+//! told what kind of failure it was, in words that name nothing inside the pod.
 
 use crate::addrs::EndpointAddr;
 use crate::call::{ConnectFailure, Failure, HttpFailure};
@@ -87,9 +89,47 @@ impl ProxyError {
         }
     }
 
-    /// The status, headers and body of the response that tells the client.
-    pub fn response(&self, grpc: bool) -> (StatusCode, HeaderMap, String) {
-        let message = self.to_string();
+    /// What a remote client is told: the kind of failure, naming no address, identity
+    /// or setting of this pod.
+    pub fn summary(&self) -> String {
+        fn of_send(e: &SendError) -> String {
+            match e {
+                SendError::Connect(c) => {
+                    format!("the destination could not be reached ({})", c.reason())
+                }
+                SendError::Handshake { .. } | SendError::Http { .. } => {
+                    "the destination's connection failed".into()
+                }
+            }
+        }
+        fn of_failure<R: std::fmt::Debug>(f: &Failure<R>) -> String {
+            match f {
+                Failure::Unsent { error, .. } | Failure::Lost { error, .. } => of_send(error),
+                Failure::Client { .. } => "the request body broke off".into(),
+                Failure::TryTimeout { .. } | Failure::Timeout { .. } => {
+                    "the request timed out".into()
+                }
+                Failure::Overloaded { .. } => "the destination is overloaded".into(),
+                Failure::NoEndpoints { .. } => "the destination has no endpoints".into(),
+            }
+        }
+        match self {
+            ProxyError::Forbidden(_) => "refused by the destination's inbound policy".into(),
+            ProxyError::NoAuthority => self.to_string(),
+            ProxyError::Send(e) => of_send(e),
+            ProxyError::Call(f) => of_failure(f),
+            ProxyError::Connect(f) => of_failure(f),
+        }
+    }
+
+    /// The status, headers and body of the response that tells the client; with
+    /// `detail`, the whole reason (for the local application), else the summary.
+    pub fn response(&self, grpc: bool, detail: bool) -> (StatusCode, HeaderMap, String) {
+        let message = if detail {
+            self.to_string()
+        } else {
+            self.summary()
+        };
         let reason = HeaderValue::from_str(&message)
             .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
         let mut headers = HeaderMap::new();
@@ -126,7 +166,7 @@ mod tests {
 
     #[test]
     fn connect_timeout_is_504_and_names_the_endpoint() {
-        let (status, headers, body) = timeout().response(false);
+        let (status, headers, body) = timeout().response(false, true);
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         let why = headers[PROXY_ERROR_HEADER].to_str().unwrap();
         assert!(why.contains("10.0.0.1:80"), "{why}");
@@ -135,10 +175,25 @@ mod tests {
 
     #[test]
     fn grpc_clients_get_a_grpc_status() {
-        let (status, headers, body) = timeout().response(true);
+        let (status, headers, body) = timeout().response(true, true);
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers["grpc-status"], "4");
         assert!(body.is_empty());
+    }
+
+    #[test]
+    fn a_remote_client_learns_the_kind_of_failure_and_nothing_inside_the_pod() {
+        let (status, headers, body) = timeout().response(false, false);
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        let why = headers[PROXY_ERROR_HEADER].to_str().unwrap();
+        assert_eq!(why, "the destination could not be reached (timeout)");
+        assert!(!body.contains("10.0.0.1"), "{body}");
+        let refused = ProxyError::Forbidden(
+            "identity spiffe://cluster.local/ns/a/sa/b is not in GOFE_INBOUND_AUTHORIZE".into(),
+        );
+        let (_, headers, _) = refused.response(false, false);
+        let why = headers[PROXY_ERROR_HEADER].to_str().unwrap();
+        assert!(!why.contains("spiffe") && !why.contains("GOFE_"), "{why}");
     }
 
     #[test]
@@ -147,7 +202,7 @@ mod tests {
             destination: "api:80".into(),
             limit: 3,
         });
-        let (status, headers, _) = e.response(false);
+        let (status, headers, _) = e.response(false, true);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[OVERLOADED_HEADER], "true");
     }

@@ -139,7 +139,10 @@ fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
     debug!(client = %r.conn.client, %error, "request failed");
     let mut observe = r.observe;
     observe.failed(&error, error.endpoint());
-    let (status, headers, body) = error.response(r.grpc);
+    // The local application may know everything; a remote client learns nothing of
+    // the pod's insides (addresses, identities, settings) from an error.
+    let detail = r.conn.direction == Direction::Outbound;
+    let (status, headers, body) = error.response(r.grpc, detail);
     let finish = Finish {
         stats: r.conn.stats(r.authority.as_ref(), None),
         observe,

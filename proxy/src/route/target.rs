@@ -4,6 +4,7 @@
 //! connected to the outbound listener itself, wherever each request's authority says.
 
 use crate::addrs::{Direction, EndpointAddr, OrigDstAddr};
+use crate::config::InboundTarget;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,19 +23,25 @@ pub enum ConnTarget {
 }
 
 impl ConnTarget {
-    /// The target of a connection redirected from `orig_dst`.
-    pub fn redirected(direction: Direction, orig_dst: OrigDstAddr) -> ConnTarget {
+    /// The target of a connection redirected from `orig_dst`. Inbound, the application
+    /// is reached where the client dialled it (GOFE_INBOUND_TARGET=pod-ip): what the
+    /// application bound to loopback only is not exposed to the cluster by the proxy.
+    /// With `localhost`, on the loopback address of the client's family.
+    pub fn redirected(
+        direction: Direction,
+        orig_dst: OrigDstAddr,
+        inbound: InboundTarget,
+    ) -> ConnTarget {
         match direction {
             Direction::Outbound => ConnTarget::Outbound(orig_dst),
-            // The application listens on the pod's loopback, in the family the client
-            // used.
             Direction::Inbound => {
-                let lo = match orig_dst.ip() {
-                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                let ip = match (inbound, orig_dst.ip()) {
+                    (InboundTarget::PodIp, ip) => ip,
+                    (InboundTarget::Localhost, IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    (InboundTarget::Localhost, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
                 };
                 ConnTarget::Inbound {
-                    app: EndpointAddr::new(SocketAddr::new(lo, orig_dst.port())),
+                    app: EndpointAddr::new(SocketAddr::new(ip, orig_dst.port())),
                     orig_dst: Some(orig_dst),
                 }
             }
@@ -64,10 +71,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inbound_goes_to_loopback_in_the_clients_family() {
+    fn inbound_goes_to_the_address_dialled() {
+        let orig = OrigDstAddr::new("10.0.0.5:8080".parse().unwrap());
+        let t = ConnTarget::redirected(Direction::Inbound, orig, InboundTarget::PodIp);
+        assert_eq!(
+            t,
+            ConnTarget::Inbound {
+                app: orig.as_endpoint(),
+                orig_dst: Some(orig)
+            }
+        );
+    }
+
+    #[test]
+    fn localhost_mode_goes_to_loopback_in_the_clients_family() {
         let t = ConnTarget::redirected(
             Direction::Inbound,
             OrigDstAddr::new("10.0.0.5:8080".parse().unwrap()),
+            InboundTarget::Localhost,
         );
         assert!(
             matches!(t, ConnTarget::Inbound { app, .. } if app.addr() == "127.0.0.1:8080".parse().unwrap())
@@ -75,6 +96,7 @@ mod tests {
         let t = ConnTarget::redirected(
             Direction::Inbound,
             OrigDstAddr::new("[fd00::5]:8080".parse().unwrap()),
+            InboundTarget::Localhost,
         );
         assert!(
             matches!(t, ConnTarget::Inbound { app, .. } if app.addr() == "[::1]:8080".parse().unwrap())
@@ -85,7 +107,7 @@ mod tests {
     fn outbound_keeps_the_original_destination() {
         let orig = OrigDstAddr::new("10.0.0.9:80".parse().unwrap());
         assert_eq!(
-            ConnTarget::redirected(Direction::Outbound, orig),
+            ConnTarget::redirected(Direction::Outbound, orig, InboundTarget::PodIp),
             ConnTarget::Outbound(orig)
         );
     }

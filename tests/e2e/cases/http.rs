@@ -428,8 +428,8 @@ pub fn ipv6_original_destination(w: &World) -> anyhow::Result<()> {
     ])?;
     ensure!(out.ends_with("hello from server\n"), "{out}");
     ensure!(
-        out.contains("x-peer: [::1]:"),
-        "inbound reached the app over IPv6 loopback: {out}"
+        out.contains(&format!("x-peer: [{}]:", server.ip6)),
+        "inbound reached the app on the pod's IPv6 address it was dialled on: {out}"
     );
     let authority = format!("[{}]:{HTTP_PORT}", server.ip6);
     let cm = client.metrics()?;

@@ -36,6 +36,8 @@ pub struct Config {
     pub access_log: bool,
     /// The OTLP collector and how to reach it; None: no traces.
     pub trace_collector: Option<(String, TraceProtocol)>,
+    /// CA certificates (PEM file) for an https collector.
+    pub trace_collector_ca: Option<PathBuf>,
     pub trace_sample_ratio: f64,
     pub service_name: String,
     /// None when GOFE_IDENTITY_DISABLED=true.
@@ -205,6 +207,9 @@ impl Config {
                 let protocol = env.get(&TRACE_PROTOCOL, |s| s.parse::<TraceProtocol>());
                 collector.map(|c| (c, protocol))
             },
+            trace_collector_ca: env.get(&TRACE_COLLECTOR_CA, |s| {
+                Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
+            }),
             trace_sample_ratio: env.get(&TRACE_SAMPLE_RATIO, |s| {
                 s.parse::<f64>()
                     .ok()
@@ -244,6 +249,16 @@ impl Config {
         };
         let mut cfg = cfg;
         cfg.identity = read_identity(env, &cfg);
+        if let Some((collector, _)) = &cfg.trace_collector
+            && gofe_telemetry::trace::is_https(collector)
+            && cfg.trace_collector_ca.is_none()
+        {
+            env.reject(
+                &TRACE_COLLECTOR_CA,
+                "",
+                format!("a PEM file of CA certificates: {collector} is https"),
+            );
+        }
         if env.check_files {
             check_files(env, &cfg);
         }
@@ -322,6 +337,13 @@ impl Config {
                 self.trace_collector
                     .as_ref()
                     .map(|(c, _)| c.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                TRACE_COLLECTOR_CA.name,
+                self.trace_collector_ca
+                    .as_ref()
+                    .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             ),
             (
@@ -416,6 +438,14 @@ impl Config {
 
 /// The files must be good at start-up; later, a bad version keeps the last good.
 fn check_files(env: &mut Env<'_>, cfg: &Config) {
+    if let Some(ca) = &cfg.trace_collector_ca {
+        let checked = std::fs::read(ca)
+            .map_err(|e| format!("a readable file ({e})"))
+            .and_then(|pem| gofe_telemetry::trace::parse_ca_pem(&pem).map(|_| ()));
+        if let Err(expected) = checked {
+            env.reject(&TRACE_COLLECTOR_CA, ca.display(), expected);
+        }
+    }
     let files = cfg
         .policy_file
         .iter()
@@ -618,6 +648,37 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.0[0].name, "GOFE_ADMIN_LISTEN");
         assert!(err.0[0].expected.contains("GOFE_INBOUND_LISTEN"));
+    }
+
+    #[test]
+    fn an_https_collector_needs_a_readable_ca_file() {
+        let https = ("GOFE_TRACE_COLLECTOR", "https://otel.observability:4317");
+        let err = Config::from_map(&env(&[("GOFE_IDENTITY_DISABLED", "true"), https])).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_TRACE_COLLECTOR_CA", "{err}");
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", "/nonexistent/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GOFE_TRACE_COLLECTOR_CA=\"/nonexistent/ca.pem\""),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", bad.to_str().unwrap()),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("at least one CA certificate"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -47,7 +47,9 @@ vars! {
     ACCESS_LOG = "GOFE_ACCESS_LOG", "off",
         "off, or json: one JSON line on stdout per request (and per connection that is not HTTP).";
     TRACE_COLLECTOR = "GOFE_TRACE_COLLECTOR", "",
-        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317); empty: no traces.";
+        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317, or https:// with GOFE_TRACE_COLLECTOR_CA): its requests, and its own operations (certificate requests, discovery refreshes, reloads, drains); empty: no traces.";
+    TRACE_COLLECTOR_CA = "GOFE_TRACE_COLLECTOR_CA", "",
+        "PEM file of the CA certificates that verify an https:// GOFE_TRACE_COLLECTOR (required for https; no system roots are built in, so a collector is trusted only as named).";
     TRACE_PROTOCOL = "GOFE_TRACE_PROTOCOL", "grpc",
         "OTLP transport to the collector: grpc or http/protobuf (the URL's path, or /v1/traces).";
     TRACE_SAMPLE_RATIO = "GOFE_TRACE_SAMPLE_RATIO", "1.0",
@@ -165,6 +167,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &LOG_FORMAT,
     &ACCESS_LOG,
     &TRACE_COLLECTOR,
+    &TRACE_COLLECTOR_CA,
     &TRACE_PROTOCOL,
     &TRACE_SAMPLE_RATIO,
     &SERVICE_NAME,

@@ -20,6 +20,7 @@ crate::cases::register![
     latency_histogram_agrees_with_the_client,
     promtool_accepts_a_real_scrape,
     access_log_lines_and_log_level_changes,
+    operation_spans_reach_an_https_collector_over_grpc_and_http,
 ];
 
 /// Spans are exported within a second of ending; this allows for a slow machine.
@@ -681,5 +682,92 @@ pub fn access_log_lines_and_log_level_changes(w: &World) -> anyhow::Result<()> {
     eventually("a debug line after the change", SPAN_TIMEOUT, || {
         Ok((client.proxy_log()?.matches("request failed").count() > 0).then_some(()))
     })?;
+    Ok(())
+}
+
+/// The proxies' own operations (the certificate request, the drain) arrive as spans
+/// beside the request spans, under the same service name, at a collector reached over
+/// TLS and verified with GOFE_TRACE_COLLECTOR_CA: gRPC from one sidecar,
+/// HTTP/protobuf from the other.
+pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
+    w: &World,
+) -> anyhow::Result<()> {
+    let otel = w.pod("otel").start()?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["otel.test".into()])?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(otel.ip4.into()));
+    let cert = params.self_signed(&key)?;
+    let ca = w.dir().join("otel-ca.pem");
+    std::fs::write(&ca, cert.pem())?;
+    let rx = Receiver::start_tls_in_namespace(&otel.ns, otel.ip4, cert.pem(), key.serialize_pem())?;
+    ensure!(rx.grpc_url().starts_with("https://"), "{}", rx.grpc_url());
+    let ca = ca.display().to_string();
+    let client = w
+        .pod("client")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.grpc_url())
+        .env("GOFE_TRACE_COLLECTOR_CA", &ca)
+        .env("GOFE_SERVICE_NAME", "ops-client")
+        .start()?;
+    let server = w
+        .pod("server")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.http_url())
+        .env("GOFE_TRACE_PROTOCOL", "http/protobuf")
+        .env("GOFE_TRACE_COLLECTOR_CA", &ca)
+        .env("GOFE_SERVICE_NAME", "ops-server")
+        .start()?;
+    server.app("http", HTTP_PORT)?;
+    client.curl(&[&format!("http://{}:{HTTP_PORT}/", server.ip4)])?;
+    for (service, via) in [("ops-client", "grpc"), ("ops-server", "http")] {
+        let spans = eventually(
+            &format!("{service}'s certificate request and request spans over {via}"),
+            SPAN_TIMEOUT,
+            || {
+                let spans: Vec<otlp::Span> = rx
+                    .spans()
+                    .into_iter()
+                    .filter(|s| s.service == service)
+                    .collect();
+                let certify = spans.iter().any(|s| s.name == "identity.certify");
+                let request = spans
+                    .iter()
+                    .any(|s| s.kind == otlp::CLIENT || s.kind == otlp::SERVER);
+                Ok((certify && request).then_some(spans))
+            },
+        )?;
+        let certify = spans
+            .iter()
+            .find(|s| s.name == "identity.certify")
+            .context("identity.certify")?;
+        ensure!(certify.via == via, "{certify:?}");
+        ensure!(
+            certify.attributes.get("kind").map(String::as_str) == Some("first")
+                && certify
+                    .attributes
+                    .get("identity")
+                    .is_some_and(|i| i.contains("/sa/")),
+            "{certify:?}"
+        );
+        ensure!(certify.end_ns > certify.start_ns, "{certify:?}");
+    }
+    // The drain is a span too, sent before the proxy exits.
+    server.signal_proxy(nix::sys::signal::Signal::SIGTERM)?;
+    eventually("the server's drain span", SPAN_TIMEOUT, || {
+        Ok(rx
+            .spans()
+            .into_iter()
+            .find(|s| s.service == "ops-server" && s.name == "proxy.drain"))
+    })?;
+    let mut seen: Vec<String> = rx
+        .spans()
+        .iter()
+        .map(|s| format!("{} {} via {} {:?}", s.service, s.name, s.via, s.attributes))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    println!("spans at the https collector:\n{}", seen.join("\n"));
     Ok(())
 }

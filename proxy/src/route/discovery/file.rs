@@ -66,6 +66,15 @@ impl Watched {
                 if text == last {
                     continue;
                 }
+                // A reload (policy or destinations) is an operation span, with the
+                // refusal as its error.
+                let span = tracing::info_span!(
+                    target: gofe_telemetry::ops::TARGET,
+                    "config.reload",
+                    path = %owned.display(),
+                    otel.status_code = tracing::field::Empty,
+                );
+                let _entered = span.enter();
                 match Table::parse(&text, &base) {
                     Ok(table) => {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
@@ -73,6 +82,7 @@ impl Watched {
                         generation.fetch_add(1, Ordering::AcqRel);
                     }
                     Err(error) => {
+                        span.record("otel.status_code", "ERROR");
                         warn!(path = %owned.display(), %error, "keeping the last good version of the file")
                     }
                 }

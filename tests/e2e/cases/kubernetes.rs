@@ -7,6 +7,7 @@
 crate::cases::register![
     injected_pods_boot_talk_over_mtls_and_pass_rewritten_probes,
     injected_job_completes_and_its_sidecar_exits_after_the_app,
+    ordinary_sidecar_pod_starts_its_app_once_gofe_await_returns,
     webhook_refuses_a_pod_whose_annotation_is_invalid,
 ];
 
@@ -406,6 +407,36 @@ pub fn injected_job_completes_and_its_sidecar_exits_after_the_app(w: &World) -> 
         ],
     );
     ensure!(seen >= 1.0, "the Job's call did not arrive over mTLS");
+    Ok(())
+}
+
+/// `config.gofe.io/native-sidecar: "false"`: the proxy is the first ordinary container,
+/// and the kubelet starts the app only once its `gofe await` postStart hook returns.
+pub fn ordinary_sidecar_pod_starts_its_app_once_gofe_await_returns(
+    w: &World,
+) -> anyhow::Result<()> {
+    let issuer = w.issuer()?;
+    let kubelet = Kubelet::new(w, cluster(w)?)?;
+    let yaml = SERVER.replace(
+        "config.gofe.io/inbound-mtls: strict",
+        "config.gofe.io/inbound-mtls: strict\n        config.gofe.io/native-sidecar: \"false\"",
+    );
+    let template = inject(&yaml, &issuer)?;
+    ensure!(
+        template["spec"]["containers"][0]["name"] == "gofe-proxy",
+        "{template}"
+    );
+    let mut pod = kubelet.run_pod("server-ordinary-x9", &template)?;
+    // The hook returned, so the proxy held its certificate before the app started.
+    let (status, _) = pod.netns.admin("GET", "/ready")?;
+    ensure!(status == 200, "the app started before the proxy was ready");
+    pod.wait_ready()?;
+    ensure!(rewritten_probes_pass(&pod, "app")? == 3);
+    pod.terminate()?;
+    let proxy = pod
+        .exit_status("gofe-proxy")?
+        .context("proxy still running")?;
+    ensure!(proxy.success(), "the proxy exited with {proxy}");
     Ok(())
 }
 

@@ -720,7 +720,28 @@ pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
         .env("GOFE_SERVICE_NAME", "ops-server")
         .start()?;
     server.app("http", HTTP_PORT)?;
+    // A sidecar given another CA refuses the collector: nothing of it arrives, and its
+    // spans count as failed.
+    let other = rcgen::KeyPair::generate()?;
+    let other = rcgen::CertificateParams::new(vec!["otel.test".into()])?.self_signed(&other)?;
+    let other_ca = w.dir().join("other-ca.pem");
+    std::fs::write(&other_ca, other.pem())?;
+    let doubter = w
+        .pod("doubter")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.grpc_url())
+        .env("GOFE_TRACE_COLLECTOR_CA", &other_ca.display().to_string())
+        .env("GOFE_SERVICE_NAME", "ops-doubter")
+        .start()?;
     client.curl(&[&format!("http://{}:{HTTP_PORT}/", server.ip4)])?;
+    eventually("the doubter's exports fail", SPAN_TIMEOUT, || {
+        let m = doubter.metrics()?;
+        Ok((m.sum("gofe_trace_spans_total", &[("result", "failed")]) >= 1.0).then_some(()))
+    })?;
+    ensure!(
+        !rx.spans().iter().any(|s| s.service == "ops-doubter"),
+        "a collector the CA does not vouch for got spans"
+    );
     for (service, via) in [("ops-client", "grpc"), ("ops-server", "http")] {
         let spans = eventually(
             &format!("{service}'s certificate request and request spans over {via}"),

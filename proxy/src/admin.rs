@@ -273,16 +273,26 @@ fn render_spans(c: &gofe_telemetry::trace::SpanCounts, e: &mut Exposition) {
     use gofe_telemetry::prom::Kind;
     e.family(
         "gofe_trace_spans_total",
-        "Spans for GOFE_TRACE_COLLECTOR by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
+        "Spans for GOFE_TRACE_COLLECTOR by kind (request: a proxied request's; operation: the proxy's own work, such as a certificate request) and by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
         Kind::Counter,
     );
-    for (result, n) in [
-        ("queued", c.queued.get()),
-        ("dropped", c.dropped.get()),
-        ("exported", c.exported.get()),
-        ("failed", c.failed.get()),
+    for (result, all, ops) in [
+        ("queued", &c.all.queued, &c.operations.queued),
+        ("dropped", &c.all.dropped, &c.operations.dropped),
+        ("exported", &c.all.exported, &c.operations.exported),
+        ("failed", &c.all.failed, &c.operations.failed),
     ] {
-        e.sample("gofe_trace_spans_total", &[("result", result)], n);
+        let (all, ops) = (all.get(), ops.get());
+        e.sample(
+            "gofe_trace_spans_total",
+            &[("kind", "request"), ("result", result)],
+            all.saturating_sub(ops),
+        );
+        e.sample(
+            "gofe_trace_spans_total",
+            &[("kind", "operation"), ("result", result)],
+            ops,
+        );
     }
 }
 

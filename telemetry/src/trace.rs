@@ -162,9 +162,17 @@ pub enum TraceError {
     Exporter { collector: String, reason: String },
 }
 
-/// Counts of spans by what became of them.
+/// Counts of spans by what became of them: every span (`all`), and of them the
+/// process's own operations (`crate::ops`); the rest are requests'.
 #[derive(Debug, Default)]
 pub struct SpanCounts {
+    pub all: Outcomes,
+    pub operations: Outcomes,
+}
+
+/// What became of spans.
+#[derive(Debug, Default)]
+pub struct Outcomes {
     /// Handed to the export queue.
     pub queued: Counter,
     /// Not queued: the queue was full.
@@ -173,6 +181,13 @@ pub struct SpanCounts {
     pub exported: Counter,
     /// Sent to the collector, which failed or did not answer in time.
     pub failed: Counter,
+}
+
+/// The instrumentation scope of operation spans.
+const OPS_SCOPE: &str = "gofe.ops";
+
+fn is_operation(span: &SpanData) -> bool {
+    span.instrumentation_scope.name() == OPS_SCOPE
 }
 
 /// A proxy's tracer. Cheap to clone.
@@ -286,7 +301,7 @@ impl Tracer {
     /// A tracer for the process's own operations (`crate::ops`), exporting through the
     /// same pipeline under the same `service.name`.
     pub fn operations(&self) -> SdkTracer {
-        self.inner.provider.tracer("gofe.ops")
+        self.inner.provider.tracer(OPS_SCOPE)
     }
 
     /// Starts the span of a request that came in with `headers`, as a child of the
@@ -638,12 +653,19 @@ impl SpanProcessor for Bounded {
         if !span.span_context.is_sampled() {
             return;
         }
+        let operation = is_operation(&span);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE_SIZE {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.counts.dropped.inc();
+            self.counts.all.dropped.inc();
+            if operation {
+                self.counts.operations.dropped.inc();
+            }
             return;
         }
-        self.counts.queued.inc();
+        self.counts.all.queued.inc();
+        if operation {
+            self.counts.operations.queued.inc();
+        }
         self.batch.on_end(span);
     }
 
@@ -688,6 +710,7 @@ impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.len();
+        let operations = batch.iter().filter(|s| is_operation(s)).count() as u64;
         // Out of the queue: room for new spans.
         self.waiting.fetch_sub(
             n.min(self.waiting.load(Ordering::Acquire)),
@@ -699,10 +722,12 @@ impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
         self.runtime.spawn(async move {
             let result = inner.export(batch).await;
             if let Some(c) = &counts {
-                match &result {
-                    Ok(()) => c.exported.add(n as u64),
-                    Err(_) => c.failed.add(n as u64),
-                }
+                let (all, ops) = match &result {
+                    Ok(()) => (&c.all.exported, &c.operations.exported),
+                    Err(_) => (&c.all.failed, &c.operations.failed),
+                };
+                all.add(n as u64);
+                ops.add(operations);
             }
             let _ = tx.send(result);
         });

@@ -45,6 +45,8 @@ pub struct Span {
     pub via: &'static str,
 }
 
+/// The proxies' own operations (`identity.certify`, ...).
+pub const INTERNAL: i32 = 1;
 pub const SERVER: i32 = 2;
 pub const CLIENT: i32 = 3;
 

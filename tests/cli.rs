@@ -320,3 +320,53 @@ fn readme_documents_every_variable() {
         }
     }
 }
+
+/// Every test SECURITY.md (and RELIABILITY.md, once it exists) names as proof exists.
+#[test]
+fn the_security_and_reliability_tables_name_real_tests() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = String::new();
+    fn walk(dir: &std::path::Path, out: &mut String) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if p.is_dir() && name != "target" && !name.starts_with('.') {
+                walk(&p, out);
+            } else if name.ends_with(".rs") {
+                out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    for dir in ["src", "proxy", "identity", "telemetry", "tests", "fuzz"] {
+        walk(&root.join(dir), &mut sources);
+    }
+    for doc in ["SECURITY.md", "RELIABILITY.md"] {
+        let Ok(text) = std::fs::read_to_string(root.join(doc)) else {
+            continue;
+        };
+        let mut named = 0;
+        for cell in text.split('`').skip(1).step_by(2) {
+            let Some((_, test)) = cell.split_once("::") else {
+                continue;
+            };
+            if test.is_empty()
+                || !test
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '*')
+            {
+                continue;
+            }
+            named += 1;
+            // `refuses_*` names a family of tests.
+            let needle = match test.strip_suffix('*') {
+                Some(prefix) => format!("fn {prefix}"),
+                None => format!("fn {test}("),
+            };
+            assert!(
+                sources.contains(&needle),
+                "{doc} names {cell}, but no such test exists"
+            );
+        }
+        assert!(named > 10, "{doc} names its tests ({named} found)");
+    }
+}

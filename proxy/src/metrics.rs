@@ -15,11 +15,18 @@ use std::sync::Arc;
 /// Host headers costs a bounded few megabytes.
 const MAX_LABEL_SETS: usize = 1000;
 
-/// Label sets of request metrics. Each holds its latency histograms: the cumulative one
-/// (64 KiB for latencies up to 100 ms, 136 KiB at most) and, while requests come, up to
-/// six windows of half that; so at most ~110 MB if every label set saw minute-long
-/// latencies in every window, ~50 MB for 100 ms.
+/// Label sets of request metrics, per direction (inbound and outbound each have their
+/// own, so that one cannot crowd the other out). Each holds its latency histograms: the
+/// cumulative one (64 KiB for latencies up to 100 ms, 136 KiB at most) and, while
+/// requests come, up to six windows of half that; so at most ~110 MB per direction if
+/// every label set saw minute-long latencies in every window, ~50 MB for 100 ms.
+/// Inbound label sets are few in practice: the authority is the port the application
+/// was reached on, the identity one of the mesh's.
 const MAX_REQUEST_LABEL_SETS: usize = 200;
+
+/// Unusual (status, gRPC status) pairs counted apart per label set (a gRPC status
+/// outside 0..=16, a status above 599); past this many, the rest count as "other".
+const MAX_RARE_STATUSES: usize = 16;
 
 const OVERFLOW: &str = "other";
 
@@ -38,8 +45,10 @@ pub struct RequestStats {
     /// gRPC responses with HTTP 200, by grpc-status 0..=16.
     grpc_ok: Box<[Counter]>,
     /// Anything else (a gRPC status outside 0..=16, or with a non-200 HTTP status):
-    /// rare, so a lock is fine.
+    /// rare, so a lock is fine; bounded, since an upstream chooses them.
     rare: Mutex<Vec<(u16, Option<u16>, u64)>>,
+    /// Rare pairs past the bound.
+    rare_overflow: Counter,
     /// From the request's start to the end of its response body.
     pub latency: Latency,
 }
@@ -54,6 +63,7 @@ impl Default for RequestStats {
             by_status: (0..STATUS_SLOTS).map(|_| Counter::default()).collect(),
             grpc_ok: (0..GRPC_SLOTS).map(|_| Counter::default()).collect(),
             rare: Mutex::new(Vec::new()),
+            rare_overflow: Counter::default(),
             latency: Latency::default(),
         }
     }
@@ -76,13 +86,20 @@ impl RequestStats {
             Some(_) => {}
         }
         let mut rare = self.rare.lock();
+        let full = rare.len() >= MAX_RARE_STATUSES;
         match rare
             .iter_mut()
             .find(|(s, g, _)| *s == code && *g == grpc_status)
         {
             Some(entry) => entry.2 += 1,
+            None if full => self.rare_overflow.inc(),
             None => rare.push((code, grpc_status, 1)),
         }
+    }
+
+    /// Responses whose (status, gRPC status) came past the bound of rare ones.
+    pub fn other_statuses(&self) -> u64 {
+        self.rare_overflow.get()
     }
 
     /// Every (status, grpc status, count) with a count above zero.
@@ -105,7 +122,7 @@ impl RequestStats {
     }
 
     pub fn total(&self) -> u64 {
-        self.counts().iter().map(|(_, _, n)| n).sum()
+        self.counts().iter().map(|(_, _, n)| n).sum::<u64>() + self.other_statuses()
     }
 }
 
@@ -139,8 +156,46 @@ impl Default for ByteCounters {
     }
 }
 
+/// The request label sets, inbound and outbound each capped on its own.
+pub struct Requests([Family<RequestLabels, RequestStats>; 2]);
+
+impl Requests {
+    fn new() -> Self {
+        let family = || {
+            Family::new(MAX_REQUEST_LABEL_SETS, |l: &RequestLabels| RequestLabels {
+                direction: l.direction,
+                authority: OVERFLOW.into(),
+                tls: l.tls,
+                peer_identity: OVERFLOW.into(),
+            })
+        };
+        Self([family(), family()])
+    }
+
+    pub fn get(&self, labels: &RequestLabels) -> Arc<RequestStats> {
+        self.0[idx(labels.direction)].get(labels)
+    }
+
+    pub fn snapshot(&self) -> Vec<(RequestLabels, Arc<RequestStats>)> {
+        self.0.iter().flat_map(|f| f.snapshot()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|f| f.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Label sets folded into "other" in `direction`.
+    pub fn overflowed(&self, direction: Direction) -> u64 {
+        self.0[idx(direction)].overflowed()
+    }
+}
+
 pub struct Metrics {
-    pub requests: Family<RequestLabels, RequestStats>,
+    pub requests: Requests,
     tls_handshakes: Family<(Direction, &'static str), Counter>,
     pub connections: Family<ConnLabels, Counter>,
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
@@ -169,12 +224,7 @@ fn idx(d: Direction) -> usize {
 impl Metrics {
     pub fn new() -> Self {
         Self {
-            requests: Family::new(MAX_REQUEST_LABEL_SETS, |l: &RequestLabels| RequestLabels {
-                direction: l.direction,
-                authority: OVERFLOW.into(),
-                tls: l.tls,
-                peer_identity: OVERFLOW.into(),
-            }),
+            requests: Requests::new(),
             connections: Family::new(MAX_LABEL_SETS, |l: &ConnLabels| ConnLabels {
                 direction: l.direction,
                 protocol: l.protocol,
@@ -279,11 +329,22 @@ impl Metrics {
         let mut requests = self.requests.snapshot();
         requests.sort_by(|a, b| a.0.cmp(&b.0));
         for (l, stats) in &requests {
-            let mut counts = stats.counts();
+            let mut counts: Vec<(String, String, u64)> = stats
+                .counts()
+                .into_iter()
+                .map(|(s, g, n)| {
+                    (
+                        s.to_string(),
+                        g.map(|g| g.to_string()).unwrap_or_default(),
+                        n,
+                    )
+                })
+                .collect();
             counts.sort();
+            if stats.other_statuses() > 0 {
+                counts.push((OVERFLOW.into(), OVERFLOW.into(), stats.other_statuses()));
+            }
             for (status, grpc, n) in counts {
-                let status = status.to_string();
-                let grpc = grpc.map(|g| g.to_string()).unwrap_or_default();
                 e.sample(
                     "gofe_requests_total",
                     &[
@@ -451,16 +512,18 @@ impl Metrics {
             "Label sets folded into \"other\" because a family reached its cap.",
             Kind::Counter,
         );
-        for (name, n) in [
-            ("gofe_requests_total", self.requests.overflowed()),
-            ("gofe_tcp_connections_total", self.connections.overflowed()),
-        ] {
+        for d in [Direction::Inbound, Direction::Outbound] {
             e.sample(
                 "gofe_metrics_label_sets_overflowed_total",
-                &[("metric", name)],
-                n,
+                &[("metric", "gofe_requests_total"), ("direction", d.as_str())],
+                self.requests.overflowed(d),
             );
         }
+        e.sample(
+            "gofe_metrics_label_sets_overflowed_total",
+            &[("metric", "gofe_tcp_connections_total"), ("direction", "")],
+            self.connections.overflowed(),
+        );
     }
 }
 
@@ -493,6 +556,17 @@ mod tests {
     }
 
     #[test]
+    fn odd_statuses_from_an_upstream_are_bounded() {
+        let s = RequestStats::default();
+        for g in 100..1100u16 {
+            s.record(StatusCode::OK, Some(g));
+        }
+        assert_eq!(s.counts().len(), MAX_RARE_STATUSES);
+        assert_eq!(s.other_statuses(), 1000 - MAX_RARE_STATUSES as u64);
+        assert_eq!(s.total(), 1000);
+    }
+
+    #[test]
     fn random_authorities_fold_into_other_with_bounded_histograms() {
         let m = Metrics::new();
         for i in 0..(MAX_REQUEST_LABEL_SETS + 200) {
@@ -506,7 +580,16 @@ mod tests {
             stats.latency.record(std::time::Duration::from_millis(1));
         }
         assert_eq!(m.requests.len(), MAX_REQUEST_LABEL_SETS + 1);
-        assert_eq!(m.requests.overflowed(), 200);
+        assert_eq!(m.requests.overflowed(Direction::Inbound), 200);
+        // Outbound label sets have their own room.
+        let outbound = m.requests.get(&RequestLabels {
+            direction: Direction::Outbound,
+            authority: "api:80".into(),
+            tls: false,
+            peer_identity: "".into(),
+        });
+        outbound.record(StatusCode::OK, None);
+        assert_eq!(m.requests.overflowed(Direction::Outbound), 0);
         let other = m.requests.get(&RequestLabels {
             direction: Direction::Inbound,
             authority: OVERFLOW.into(),
@@ -522,7 +605,7 @@ mod tests {
             "gofe_request_duration_seconds_count{direction=\"inbound\",authority=\"other\",tls=\"false\",peer_identity=\"other\"} 200"
         ));
         assert!(text.contains(
-            "gofe_metrics_label_sets_overflowed_total{metric=\"gofe_requests_total\"} 200"
+            "gofe_metrics_label_sets_overflowed_total{metric=\"gofe_requests_total\",direction=\"inbound\"} 200"
         ));
     }
 

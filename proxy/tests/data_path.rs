@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -260,4 +261,59 @@ async fn strict_mode_refuses_a_peer_without_a_sidecar() {
         "three connects (the retries of connect failures), none of which got a request"
     );
     client.stop().await;
+}
+
+#[tokio::test]
+async fn a_policy_file_with_an_absurd_duration_is_refused_and_the_last_good_stays() {
+    let app = App::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    let name = format!("api.test:{}", app.addr.port());
+    let policy = |lb: &str, timeout: &str| {
+        format!(
+            "destinations:\n  - name: {name}\n    policy:\n      lb: {lb}\n      request_timeout: {timeout}\n"
+        )
+    };
+    std::fs::write(&file, policy("round-robin", "5s")).unwrap();
+    let policy_file = file.display().to_string();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_POLICY_FILE", &policy_file)]);
+    proxy.outbound_to(app.addr);
+    proxy.ready().await;
+    let uri = format!("http://{name}/");
+    let lb = || async {
+        let json = admin(proxy.addrs.admin, "/endpoints").await.1;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["destinations"][0]["lb"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        get(proxy.addrs.outbound, &uri, &[]).await.unwrap().status,
+        200
+    );
+    assert_eq!(lb().await, "round-robin");
+    // A good change is taken...
+    std::fs::write(&file, policy("random", "5s")).unwrap();
+    eventually(Duration::from_secs(10), || async { lb().await == "random" }).await;
+    // ... a duration that would overflow a deadline is refused, counted, and the last
+    // good policy stays.
+    std::fs::write(&file, policy("ewma", "1000000000s")).unwrap();
+    let refused = |m: String| {
+        sample(
+            &m,
+            "gofe_file_reloads_total",
+            &[("path", &policy_file), ("result", "refused")],
+        )
+    };
+    eventually(Duration::from_secs(10), || async {
+        refused(proxy.metrics().await) == Some(1.0)
+    })
+    .await;
+    assert_eq!(lb().await, "random");
+    assert_eq!(
+        get(proxy.addrs.outbound, &uri, &[]).await.unwrap().status,
+        200
+    );
+    proxy.stop().await;
 }

@@ -308,7 +308,11 @@ impl Tracer {
     /// context they carry (W3C first, else B3), or as the root of a new trace.
     pub fn start(&self, request: &RequestInfo<'_>, headers: &HeaderMap) -> RequestSpan {
         let (parent, b3) = extract(headers);
-        let parent = self.decide_for_b3(parent);
+        let parent = if request.trust_sampling {
+            self.decide_for_b3(parent)
+        } else {
+            self.decide_by_ratio(parent)
+        };
         let method = known_method(request.method);
         let mut span = self
             .inner
@@ -328,6 +332,36 @@ impl Tracer {
         }
     }
 
+    /// An untrusted parent: its trace goes on, sampled as the ratio decides for its
+    /// trace id, whatever it asked for.
+    fn decide_by_ratio(&self, parent: Context) -> Context {
+        let sc = parent.span().span_context().clone();
+        if !sc.is_valid() {
+            return parent;
+        }
+        let flags = if self.ratio_samples(sc.trace_id()) {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        Context::new().with_remote_span_context(SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            flags,
+            true,
+            sc.trace_state().clone(),
+        ))
+    }
+
+    fn ratio_samples(&self, trace_id: opentelemetry::trace::TraceId) -> bool {
+        use opentelemetry_sdk::trace::ShouldSample;
+        let r = self
+            .inner
+            .ratio
+            .should_sample(None, trace_id, "", &SpanKind::Server, &[], &[]);
+        r.decision == opentelemetry_sdk::trace::SamplingDecision::RecordAndSample
+    }
+
     /// A B3 parent may carry no sampling decision ("deferred": `b3: trace-span`, or no
     /// `x-b3-sampled`) or ask for one ("debug", `-d` / `x-b3-flags: 1`): debug is
     /// sampled, and deferred is decided here by the ratio, as for a new trace.
@@ -339,18 +373,7 @@ impl Tracer {
         if !sc.is_valid() || flags & (DEFERRED | DEBUG) == 0 {
             return parent;
         }
-        let sampled = flags & DEBUG != 0 || {
-            use opentelemetry_sdk::trace::ShouldSample;
-            let r = self.inner.ratio.should_sample(
-                None,
-                sc.trace_id(),
-                "",
-                &SpanKind::Server,
-                &[],
-                &[],
-            );
-            r.decision == opentelemetry_sdk::trace::SamplingDecision::RecordAndSample
-        };
+        let sampled = flags & DEBUG != 0 || self.ratio_samples(sc.trace_id());
         let flags = if sampled {
             TraceFlags::SAMPLED
         } else {
@@ -502,6 +525,10 @@ pub struct RequestInfo<'a> {
     /// `1.0`, `1.1` or `2`.
     pub protocol_version: &'static str,
     pub user_agent: Option<&'a str>,
+    /// Whether the sender may decide sampling: its `traceparent` flags and B3 debug are
+    /// honoured. An untrusted sender's trace is continued (same trace id) but sampled by
+    /// the ratio, so that no client can force every span out to the collector.
+    pub trust_sampling: bool,
 }
 
 /// What the end of a request tells its span.
@@ -841,6 +868,10 @@ mod tests {
     }
 
     fn start(t: &Tracer, h: &HeaderMap) -> RequestSpan {
+        start_trusting(t, h, true)
+    }
+
+    fn start_trusting(t: &Tracer, h: &HeaderMap, trust_sampling: bool) -> RequestSpan {
         t.start(
             &RequestInfo {
                 kind: SpanKind::Server,
@@ -852,9 +883,35 @@ mod tests {
                 client: None,
                 protocol_version: "1.1",
                 user_agent: None,
+                trust_sampling,
             },
             h,
         )
+    }
+
+    #[test]
+    fn an_untrusted_sender_cannot_force_sampling_but_its_trace_goes_on() {
+        let trace = "80f198ee56343ba864fe8b2a57d3eff7";
+        let (_rt, t) = tracer(0.0);
+        for h in [
+            headers(&[("b3", &format!("{trace}-e457b5a2e4d86bd1-d"))]),
+            headers(&[("b3", &format!("{trace}-e457b5a2e4d86bd1-1"))]),
+            headers(&[("traceparent", &format!("00-{trace}-e457b5a2e4d86bd1-01"))]),
+        ] {
+            let span = start_trusting(&t, &h, false);
+            assert!(!span.span_context().is_sampled(), "{h:?}");
+            assert_eq!(span.span_context().trace_id().to_string(), trace);
+            assert!(
+                start_trusting(&t, &h, true).span_context().is_sampled(),
+                "a trusted sender decides: {h:?}"
+            );
+        }
+        let (_rt, t) = tracer(1.0);
+        let h = headers(&[("traceparent", &format!("00-{trace}-e457b5a2e4d86bd1-00"))]);
+        assert!(
+            start_trusting(&t, &h, false).span_context().is_sampled(),
+            "nor keep its trace out of the ratio"
+        );
     }
 
     #[test]

@@ -12,6 +12,14 @@
 //! - `halfclose`: reads to EOF, then answers with what it got and closes
 //! - `speakfirst`: writes, half-closes, then reads to EOF and prints what it read
 //! - `tls`: HTTPS with a self-signed certificate for `app.test`
+//! - `record`: reads each connection for a second and prints every byte it got
+//!   (`received <hex>`), then answers a minimal 200: a lenient server that trusts
+//!   anything, to see what reaches an application
+//! - `reset`: reads a little of each connection, then resets it (what a peer cutting a
+//!   TLS handshake midway looks like)
+//!
+//! GOFE_TESTAPP_BIND binds one address (`127.0.0.1`, the pod's IP) instead of every
+//! address.
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -42,10 +50,12 @@ pub fn main(kind: &str) -> ExitCode {
         .build()
         .unwrap();
     rt.block_on(async move {
-        // Dual-stack: one listener takes IPv4 and IPv6.
-        let listener = TcpListener::bind(SocketAddr::from(([0u16; 8], port)))
-            .await
-            .expect("bind");
+        // Dual-stack by default: one listener takes IPv4 and IPv6.
+        let bind = match std::env::var("GOFE_TESTAPP_BIND") {
+            Ok(ip) => SocketAddr::new(ip.parse().expect("GOFE_TESTAPP_BIND"), port),
+            Err(_) => SocketAddr::from(([0u16; 8], port)),
+        };
+        let listener = TcpListener::bind(bind).await.expect("bind");
         println!("READY");
         let result = match kind {
             "http" => http(listener, name).await,
@@ -53,6 +63,8 @@ pub fn main(kind: &str) -> ExitCode {
             "halfclose" => halfclose(listener).await,
             "speakfirst" => speakfirst(listener).await,
             "tls" => tls(listener).await,
+            "record" => record(listener).await,
+            "reset" => reset(listener).await,
             other => panic!("unknown test app {other}"),
         };
         result.expect("app failed");
@@ -361,6 +373,40 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     h.insert("connection", "upgrade".parse().unwrap());
     h.insert("sec-websocket-accept", accept.parse().unwrap());
     r
+}
+
+async fn record(listener: TcpListener) -> std::io::Result<()> {
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+            println!("received {hex}");
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\nrecorded\n",
+                )
+                .await;
+        });
+    }
+}
+
+async fn reset(listener: TcpListener) -> std::io::Result<()> {
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+        drop(s);
+    }
 }
 
 async fn banner(listener: TcpListener, name: String) -> std::io::Result<()> {

@@ -21,6 +21,6 @@ pub use parse::{
 pub use probes::{AppProbe, AppProbes, HttpScheme, ProbeAction, ProbeKind};
 pub use proxy::{
     Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, LogFormat, OutboundMtls,
-    TraceProtocol,
+    TraceProtocol, TraceTrust,
 };
 pub use vars::*;

@@ -37,9 +37,18 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| "expected an address and port such as 0.0.0.0:4143 or [::]:4143".into())
 }
 
+/// The longest duration any setting takes. Deadlines are `now + duration`: a bound far
+/// beyond any sensible timeout keeps that arithmetic from overflowing, whatever a
+/// hot-reloaded file says.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|_| "expected a duration such as 10s, 250ms or 1m (0 for none)".into())
+    let d = humantime::parse_duration(s)
+        .map_err(|_| "expected a duration such as 10s, 250ms or 1m (0 for none)".to_string())?;
+    if d > MAX_DURATION {
+        return Err("expected a duration of at most 366d".into());
+    }
+    Ok(d)
 }
 
 pub fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
@@ -193,6 +202,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(parse_duration("366d").unwrap(), MAX_DURATION);
+        let err = parse_duration("1000000000s").unwrap_err();
+        assert!(err.contains("at most 366d"), "{err}");
+        assert!(parse_range("1ms..400d").is_err());
+    }
 
     #[test]
     fn port_sets_parse_lists_and_ranges() {

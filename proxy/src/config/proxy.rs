@@ -39,6 +39,7 @@ pub struct Config {
     /// CA certificates (PEM file) for an https collector.
     pub trace_collector_ca: Option<PathBuf>,
     pub trace_sample_ratio: f64,
+    pub trace_trust: TraceTrust,
     pub service_name: String,
     /// None when GOFE_IDENTITY_DISABLED=true.
     pub identity: Option<IdentityConfig>,
@@ -56,6 +57,25 @@ pub struct Config {
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
     pub policy_vars: HashMap<String, String>,
+}
+
+/// Whose sampling decisions are honoured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceTrust {
+    /// Meshed peers (over mTLS) and the local application.
+    Mesh,
+    All,
+    None,
+}
+
+impl fmt::Display for TraceTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TraceTrust::Mesh => "mesh",
+            TraceTrust::All => "all",
+            TraceTrust::None => "none",
+        })
+    }
 }
 
 /// Where redirected inbound connections go.
@@ -216,6 +236,12 @@ impl Config {
                     .filter(|r| (0.0..=1.0).contains(r))
                     .ok_or_else(|| "expected a number from 0.0 to 1.0".into())
             }),
+            trace_trust: env.get(&TRACE_TRUST_INCOMING, |s| match s {
+                "mesh" => Ok(TraceTrust::Mesh),
+                "all" => Ok(TraceTrust::All),
+                "none" => Ok(TraceTrust::None),
+                _ => Err("expected mesh, all or none".into()),
+            }),
             service_name: env.get(&SERVICE_NAME, |s| {
                 if s.trim().is_empty() {
                     Err("expected a non-empty name".into())
@@ -354,6 +380,7 @@ impl Config {
                     .to_string(),
             ),
             (TRACE_SAMPLE_RATIO.name, self.trace_sample_ratio.to_string()),
+            (TRACE_TRUST_INCOMING.name, self.trace_trust.to_string()),
             (SERVICE_NAME.name, self.service_name.clone()),
             (IDENTITY_DISABLED.name, self.identity.is_none().to_string()),
             (

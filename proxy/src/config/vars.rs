@@ -54,6 +54,8 @@ vars! {
         "OTLP transport to the collector: grpc or http/protobuf (the URL's path, or /v1/traces).";
     TRACE_SAMPLE_RATIO = "GOFE_TRACE_SAMPLE_RATIO", "1.0",
         "Share of new traces sampled, 0.0 to 1.0; a request whose parent was sampled (or not) follows its parent.";
+    TRACE_TRUST_INCOMING = "GOFE_TRACE_TRUST_INCOMING", "mesh",
+        "Whose sampling decision (traceparent's flag, B3's sampled and debug) is honoured: mesh (meshed peers over mTLS and the local application), all, or none. Others' traces are continued but sampled by GOFE_TRACE_SAMPLE_RATIO, so that no client can force every span to the collector.";
     SERVICE_NAME = "GOFE_SERVICE_NAME", "gofe",
         "The spans' service.name: the workload's name.";
     PROXY_UID = "GOFE_PROXY_UID", "2102",
@@ -170,6 +172,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &TRACE_COLLECTOR_CA,
     &TRACE_PROTOCOL,
     &TRACE_SAMPLE_RATIO,
+    &TRACE_TRUST_INCOMING,
     &SERVICE_NAME,
     &IDENTITY_DISABLED,
     &IDENTITY_ADDR,

@@ -27,6 +27,10 @@ pub struct HttpConn {
     pub target: ConnTarget,
     /// Inbound: the application, as an endpoint for the inbound stack.
     pub app: Option<Arc<Endpoint>>,
+    /// Inbound: the `authority` label of its requests, where the client reached the
+    /// application (the pod address and port), whatever its Host header says: a client
+    /// cannot grow the metrics by naming hosts.
+    inbound_label: Option<Arc<str>>,
     /// The mesh identity of the client, for an inbound connection over mTLS.
     pub peer: Option<Arc<SpiffeId>>,
     /// Why requests on this connection are refused (inbound policy), if they are.
@@ -42,9 +46,12 @@ impl HttpConn {
         client: ClientAddr,
         target: ConnTarget,
     ) -> Self {
-        let app = match target {
-            ConnTarget::Inbound { app, .. } => Some(Arc::new(Endpoint::bare(app))),
-            _ => None,
+        let (app, inbound_label) = match target {
+            ConnTarget::Inbound { app, orig_dst } => (
+                Some(Arc::new(Endpoint::bare(app))),
+                Some(orig_dst.map_or(app.to_string(), |o| o.to_string()).into()),
+            ),
+            _ => (None, None),
         };
         Self {
             ctx,
@@ -52,6 +59,7 @@ impl HttpConn {
             client,
             target,
             app,
+            inbound_label,
             peer: None,
             refused: None,
             last_stats: Mutex::new(None),
@@ -107,7 +115,7 @@ impl HttpConn {
 
     /// The request counters for a request to `authority` (the original destination
     /// when the request has none) answered by `upstream_peer` (outbound, over mTLS);
-    /// inbound requests count under their client's identity.
+    /// inbound requests count under where they came in and their client's identity.
     pub fn stats(
         &self,
         authority: Option<&Authority>,
@@ -118,9 +126,10 @@ impl HttpConn {
             Direction::Outbound => upstream_peer,
         };
         let fallback;
-        let label = match authority {
-            Some(a) => a.as_str(),
-            None => {
+        let label = match (&self.inbound_label, authority) {
+            (Some(inbound), _) => inbound.as_ref(),
+            (None, Some(a)) => a.as_str(),
+            (None, None) => {
                 fallback = self
                     .target
                     .orig_dst()

@@ -11,6 +11,7 @@ use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
 use crate::call::{Answer, HttpAnswer, Permit};
 use crate::client::body::UpstreamBody;
+use crate::config::TraceTrust;
 use crate::metrics::RequestStats;
 use crate::proto::{grpc, headers};
 use gofe_identity::SpiffeId;
@@ -235,6 +236,7 @@ impl Observe {
                     server_port: authority.and_then(|a| a.port_u16()),
                     client: Some(client),
                     protocol_version: version(req.version()),
+                    trust_sampling: trusts_sampling(conn),
                     user_agent: req
                         .headers()
                         .get(http::header::USER_AGENT)
@@ -378,5 +380,15 @@ impl Drop for Observe {
     /// the connection while the proxy waited) still ends its span and its log entry.
     fn drop(&mut self) {
         self.end(None, None, false);
+    }
+}
+
+/// Whether the sender of requests on `conn` may decide their sampling.
+fn trusts_sampling(conn: &HttpConn) -> bool {
+    match conn.ctx.config.trace_trust {
+        TraceTrust::All => true,
+        TraceTrust::None => false,
+        // The local application, or a peer that proved its identity over mTLS.
+        TraceTrust::Mesh => conn.direction == Direction::Outbound || conn.peer.is_some(),
     }
 }

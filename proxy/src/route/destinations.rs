@@ -175,8 +175,26 @@ impl Destinations {
         serde_json::json!({ "destinations": destinations })
     }
 
-    /// `gofe_endpoints{authority,state}`.
+    /// `gofe_endpoints{authority,state}`, and the files' reloads.
     pub fn render(&self, e: &mut Exposition) {
+        e.family(
+            "gofe_file_reloads_total",
+            "Changed policy and discovery files read again: ok (in force) or refused (a mistake; the last good version stays).",
+            Kind::Counter,
+        );
+        for w in self.policies.files() {
+            let path = w.path.display().to_string();
+            for (result, n) in [
+                ("ok", w.reloads.ok.get()),
+                ("refused", w.reloads.refused.get()),
+            ] {
+                e.sample(
+                    "gofe_file_reloads_total",
+                    &[("path", &path), ("result", result)],
+                    n,
+                );
+            }
+        }
         let mut counts: BTreeMap<(Arc<str>, &'static str), u64> = BTreeMap::new();
         for d in self.all() {
             let (mut ready, mut ejected) = (0, 0);

@@ -34,6 +34,11 @@ impl Policies {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The files policy comes from.
+    pub fn files(&self) -> &[Arc<Watched>] {
+        &self.files
+    }
+
     /// The defaults every destination starts from.
     pub fn base(&self) -> &Arc<Policy> {
         &self.base

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
+pub mod trust;
 
 use crate::Case;
 use crate::harness::{Pod, World};
@@ -54,6 +55,7 @@ fn modules() -> Vec<Module> {
             kubernetes::cases(),
             include_str!("kubernetes.rs"),
         ),
+        ("trust", trust::cases(), include_str!("trust.rs")),
     ]
 }
 

@@ -17,7 +17,7 @@ mod world;
 
 pub use capture::Capture;
 pub use http::{Metrics, raw_http};
-pub use pod::{Pod, PodBuilder};
+pub use pod::{App, Pod, PodBuilder};
 pub use setup::{eventually, gofe_bin, has_tool, init, sh, testapp_bin};
 pub use world::{ISSUER_PORT, Issuer, World};
 

@@ -369,6 +369,11 @@ pub struct App {
 }
 
 impl App {
+    /// Every line the application printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// Waits for the application to print a line starting with `prefix`.
     pub fn wait_line(&self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
         eventually(&format!("a line starting {prefix:?}"), timeout, || {

@@ -46,6 +46,21 @@ pub struct Issuer {
 }
 
 impl Issuer {
+    /// The issuer process's resident memory, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self
+            .pid
+            .lock()
+            .unwrap()
+            .ok_or_else(|| anyhow!("the issuer is not running"))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS for the issuer"))
+    }
+
     /// The SPIFFE ID a pod named `pod` gets.
     pub fn identity(pod: &str) -> String {
         format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{pod}")

@@ -3,6 +3,7 @@
 //! does not is logged and the last good one stays.
 
 use crate::config::file::{FileError, Table};
+use gofe_telemetry::metrics::Counter;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +30,14 @@ pub enum WatchError {
 pub struct Watched {
     pub path: PathBuf,
     rx: watch::Receiver<Arc<Table>>,
+    /// Reloads of a changed file, taken and refused.
+    pub reloads: Arc<Reloads>,
+}
+
+#[derive(Debug, Default)]
+pub struct Reloads {
+    pub ok: Counter,
+    pub refused: Counter,
 }
 
 impl Watched {
@@ -55,6 +64,8 @@ impl Watched {
         })?;
         let (tx, rx) = watch::channel(Arc::new(table));
         let owned = path.to_owned();
+        let reloads = Arc::new(Reloads::default());
+        let counts = reloads.clone();
         let task = async move {
             let mut last = text;
             let mut tick = tokio::time::interval(RELOAD_INTERVAL);
@@ -80,9 +91,11 @@ impl Watched {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
                         tx.send_replace(Arc::new(table));
                         generation.fetch_add(1, Ordering::AcqRel);
+                        counts.ok.inc();
                     }
                     Err(error) => {
                         span.record("otel.status_code", "ERROR");
+                        counts.refused.inc();
                         warn!(path = %owned.display(), %error, "keeping the last good version of the file")
                     }
                 }
@@ -93,6 +106,7 @@ impl Watched {
             Watched {
                 path: path.to_owned(),
                 rx,
+                reloads,
             },
             task,
         ))

@@ -724,6 +724,11 @@ pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
         .env("GOFE_TRACE_COLLECTOR_CA", &ca)
         .env("GOFE_SERVICE_NAME", "ops-client")
         .start()?;
+    let policy = w.dir().join("policy.yaml");
+    let policy_with = |retry_on: &str| {
+        format!("destinations:\n  - name: api.test:80\n    policy:\n      retry_on: {retry_on}\n")
+    };
+    std::fs::write(&policy, policy_with("connect-failure"))?;
     let server = w
         .pod("server")
         .sidecar()
@@ -731,6 +736,7 @@ pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
         .env("GOFE_TRACE_PROTOCOL", "http/protobuf")
         .env("GOFE_TRACE_COLLECTOR_CA", &ca)
         .env("GOFE_SERVICE_NAME", "ops-server")
+        .env("GOFE_POLICY_FILE", &policy.display().to_string())
         .start()?;
     server.app("http", HTTP_PORT)?;
     // A sidecar given another CA refuses the collector: nothing of it arrives, and its
@@ -787,6 +793,31 @@ pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
         );
         ensure!(certify.end_ns > certify.start_ns, "{certify:?}");
     }
+    // The client's lookup of the server's endpoints is a discovery refresh.
+    eventually("the client's discovery refresh", SPAN_TIMEOUT, || {
+        Ok(rx.spans().into_iter().find(|s| {
+            s.service == "ops-client"
+                && s.name == "discovery.refresh"
+                && s.attributes.get("destination") == Some(&format!("{}:{HTTP_PORT}", server.ip4))
+        }))
+    })?;
+    // Policy reloads: one taken, one refused (an error span).
+    let reloads = |status: i32| {
+        rx.spans()
+            .into_iter()
+            .filter(|s| {
+                s.service == "ops-server" && s.name == "config.reload" && s.status == status
+            })
+            .count()
+    };
+    std::fs::write(&policy, policy_with("5xx"))?;
+    eventually("the reload span", SPAN_TIMEOUT, || {
+        Ok((reloads(0) == 1).then_some(()))
+    })?;
+    std::fs::write(&policy, policy_with("5xx,sometimes"))?;
+    eventually("the refused reload's error span", SPAN_TIMEOUT, || {
+        Ok((reloads(2) == 1).then_some(()))
+    })?;
     // The drain is a span too, sent before the proxy exits.
     server.signal_proxy(nix::sys::signal::Signal::SIGTERM)?;
     eventually("the server's drain span", SPAN_TIMEOUT, || {

@@ -676,4 +676,77 @@ mod tests {
         let err = run(&tcp(port), host, None, &sockets).await.unwrap_err();
         assert!(matches!(err, ProbeError::Connect { .. }), "{err}");
     }
+
+    #[tokio::test]
+    async fn https_probe_accepts_any_certificate_as_the_kubelet_does() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A self-signed certificate for a name the probe never asks for.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app.internal".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut buf = vec![0; 4096];
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"GET /secure HTTP/1.1"));
+            tls.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let probe = AppProbe {
+            action: ProbeAction::Http {
+                scheme: HttpScheme::Https,
+                port: addr.port(),
+                path: "/secure".into(),
+                headers: vec![],
+            },
+            timeout: Duration::from_secs(2),
+        };
+        let passed = run(&probe, addr.ip(), None, &crate::socket::HostSockets)
+            .await
+            .unwrap();
+        assert!(
+            passed.detail.contains("https://127.0.0.1:") && passed.detail.contains("204"),
+            "{passed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_that_never_answers_fails_the_probe_at_its_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepted and held, never answered.
+        let held = tokio::spawn(async move {
+            let conn = listener.accept().await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(conn);
+        });
+        let mut probe = http(addr.port(), "/");
+        probe.timeout = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let err = run(&probe, addr.ip(), None, &crate::socket::HostSockets)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProbeError::Timeout(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        held.abort();
+    }
 }

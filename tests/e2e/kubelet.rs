@@ -488,7 +488,16 @@ impl<'k, 'w> KubePod<'k, 'w> {
                 (gofe_bin().to_path_buf(), rest.to_vec())
             }
             Image::TestApp(_) => (testapp_bin().to_path_buf(), Vec::new()),
-            Image::Host(program) => (PathBuf::from(program), words.clone()),
+            // A command (or a hook's argv) names the program, as an entrypoint
+            // override does; args alone go to the image's own program.
+            Image::Host(program) => {
+                let has_command =
+                    argv.is_some() || c["command"].as_array().is_some_and(|a| !a.is_empty());
+                match words.split_first() {
+                    Some((first, rest)) if has_command => (PathBuf::from(first), rest.to_vec()),
+                    _ => (PathBuf::from(program), words.clone()),
+                }
+            }
         };
         let mut cmd = self.container_command(&program, self.uid(c, &image), &self.mounts(c)?)?;
         cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
@@ -702,6 +711,11 @@ impl<'k, 'w> KubePod<'k, 'w> {
             .iter()
             .filter(|r| !r.sidecar)
             .all(|r| r.exit.is_some()))
+    }
+
+    /// What file `file` of volume `volume` holds now.
+    pub fn volume_file(&self, volume: &str, file: &str) -> anyhow::Result<String> {
+        Ok(fs::read_to_string(self.volume_dir(volume).join(file))?)
     }
 
     /// The exit status of container `name`, once it has exited.

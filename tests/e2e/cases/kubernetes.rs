@@ -8,6 +8,7 @@ crate::cases::register![
     injected_pods_boot_talk_over_mtls_and_pass_rewritten_probes,
     injected_job_completes_and_its_sidecar_exits_after_the_app,
     ordinary_sidecar_pod_starts_its_app_once_gofe_await_returns,
+    termination_runs_prestop_then_kills_an_app_that_outlives_its_grace,
     webhook_refuses_a_pod_whose_annotation_is_invalid,
 ];
 
@@ -25,6 +26,7 @@ const GOFE_IMAGE: &str = "gofe-e2e/gofe:test";
 const INIT_IMAGE: &str = "gofe-e2e/gofe-init:test";
 const APP_IMAGE: &str = "gofe-e2e/app:http";
 const CURL_IMAGE: &str = "curlimages/curl:8";
+const SHELL_IMAGE: &str = "busybox:1.37";
 
 /// The server: strict inbound mTLS; HTTP, TCP and gRPC probes on a named port; trust
 /// anchors from the namespace's ConfigMap.
@@ -126,6 +128,7 @@ fn cluster(w: &World) -> anyhow::Result<Cluster> {
             (INIT_IMAGE.to_string(), Image::Gofe),
             (APP_IMAGE.to_string(), Image::TestApp("http")),
             (CURL_IMAGE.to_string(), Image::Host(curl.trim().to_string())),
+            (SHELL_IMAGE.to_string(), Image::Host("/bin/sh".into())),
         ]),
     })
 }
@@ -433,6 +436,61 @@ pub fn ordinary_sidecar_pod_starts_its_app_once_gofe_await_returns(
     pod.wait_ready()?;
     ensure!(rewritten_probes_pass(&pod, "app")? == 3);
     pod.terminate()?;
+    let proxy = pod
+        .exit_status("gofe-proxy")?
+        .context("proxy still running")?;
+    ensure!(proxy.success(), "the proxy exited with {proxy}");
+    Ok(())
+}
+
+/// An app that ignores SIGTERM: its preStop hook runs first (writing into an emptyDir),
+/// SIGKILL comes when the grace period is over, and only then is the sidecar stopped.
+const STUBBORN: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: stubborn, namespace: default}
+spec:
+  selector: {matchLabels: {app: stubborn}}
+  template:
+    metadata:
+      annotations: {gofe.io/inject: enabled}
+    spec:
+      serviceAccountName: stubborn
+      terminationGracePeriodSeconds: 2
+      containers:
+        - name: app
+          image: busybox:1.37
+          command: [/bin/sh, -c, 'trap "" TERM; while :; do sleep 1; done']
+          lifecycle:
+            preStop: {exec: {command: [/bin/sh, -c, 'echo stopping > /var/run/stop/prestop']}}
+          volumeMounts: [{name: stop, mountPath: /var/run/stop}]
+      volumes:
+        - {name: stop, emptyDir: {}}
+"#;
+
+pub fn termination_runs_prestop_then_kills_an_app_that_outlives_its_grace(
+    w: &World,
+) -> anyhow::Result<()> {
+    let issuer = w.issuer()?;
+    let kubelet = Kubelet::new(w, cluster(w)?)?;
+    let template = inject(STUBBORN, &issuer)?;
+    let mut pod = kubelet.run_pod("stubborn-7f9c-p2x", &template)?;
+    let started = std::time::Instant::now();
+    pod.terminate()?;
+    let took = started.elapsed();
+    let marker = pod.volume_file("stop", "prestop")?;
+    ensure!(marker.trim() == "stopping", "preStop wrote {marker:?}");
+    use std::os::unix::process::ExitStatusExt;
+    let app = pod.exit_status("app")?.context("app still running")?;
+    ensure!(
+        app.signal() == Some(9),
+        "the app ended with {app}, not SIGKILL"
+    );
+    ensure!(
+        took >= Duration::from_secs(2),
+        "killed after {took:?}, within the grace"
+    );
+    ensure!(pod.exited_before("app", "gofe-proxy")?);
     let proxy = pod
         .exit_status("gofe-proxy")?
         .context("proxy still running")?;

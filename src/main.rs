@@ -1,18 +1,12 @@
 //! `gofe`: the one binary. The proxy, the iptables setup and the demo live behind one
-//! CLI; the data path itself is the `gofe-proxy` crate.
+//! CLI (the commands are the `gofe` library's modules); the data path itself is the
+//! `gofe-proxy` crate.
 #![forbid(unsafe_code)]
 
-mod app_probes;
-mod await_ready;
-mod demo;
-mod identity_cmd;
-mod init;
-mod inject;
-mod webhook;
-
 use clap::{Parser, Subcommand};
+use gofe::{BadConfig, await_ready, demo, identity_cmd, init, inject, runtime, signal};
 use gofe_proxy::Proxy;
-use gofe_proxy::config::{self, Config, ConfigError};
+use gofe_proxy::config::{self, Config};
 use std::process::ExitCode;
 use tracing::{error, info, warn};
 
@@ -40,11 +34,6 @@ enum Cmd {
     Demo(demo::DemoArgs),
 }
 
-/// A configuration error: exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct BadConfig(#[from] pub ConfigError);
-
 fn main() -> ExitCode {
     gofe_telemetry::process::mark_start();
     let cli = Cli::parse();
@@ -66,25 +55,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    }
-}
-
-/// Builds the runtime: one worker thread runs a single-threaded runtime (no work
-/// stealing, no cross-thread wakeups), which is cheapest per request.
-pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = match worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
     }
 }
 
@@ -140,17 +110,6 @@ fn proxy() -> ExitCode {
     // Drained: do not wait on a blocking DNS lookup or anything else still running.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     code
-}
-
-/// Waits for SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
-pub async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// `gofe init` exempts GOFE_PROXY_UID's connections from redirection; a proxy running

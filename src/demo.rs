@@ -471,9 +471,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<Option<EtcdProcess>> {
     tokio::spawn(serve_web(bind(web_app).await?, web_ports.outbound));
     let mut replicas = Vec::new();
     for (((name, _), ports), app) in REPLICAS.iter().zip(replica_ports).zip(replica_apps) {
+        // The probes a Deployment of api would declare, as the injector hands them
+        // to the sidecar: the kubelet asks the admin port, the sidecar asks the app.
+        let probes = format!(
+            r#"{{"api": {{"livez": {{"httpGet": {{"path": "/healthz", "port": {app}}}}}, "readyz": {{"tcpSocket": {{"port": {app}}}}}}}}}"#
+        );
         let mut as_api = vec![
             (config::IDENTITY_NAME.name, spiffe("api")),
             (config::SERVICE_NAME.name, "api".to_string()),
+            (config::APP_PROBES.name, probes),
         ];
         as_api.extend(registering(name, ports.inbound));
         replicas.push(sidecar(name, ports, app, &identity, &as_api)?);
@@ -627,6 +633,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<Option<EtcdProcess>> {
             );
         }
     }
+    print_probes(&replicas).await;
     match std::env::var(config::TRACE_COLLECTOR.name) {
         Ok(c) if !c.trim().is_empty() => println!(
             "  traces: every sidecar exports its spans to {c} (GOFE_TRACE_COLLECTOR); look for services web and api"
@@ -806,6 +813,40 @@ impl Api4 {
             }
         }
         Ok(())
+    }
+}
+
+/// The kubelet's view under strict mTLS: the app's probes, rewritten by the injector to
+/// `/app-health/api/<kind>` on each replica's admin port and run by its sidecar against
+/// the app (api-2's liveness fails as often as api-2 does).
+async fn print_probes(replicas: &[Sidecar]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    println!("  kubelet probes, answered by each sidecar's admin port (GOFE_APP_PROBES):");
+    for s in replicas {
+        for kind in ["livez", "readyz"] {
+            let path = format!("/app-health/api/{kind}");
+            let answer = async {
+                let mut c = TcpStream::connect(local(s.ports.admin)).await?;
+                c.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+                let mut text = String::new();
+                c.read_to_string(&mut text).await?;
+                std::io::Result::Ok(text)
+            };
+            let text = match tokio::time::timeout(Duration::from_secs(3), answer).await {
+                Ok(Ok(t)) => t,
+                _ => "no answer".into(),
+            };
+            let status = text.split(' ').nth(1).unwrap_or("?");
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+            println!(
+                "    {} GET 127.0.0.1:{}{path:<22} {status}  {body}",
+                s.name, s.ports.admin
+            );
+        }
     }
 }
 

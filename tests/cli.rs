@@ -205,6 +205,14 @@ fn demo_runs_and_drains_cleanly() {
             );
         }
         assert!(text.contains("web sidecar ejected api-2"), "{text}");
+        // The kubelet's rewritten probes, answered by the sidecars' admin ports.
+        for line in [
+            "api-1 GET 127.0.0.1:",
+            "/app-health/api/livez  200  GET http://127.0.0.1:",
+            "/app-health/api/readyz 200  TCP connection to 127.0.0.1:",
+        ] {
+            assert!(text.contains(line), "{line:?} not in {text}");
+        }
         let retried = text
             .lines()
             .find(|l| l.contains("web sidecar retried"))
@@ -311,7 +319,10 @@ fn readme_documents_every_variable() {
             .find(|l| l.starts_with(&format!("| `{}` |", var.name)))
             .unwrap_or_else(|| panic!("README has no row for {}", var.name));
         // Each proxy and init setting has its annotation: config.gofe.io/<name>.
-        if !var.name.starts_with("GOFE_ISSUER_") && var.name != "GOFE_IDENTITY_NAME" {
+        // The injector makes GOFE_IDENTITY_NAME and GOFE_APP_PROBES itself.
+        if !var.name.starts_with("GOFE_ISSUER_")
+            && !["GOFE_IDENTITY_NAME", "GOFE_APP_PROBES"].contains(&var.name)
+        {
             let annotation = format!(
                 "`config.gofe.io/{}`",
                 var.name["GOFE_".len()..].to_lowercase().replace('_', "-")

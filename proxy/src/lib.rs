@@ -17,7 +17,8 @@
 //! is ready and deleted when draining starts.
 //!
 //! Leaves, used at any stage: `addrs`, `body`, `call`, `config`, `endpoint`, `io`,
-//! `metrics`, `proto`, `socket`; `identity` (this proxy's certificate); `ctx` (what
+//! `metrics`, `probes` (the application's probes, run for the kubelet), `proto`,
+//! `socket`; `identity` (this proxy's certificate); `ctx` (what
 //! every connection shares); `admin` (the admin server, beside the path).
 //!
 //! A module imports only modules below it on the path, and leaves. `Proxy` binds the
@@ -48,6 +49,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod io;
 pub mod metrics;
+pub mod probes;
 pub mod proto;
 pub mod socket;
 
@@ -73,7 +75,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -175,6 +177,15 @@ impl Proxy {
             Some(gofe_telemetry::trace::Tracer::new(
                 gofe_telemetry::trace::TraceConfig {
                     collector: config.trace_collector.clone(),
+                    collector_ca: match &config.trace_collector_ca {
+                        Some(path) => Some(std::fs::read(path).map_err(|e| {
+                            gofe_telemetry::trace::TraceError::Exporter {
+                                collector: config::TRACE_COLLECTOR_CA.name.into(),
+                                reason: format!("cannot read {}: {e}", path.display()),
+                            }
+                        })?),
+                        None => None,
+                    },
                     local: local_spans,
                     sample_ratio: config.trace_sample_ratio,
                     service_name: config.service_name.clone(),
@@ -221,7 +232,12 @@ impl Proxy {
     }
 
     /// Lets `/log-level` show and change the process's log filter.
+    /// The proxy's own operations (certificate requests, refreshes, reloads, drains)
+    /// go to its tracer from then on.
     pub fn set_log_handle(&self, handle: gofe_telemetry::logs::LogHandle) {
+        if let Some(tracer) = &self.ctx.tracer {
+            handle.trace_operations(tracer);
+        }
         let _ = self.ctx.log.set(handle);
     }
 
@@ -292,26 +308,39 @@ impl Proxy {
 
         ctx.shutdown.requested().await;
         let grace = ctx.config.shutdown_grace_period;
-        info!(grace = ?grace, "draining");
-        ctx.listening.store(false, Ordering::Release);
-        if let Some(r) = registration {
-            // Clients stop choosing this pod before it stops serving: the entries go
-            // first, the listeners once the watchers have seen it.
-            if r.deregister().await {
-                tokio::time::sleep(register::PROPAGATION.min(grace)).await;
+        // The drain is an operation span: how long it took, and what it left open.
+        let span = tracing::info_span!(
+            target: gofe_telemetry::ops::TARGET,
+            "proxy.drain",
+            grace = ?grace,
+            open = ctx.tasks.len(),
+            left_open = tracing::field::Empty,
+        );
+        async {
+            info!(grace = ?grace, "draining");
+            ctx.listening.store(false, Ordering::Release);
+            if let Some(r) = registration {
+                // Clients stop choosing this pod before it stops serving: the entries
+                // go first, the listeners once the watchers have seen it.
+                if r.deregister().await {
+                    tokio::time::sleep(register::PROPAGATION.min(grace)).await;
+                }
+            }
+            ctx.drain.cancel();
+            for a in accepting {
+                let _ = a.await;
+            }
+            ctx.tasks.close();
+            if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
+                tracing::Span::current().record("left_open", ctx.tasks.len());
+                warn!(
+                    open = ctx.tasks.len(),
+                    "grace period over; closing the connections still open"
+                );
             }
         }
-        ctx.drain.cancel();
-        for a in accepting {
-            let _ = a.await;
-        }
-        ctx.tasks.close();
-        if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
-            warn!(
-                open = ctx.tasks.len(),
-                "grace period over; closing the connections still open"
-            );
-        }
+        .instrument(span)
+        .await;
         sweeper.abort();
         if let Some(m) = maintain {
             m.abort();

@@ -11,6 +11,7 @@ mod dns;
 mod etcd;
 mod grpc;
 mod harness;
+mod kubelet;
 mod otlp;
 
 use cases::Skip;

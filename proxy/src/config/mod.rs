@@ -9,6 +9,7 @@ pub mod file;
 pub mod issuer;
 pub mod parse;
 pub mod policy;
+pub mod probes;
 pub mod proxy;
 pub mod registry;
 pub mod vars;
@@ -19,6 +20,7 @@ pub use parse::{
     Cidr, PortSet, parse_bool, parse_cidrs, parse_duration, parse_host_port,
     parse_nonzero_duration, parse_socket_addr, parse_trust_domain,
 };
+pub use probes::{AppProbe, AppProbes, HttpScheme, ProbeAction, ProbeKind};
 pub use proxy::{
     Config, DiscoverySource, IdentityConfig, InboundMtls, InboundTarget, Limits, LogFormat,
     OutboundMtls, TraceProtocol, TraceTrust,

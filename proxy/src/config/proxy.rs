@@ -5,6 +5,7 @@ use super::env::{ConfigError, Env};
 use super::file::Table;
 use super::parse::*;
 use super::policy::Policy;
+use super::probes::AppProbes;
 use super::registry::{RegisterConfig, RegistryConfig};
 use super::vars::*;
 use gofe_identity::SpiffeId;
@@ -37,6 +38,8 @@ pub struct Config {
     pub access_log: bool,
     /// The OTLP collector and how to reach it; None: no traces.
     pub trace_collector: Option<(String, TraceProtocol)>,
+    /// CA certificates (PEM file) for an https collector.
+    pub trace_collector_ca: Option<PathBuf>,
     pub trace_sample_ratio: f64,
     pub trace_trust: TraceTrust,
     pub service_name: String,
@@ -54,6 +57,8 @@ pub struct Config {
     pub register: Option<RegisterConfig>,
     pub policy_file: Option<PathBuf>,
     pub dns_refresh: (Duration, Duration),
+    /// GOFE_APP_PROBES: the application's probes the admin server runs for the kubelet.
+    pub app_probes: AppProbes,
     /// The default policy of every destination.
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
@@ -279,6 +284,9 @@ impl Config {
                 let protocol = env.get(&TRACE_PROTOCOL, |s| s.parse::<TraceProtocol>());
                 collector.map(|c| (c, protocol))
             },
+            trace_collector_ca: env.get(&TRACE_COLLECTOR_CA, |s| {
+                Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
+            }),
             trace_sample_ratio: env.get(&TRACE_SAMPLE_RATIO, |s| {
                 s.parse::<f64>()
                     .ok()
@@ -320,6 +328,7 @@ impl Config {
             dns_refresh: env.get(&DNS_REFRESH, parse_range),
             registry: RegistryConfig::read(env),
             register: None,
+            app_probes: env.get(&APP_PROBES, AppProbes::parse),
             policy: Policy::read(env),
             policy_vars: Policy::base_vars(|name| env.raw(name)),
         };
@@ -335,6 +344,16 @@ impl Config {
                 &DISCOVERY,
                 env.raw(DISCOVERY.name).unwrap_or_default(),
                 "sources without registry, or GOFE_REGISTRY set",
+            );
+        }
+        if let Some((collector, _)) = &cfg.trace_collector
+            && gofe_telemetry::trace::is_https(collector)
+            && cfg.trace_collector_ca.is_none()
+        {
+            env.reject(
+                &TRACE_COLLECTOR_CA,
+                "",
+                format!("a PEM file of CA certificates: {collector} is https"),
             );
         }
         if env.check_files {
@@ -504,6 +523,13 @@ impl Config {
                     .unwrap_or_default(),
             ),
             (
+                TRACE_COLLECTOR_CA.name,
+                self.trace_collector_ca
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
                 TRACE_PROTOCOL.name,
                 self.trace_collector
                     .as_ref()
@@ -579,6 +605,7 @@ impl Config {
                 DNS_REFRESH.name,
                 format!("{}..{}", d(self.dns_refresh.0), d(self.dns_refresh.1)),
             ),
+            (APP_PROBES.name, self.app_probes.raw().to_string()),
         ]
         .into_iter()
         .chain(self.registry_effective())
@@ -596,6 +623,14 @@ impl Config {
 
 /// The files must be good at start-up; later, a bad version keeps the last good.
 fn check_files(env: &mut Env<'_>, cfg: &Config) {
+    if let Some(ca) = &cfg.trace_collector_ca {
+        let checked = std::fs::read(ca)
+            .map_err(|e| format!("a readable file ({e})"))
+            .and_then(|pem| gofe_telemetry::trace::parse_ca_pem(&pem).map(|_| ()));
+        if let Err(expected) = checked {
+            env.reject(&TRACE_COLLECTOR_CA, ca.display(), expected);
+        }
+    }
     let files = cfg
         .policy_file
         .iter()
@@ -798,6 +833,37 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.0[0].name, "GOFE_ADMIN_LISTEN");
         assert!(err.0[0].expected.contains("GOFE_INBOUND_LISTEN"));
+    }
+
+    #[test]
+    fn an_https_collector_needs_a_readable_ca_file() {
+        let https = ("GOFE_TRACE_COLLECTOR", "https://otel.observability:4317");
+        let err = Config::from_map(&env(&[("GOFE_IDENTITY_DISABLED", "true"), https])).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_TRACE_COLLECTOR_CA", "{err}");
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", "/nonexistent/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GOFE_TRACE_COLLECTOR_CA=\"/nonexistent/ca.pem\""),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", bad.to_str().unwrap()),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("at least one CA certificate"),
+            "{err}"
+        );
     }
 
     #[test]

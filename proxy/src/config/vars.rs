@@ -61,7 +61,9 @@ vars! {
     ACCESS_LOG = "GOFE_ACCESS_LOG", "off",
         "off, or json: one JSON line on stdout per request (and per connection that is not HTTP).";
     TRACE_COLLECTOR = "GOFE_TRACE_COLLECTOR", "",
-        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317); empty: no traces.";
+        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317, or https:// with GOFE_TRACE_COLLECTOR_CA): its requests, and its own operations (certificate requests, discovery refreshes, reloads, drains); empty: no traces.";
+    TRACE_COLLECTOR_CA = "GOFE_TRACE_COLLECTOR_CA", "",
+        "PEM file of the CA certificates that verify an https:// GOFE_TRACE_COLLECTOR (required for https; no system roots are built in, so a collector is trusted only as named).";
     TRACE_PROTOCOL = "GOFE_TRACE_PROTOCOL", "grpc",
         "OTLP transport to the collector: grpc or http/protobuf (the URL's path, or /v1/traces).";
     TRACE_SAMPLE_RATIO = "GOFE_TRACE_SAMPLE_RATIO", "1.0",
@@ -162,6 +164,8 @@ vars! {
         "Lease time to live, kept alive every third of it: a killed pod's endpoints disappear within it; short enough for that, long enough that two missed renewals do not drop a live pod.";
     REGISTER_METADATA = "GOFE_REGISTER_METADATA", "",
         "Labels carried by this pod's entries, version=v2,zone=a: shown in /endpoints and `gofe registry ls`.";
+    APP_PROBES = "GOFE_APP_PROBES", "",
+        "The application's own liveness, readiness and startup probes (JSON, written by the injector), which the admin server runs at /app-health/<container>/<livez|readyz|startupz> when the kubelet asks. Empty: the kubelet probes the application itself, which strict inbound mTLS would refuse.";
     DNS_REFRESH = "GOFE_DNS_REFRESH", "1s..60s",
         "DNS records are re-resolved when their TTL runs out, but no sooner than the first and no later than the second.";
     ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
@@ -208,6 +212,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &LOG_FORMAT,
     &ACCESS_LOG,
     &TRACE_COLLECTOR,
+    &TRACE_COLLECTOR_CA,
     &TRACE_PROTOCOL,
     &TRACE_SAMPLE_RATIO,
     &TRACE_TRUST_INCOMING,
@@ -236,6 +241,7 @@ pub const PROXY_VARS: &[&Var] = &[
     &REGISTER_ADDRESS,
     &REGISTER_TTL,
     &REGISTER_METADATA,
+    &APP_PROBES,
 ];
 
 /// The variables `gofe registry` reads: how to reach etcd.

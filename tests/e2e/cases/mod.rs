@@ -5,6 +5,7 @@
 pub mod http;
 pub mod identity;
 pub mod iptables;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod registry;
 pub mod resilience;
@@ -49,6 +50,11 @@ fn modules() -> Vec<Module> {
             "telemetry",
             telemetry::cases(),
             include_str!("telemetry.rs"),
+        ),
+        (
+            "kubernetes",
+            kubernetes::cases(),
+            include_str!("kubernetes.rs"),
         ),
         ("trust", trust::cases(), include_str!("trust.rs")),
         ("registry", registry::cases(), include_str!("registry.rs")),

@@ -104,6 +104,15 @@ impl Watched {
                 if text == last {
                     continue;
                 }
+                // A reload (policy or destinations) is an operation span, with the
+                // refusal as its error.
+                let span = tracing::info_span!(
+                    target: gofe_telemetry::ops::TARGET,
+                    "config.reload",
+                    path = %owned.display(),
+                    otel.status_code = tracing::field::Empty,
+                );
+                let _entered = span.enter();
                 match Table::parse(&text, &base) {
                     Ok(table) => {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
@@ -112,6 +121,7 @@ impl Watched {
                         counts.ok.inc();
                     }
                     Err(error) => {
+                        span.record("otel.status_code", "ERROR");
                         counts.refused.inc();
                         warn!(path = %owned.display(), %error, "keeping the last good version of the file")
                     }

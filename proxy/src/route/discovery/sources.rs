@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 /// A task that keeps something current in the background.
 pub type BoxTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -133,9 +133,20 @@ impl Discovery {
         let mut failures = 0u32;
         loop {
             let last = tx.borrow().clone();
+            // Each lookup is an operation span: an operator sees which refresh was
+            // slow or failed, and what it found.
+            let span = tracing::info_span!(
+                target: gofe_telemetry::ops::TARGET,
+                "discovery.refresh",
+                destination = %key,
+                source = tracing::field::Empty,
+                endpoints = tracing::field::Empty,
+                changed = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
             // Nobody listening any more: stop, even in the middle of a lookup.
             let resolved = tokio::select! {
-                r = self.resolve(&key, &last, &allowed) => r,
+                r = self.resolve(&key, &last, &allowed).instrument(span.clone()) => r,
                 _ = tx.closed() => return,
             };
             let (set, mut recheck, failed) = resolved;
@@ -148,6 +159,13 @@ impl Discovery {
             } else {
                 failures = 0;
             }
+            span.record("source", set.source.as_str());
+            span.record("endpoints", set.endpoints.len());
+            span.record("changed", *last != set);
+            if failed {
+                span.record("otel.status_code", "ERROR");
+            }
+            drop(span);
             if *last != set {
                 debug!(destination = %key, source = set.source.as_str(), endpoints = set.endpoints.len(), "endpoints changed");
                 tx.send_replace(Arc::new(set));

@@ -81,6 +81,7 @@ fn proxy() -> ExitCode {
     };
     warn_unknown_variables();
     warn_if_not_proxy_uid();
+    raise_fd_limit();
     let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(error) => {
@@ -132,6 +133,21 @@ fn warn_if_not_proxy_uid() {
             proxy_uid,
             "running as a user other than GOFE_PROXY_UID: where `gofe init` rules are installed, the proxy's own connections will loop back to it"
         );
+    }
+}
+
+/// A proxy holds two descriptors a connection (GOFE_MAX_CONNECTIONS per listener):
+/// the soft limit (often 1024) goes up to the hard one, as Envoy and Linkerd do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(%error, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => warn!(%error, "cannot read the open-file limit"),
     }
 }
 

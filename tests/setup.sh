@@ -3,7 +3,9 @@
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
 # manifests, etcd (Debian's etcd-server) for the registry's tests, and protoc
-# (protobuf-compiler), which the etcd client's build needs for etcd's API. The benchmark also
+# (protobuf-compiler), which the etcd client's build needs for etcd's API; for the attack
+# suite, slowhttptest and the Python h2 library (python3-h2, with hyperframe and hpack,
+# which write HTTP/2 frame by frame). The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -14,6 +16,7 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v slowhttptest >/dev/null || need+=(slowhttptest)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v nginx >/dev/null || need+=(nginx-light)
@@ -27,9 +30,19 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# The Python h2 library (hyperframe and hpack) for the HTTP/2 attacks, for whichever
+# python3 is first on the PATH: Debian's python3-h2 where that is the system's, else PyPI.
+if ! python3 -c 'import h2, hyperframe, hpack' 2>/dev/null; then
+  if [ "$(command -v python3)" = /usr/bin/python3 ] && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-h2 >/dev/null
+  fi
+  python3 -c 'import h2, hyperframe, hpack' 2>/dev/null \
+    || python3 -m pip install --quiet h2 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages h2
+fi
 # kubernetes-validate (PyPI) checks the manifests in k8s/ against the Kubernetes schemas.
 if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc and kubernetes-validate are installed"
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc, slowhttptest, python3-h2 and kubernetes-validate are installed"

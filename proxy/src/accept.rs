@@ -164,7 +164,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, ctx
     let strict = terminating.is_some() && ctx.inbound_policy.refuses_plaintext();
     let version = match (detected.protocol, terminating) {
         (Protocol::Tls { mesh: true, .. }, Some(identity)) => {
-            return inbound::tls::terminate(io, &identity, client, target, ctx).await;
+            return Box::pin(inbound::tls::terminate(io, &identity, client, target, ctx)).await;
         }
         (Protocol::Http1, _) => HttpVersion::Http1,
         (Protocol::Http2, _) => HttpVersion::Http2,
@@ -178,12 +178,14 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, ctx
                 debug!(%client, "explicit proxy connection is not HTTP; closing");
                 return;
             }
-            return opaque::forward(io, client, target, &ctx).await;
+            return Box::pin(opaque::forward(io, client, target, &ctx)).await;
         }
     };
     let conn = HttpConn::new(ctx.clone(), direction, client, target, version)
         .refusing(strict.then(|| STRICT_REFUSAL.to_string()));
-    server::serve(io, version, Arc::new(conn)).await;
+    // The later stages are boxed: a connection still being detected (all of a flood
+    // of silent ones) holds only the small future of this function.
+    Box::pin(server::serve(io, version, Arc::new(conn))).await;
 }
 
 /// Where a newly accepted connection goes, or why it is refused.

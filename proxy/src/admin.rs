@@ -3,6 +3,7 @@
 //! configuration, and `/shutdown` so that a Job's last container can end the proxy.
 
 use crate::ctx::Ctx;
+use crate::metrics::Limit;
 use bytes::Bytes;
 use gofe_telemetry::prom::Exposition;
 use http::{Method, Request, Response, StatusCode, header};
@@ -11,29 +12,156 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+/// Connections the admin server holds at once. A flood cannot lock the kubelet out: at
+/// the cap, a new connection takes the place of the oldest one not being answered (a
+/// slow or idle one) of the client address that holds the most, so a flood from one
+/// address only ever displaces its own connections, and a probe sent at once on a
+/// fresh connection is answered.
+const MAX_CONNECTIONS: usize = 1024;
+/// A request head must arrive within this (admin requests are one line and a few
+/// headers), and a connection with none coming is closed after it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The admin server's requests are small; so is what a connection may buffer.
+const MAX_BUF: usize = 16 * 1024;
+
+/// The admin server's connections, oldest first, and how many each address holds.
+#[derive(Default)]
+struct Held {
+    table: parking_lot::Mutex<Table>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Table {
+    conns: std::collections::VecDeque<AdminConn>,
+    per_source: std::collections::HashMap<IpAddr, usize>,
+}
+
+struct AdminConn {
+    id: u64,
+    source: IpAddr,
+    stop: tokio_util::sync::CancellationToken,
+    /// A request on it is being answered.
+    busy: Arc<AtomicBool>,
+}
+
+/// A connection let in: its id, its stop token and busy flag, and whether an idle one
+/// was closed to make room for it.
+struct Admitted {
+    id: u64,
+    stop: tokio_util::sync::CancellationToken,
+    busy: Arc<AtomicBool>,
+    evicted: bool,
+}
+
+impl Table {
+    fn remove(&mut self, at: usize) -> Option<AdminConn> {
+        let c = self.conns.remove(at)?;
+        if let Some(n) = self.per_source.get_mut(&c.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&c.source);
+            }
+        }
+        Some(c)
+    }
+
+    /// The oldest connection not being answered of the address that holds the most.
+    fn victim(&self) -> Option<usize> {
+        let (&greediest, _) = self.per_source.iter().max_by_key(|(_, n)| **n)?;
+        self.conns
+            .iter()
+            .position(|c| c.source == greediest && !c.busy.load(Ordering::Acquire))
+            .or_else(|| {
+                self.conns
+                    .iter()
+                    .position(|c| !c.busy.load(Ordering::Acquire))
+            })
+    }
+}
+
+impl Held {
+    /// Makes room for one more from `source` (closing an idle connection if need be),
+    /// or None when every connection is busy.
+    fn admit(&self, source: IpAddr) -> Option<Admitted> {
+        let mut table = self.table.lock();
+        let mut evicted = false;
+        if table.conns.len() >= MAX_CONNECTIONS {
+            let at = table.victim()?;
+            if let Some(c) = table.remove(at) {
+                c.stop.cancel();
+                evicted = true;
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let busy = Arc::new(AtomicBool::new(false));
+        table.conns.push_back(AdminConn {
+            id,
+            source,
+            stop: stop.clone(),
+            busy: busy.clone(),
+        });
+        *table.per_source.entry(source).or_default() += 1;
+        Some(Admitted {
+            id,
+            stop,
+            busy,
+            evicted,
+        })
+    }
+
+    fn release(&self, id: u64) {
+        let mut table = self.table.lock();
+        if let Some(at) = table.conns.iter().position(|c| c.id == id) {
+            table.remove(at);
+        }
+    }
+}
+
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let held = Arc::new(Held::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(error) => {
+                ctx.metrics.limit_tripped(Limit::AcceptErrors, "admin");
                 warn!(%error, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some(Admitted {
+            id,
+            stop,
+            busy,
+            evicted,
+        }) = held.admit(peer.ip())
+        else {
+            ctx.metrics.limit_tripped(Limit::AdminConnections, "admin");
+            crate::socket::reset(&stream);
+            continue;
+        };
+        if evicted {
+            ctx.metrics.limit_tripped(Limit::AdminConnections, "admin");
+        }
         let ctx = ctx.clone();
+        let held = held.clone();
         // The kubelet probes the pod's address; the application's probes go there too.
         let local = stream.local_addr().ok();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = ctx.clone();
+                let busy = busy.clone();
                 async move {
+                    busy.store(true, Ordering::Release);
                     let rsp = if req.uri().path() == "/log-level" {
                         log_level(&ctx, peer, req).await
                     } else if let Some(rest) = req.uri().path().strip_prefix(APP_HEALTH) {
@@ -42,15 +170,22 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                     } else {
                         route(&ctx, peer, req)
                     };
+                    busy.store(false, Ordering::Release);
                     Ok::<_, Infallible>(rsp)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUF)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(error) = conn.await {
-                debug!(%peer, %error, "admin connection ended with an error");
+            tokio::select! {
+                result = conn => if let Err(error) = result {
+                    debug!(%peer, %error, "admin connection ended with an error");
+                },
+                _ = stop.cancelled() => debug!(%peer, "admin connection closed to make room"),
             }
+            held.release(id);
         });
     }
 }

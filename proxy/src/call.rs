@@ -184,22 +184,35 @@ impl<R: std::fmt::Debug> Failure<R> {
 pub type HttpFailure = Failure<Request<RequestBody>>;
 pub type ConnectFailure = Failure<ConnectTo>;
 
-/// A slot in a count of requests in flight, given back when dropped.
+/// A slot in a count of requests in flight, given back when dropped (with any slots
+/// joined to it: a request may hold its destination's and its client's).
 #[derive(Debug)]
-pub struct Permit(Arc<AtomicUsize>);
+pub struct Permit {
+    count: Arc<AtomicUsize>,
+    joined: Option<Box<Permit>>,
+}
 
 impl Permit {
     /// Takes a slot if fewer than `max` are taken.
     pub fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Permit> {
         let before = count.fetch_add(1, Ordering::AcqRel);
-        let permit = Permit(count.clone());
+        let permit = Permit {
+            count: count.clone(),
+            joined: None,
+        };
         (before < max).then_some(permit)
+    }
+
+    /// Holds `other` as long as this one.
+    pub fn join(&mut self, mut other: Permit) {
+        other.joined = self.joined.take();
+        self.joined = Some(Box::new(other));
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -57,7 +57,9 @@ pub struct Detected {
 /// `timeout`), or `MAX_DETECT_BYTES` are read.
 pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(4096);
+    // Small to begin with (most first reads are a request head or a ClientHello):
+    // a flood of connections that send nothing holds little.
+    let mut buf = BytesMut::with_capacity(1024);
     let mut detector = Detector::default();
     loop {
         if let Some(protocol) = detector.feed(&buf) {

@@ -232,6 +232,9 @@ pub enum Limit {
     TcpIdle,
     /// Every connection to a peer at its stream limit: 503 with gofe-overloaded.
     Http2Streams,
+    /// An unmeshed source address at its share of an inbound port (half of
+    /// GOFE_MAX_CONCURRENT_REQUESTS): 503 with gofe-overloaded.
+    SourceShare,
 }
 
 impl Limit {
@@ -246,6 +249,7 @@ impl Limit {
             Limit::HttpIdle => "http_idle",
             Limit::TcpIdle => "tcp_idle",
             Limit::Http2Streams => "http2_streams",
+            Limit::SourceShare => "source_share",
         }
     }
 }

@@ -10,7 +10,9 @@ use super::errors::ProxyError;
 use super::upgrade;
 use crate::addrs::Direction;
 use crate::body::request::RequestBody;
-use crate::call::{Call, HttpAnswer};
+use crate::call::{Call, Failure, HttpAnswer};
+use crate::endpoint::Endpoint;
+use crate::metrics::Limit;
 use crate::proto::headers;
 use crate::proto::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
 use crate::route::destination::Destination;
@@ -126,22 +128,50 @@ async fn forward(
         }
     }
 
-    let answer = match target {
+    let mut answer = match target {
         Target::App => {
             let app = conn
                 .app
                 .clone()
                 .expect("an inbound connection has an application");
-            let stack = conn.ctx.inbound.stack(app.addr.port());
-            stack.oneshot(Call::new(req).to(app)).await
+            to_app(&conn, req, app).await?
         }
         Target::Destination(d) => {
             let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
-            d.http_stack().oneshot(call).await
+            d.http_stack().oneshot(call).await?
         }
     };
-    let mut answer = answer?;
     headers::strip_hop_by_hop(answer.value.headers_mut(), false);
+    Ok(answer)
+}
+
+/// Inbound: the request to the application, through its port's stack, within the
+/// client's share of the port if it has no mesh identity.
+async fn to_app(
+    conn: &HttpConn,
+    req: Request<RequestBody>,
+    app: Arc<Endpoint>,
+) -> Result<HttpAnswer, ProxyError> {
+    let (stack, shares) = conn.ctx.inbound.port(app.addr.port());
+    let share = match conn.peer {
+        Some(_) => None,
+        None => {
+            let source = conn.client.ip();
+            let Some(share) = shares.take(source) else {
+                let at = Direction::Inbound.as_str();
+                conn.ctx.metrics.limit_tripped(Limit::SourceShare, at);
+                return Err(ProxyError::Call(Failure::Overloaded {
+                    destination: format!("port {} for {source}", app.addr.port()).into(),
+                    limit: shares.max(),
+                }));
+            };
+            Some(share)
+        }
+    };
+    let mut answer = stack.oneshot(Call::new(req).to(app)).await?;
+    if let (Some(permit), Some(share)) = (answer.permit.as_mut(), share) {
+        permit.join(share);
+    }
     Ok(answer)
 }
 

@@ -1,9 +1,10 @@
 //! Inbound, where requests go: the application in this pod, on the port the client
 //! connected to, through that port's stack (its concurrency limit shared by every
-//! connection to the port).
+//! connection to the port, of which one unmeshed source address holds at most half).
 
 use crate::client::send::Client;
 use crate::config::policy::Policy;
+use crate::policy::share::SourceShares;
 use crate::policy::stack::{self, InboundStack};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 pub struct InboundRoutes {
     client: Arc<Client>,
     policy: Arc<Policy>,
-    ports: Mutex<HashMap<u16, InboundStack>>,
+    ports: Mutex<HashMap<u16, (InboundStack, Arc<SourceShares>)>>,
 }
 
 impl InboundRoutes {
@@ -24,8 +25,9 @@ impl InboundRoutes {
         }
     }
 
-    /// The stack requests to the application's `port` go through.
-    pub fn stack(&self, port: u16) -> InboundStack {
+    /// The stack requests to the application's `port` go through, and the shares its
+    /// unmeshed clients hold of it.
+    pub fn port(&self, port: u16) -> (InboundStack, Arc<SourceShares>) {
         let mut ports = self.ports.lock();
         if let Some(s) = ports.get(&port) {
             return s.clone();
@@ -37,8 +39,9 @@ impl InboundRoutes {
             self.policy.request_timeout,
             self.client.clone(),
         );
+        let shares = Arc::new(SourceShares::new(self.policy.max_concurrent_requests));
         // (A port number is 16 bits: the table is bounded.)
-        ports.insert(port, s.clone());
-        s
+        ports.insert(port, (s.clone(), shares.clone()));
+        (s, shares)
     }
 }

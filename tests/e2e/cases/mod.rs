@@ -2,6 +2,7 @@
 //! own cases (`register!`, next to them); `all` gathers them, and `unregistered` finds
 //! any case function a module forgot to list.
 
+pub mod attacks;
 pub mod http;
 pub mod identity;
 pub mod iptables;
@@ -32,6 +33,7 @@ type Module = (&'static str, Vec<(&'static str, Case)>, &'static str);
 /// Every module's cases, and its source (to check nothing was left out).
 fn modules() -> Vec<Module> {
     vec![
+        ("attacks", attacks::cases(), include_str!("attacks.rs")),
         ("http", http::cases(), include_str!("http.rs")),
         ("tcp", tcp::cases(), include_str!("tcp.rs")),
         ("identity", identity::cases(), include_str!("identity.rs")),

@@ -11,12 +11,14 @@
 
 mod capture;
 mod http;
+mod load;
 mod pod;
 mod setup;
 mod world;
 
 pub use capture::Capture;
 pub use http::{Metrics, raw_http};
+pub use load::{Outcome, Steady};
 pub use pod::{App, Pod, PodBuilder};
 pub use setup::{eventually, gofe_bin, has_tool, init, sh, testapp_bin};
 pub use world::{ISSUER_PORT, Issuer, World};

@@ -341,6 +341,18 @@ impl<'w> Pod<'w> {
         self.proxy_memory("VmHWM")
     }
 
+    /// The proxy's CPU time so far (user + system, every thread), in seconds.
+    pub fn proxy_cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self
+            .proxy_pid
+            .ok_or_else(|| anyhow!("no proxy in {}", self.name))?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = &stat[stat.rfind(')').ok_or_else(|| anyhow!("stat"))? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+        Ok(ticks as f64 / 100.0)
+    }
+
     /// A memory `field` of the proxy's /proc status, in bytes.
     pub(super) fn proxy_memory(&self, field: &str) -> anyhow::Result<u64> {
         let pid = self

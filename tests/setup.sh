@@ -2,7 +2,7 @@
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
-# manifests. The benchmark also
+# manifests, cargo-fuzz for the fuzz smoke. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -29,4 +29,8 @@ if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load, promtool and kubernetes-validate are installed"
+# cargo-fuzz (crates.io) builds and runs fuzz/'s targets.
+if ! command -v cargo-fuzz >/dev/null; then
+  cargo install cargo-fuzz --locked
+fi
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, kubernetes-validate and cargo-fuzz are installed"

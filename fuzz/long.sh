@@ -37,8 +37,11 @@ if ! "${lock[@]}" cargo fuzz build --codegen-units 16 >"$results/build.log" 2>&1
   exit 1
 fi
 bin="target/$(rustc -vV | sed -n 's/^host: //p')/release"
-targets=()
-for src in fuzz_targets/*.rs; do targets+=("$(basename "$src" .rs)"); done
+all=()
+for src in fuzz_targets/*.rs; do all+=("$(basename "$src" .rs)"); done
+# Targets named on the command line run in that order; the summary keeps the rows of
+# the others from earlier runs into the same RESULTS.
+targets=("${all[@]}")
 if [ $# -gt 0 ]; then targets=("$@"); fi
 started_at=$(date -u +%Y-%m-%dT%H:%MZ)
 
@@ -49,14 +52,14 @@ summary() {
   {
     echo "# Fuzzing: each target for $budget s"
     echo
-    echo "Started $started_at on $(nproc) CPUs ($(uname -m)), \`nice -n $niceness\`, each target for"
+    echo "Last started $started_at (${targets[*]}) on $(nproc) CPUs ($(uname -m)), \`nice -n $niceness\`, each target for"
     echo "$budget s of running time: \`bash fuzz/long.sh\` ($(git rev-parse --short HEAD 2>/dev/null || echo '?'))."
     echo "Coverage (cov) and features (ft) as libFuzzer reports them at the end of the run;"
     echo "corpus = inputs kept (seeds and grown). Crashes: confirmed by running the input again."
     echo
     echo "| target | running time | executions | exec/s | cov | ft | corpus | peak RSS | crashes | notes |"
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
-    for t in "${targets[@]}"; do
+    for t in "${all[@]}"; do
       if [ -f "$results/$t.result" ]; then
         local active execs
         active=$(get "$t" active); execs=$(get "$t" execs)

@@ -22,6 +22,12 @@
 //! waterfall. Every sidecar makes spans (web passes the trace context on, as an
 //! instrumented application does); with GOFE_TRACE_COLLECTOR set they are exported
 //! there too (Jaeger, say).
+//!
+//! With an `etcd` binary on the PATH (Debian: etcd-server), the demo runs one on
+//! loopback and the mesh uses it as its registry and config center: the api replicas
+//! register themselves, a fourth one as a `gofe proxy` process of its own that is
+//! killed (kill -9) a few seconds in, so that its lease expires; web's sidecar finds
+//! api there and gets its policy pushed from there, and a policy change is pushed live.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -52,6 +58,98 @@ pub struct DemoArgs {
     /// First of the 30 ports the demo listens on, all on 127.0.0.1.
     #[arg(long, default_value_t = 7400)]
     pub port_base: u16,
+}
+
+/// The registered replicas' lease TTL: short, so that a killed one's expiry shows soon.
+const DEMO_REGISTER_TTL: &str = "3s";
+
+/// etcd on loopback, for as long as the demo runs.
+struct EtcdProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Starts etcd on 127.0.0.1 (client `port`, peer `port + 1`), its data in `dir`, and
+/// waits until it answers.
+async fn start_etcd(
+    bin: &std::path::Path,
+    port: u16,
+    dir: &std::path::Path,
+) -> anyhow::Result<EtcdProcess> {
+    let url = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{}", port + 1);
+    let log = std::fs::File::create(dir.join("etcd.log"))?;
+    let child = std::process::Command::new(bin)
+        .args([
+            "--name=demo",
+            &format!("--data-dir={}", dir.join("etcd").display()),
+            &format!("--listen-client-urls={url}"),
+            &format!("--advertise-client-urls={url}"),
+            &format!("--listen-peer-urls={peer}"),
+            &format!("--initial-advertise-peer-urls={peer}"),
+            &format!("--initial-cluster=demo={peer}"),
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let etcd = EtcdProcess { child, url };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let up = async {
+            let mut c = etcd_client::Client::connect([etcd.url.clone()], None).await?;
+            c.status().await
+        };
+        if tokio::time::timeout(Duration::from_secs(2), up)
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(etcd);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "etcd did not start (see {})",
+            dir.join("etcd.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pushes `text` (a policy file) into the registry, checked by the proxy's parser
+/// first, as `gofe registry apply` does.
+async fn push_policy(url: &str, text: &str) -> anyhow::Result<()> {
+    let docs = gofe_proxy::config::registry::split_policy_file(text, &HashMap::new())?;
+    let mut c = etcd_client::Client::connect([url], None).await?;
+    for (dest, doc) in docs {
+        c.put(format!("/gofe/policy/{dest}"), doc, None).await?;
+    }
+    Ok(())
+}
+
+/// The web sidecar's policy for api, as a policy document (`lb` as given).
+fn api_policy(lb: &str) -> String {
+    let file = discovery_file(&[]);
+    let policy = &file[file.find("    policy:").expect("a policy section")..];
+    format!(
+        "destinations:\n  - name: {API_DESTINATION}\n{}",
+        policy.replace("lb: ewma", &format!("lb: {lb}"))
+    )
 }
 
 /// Client connections; enough for the rate at a few milliseconds per request.
@@ -125,7 +223,10 @@ const REPLICAS: [(&str, Behaviour); 3] = [
 /// The web sidecar's view of api: the replicas' sidecars, the identity they must
 /// present, and the policy that keeps api's failures from reaching web.
 fn discovery_file(replica_inbound: &[u16]) -> String {
-    let mut y = format!("destinations:\n  - name: {API_DESTINATION}\n    endpoints:\n");
+    let mut y = format!("destinations:\n  - name: {API_DESTINATION}\n");
+    if !replica_inbound.is_empty() {
+        y += "    endpoints:\n";
+    }
     for port in replica_inbound {
         y += &format!(
             "      - address: {}\n        identity: {}\n",
@@ -190,16 +291,14 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Starts a sidecar in front of the application on `app_port`, configured through the
-/// same variables a user would set.
-fn sidecar(
-    name: &'static str,
+/// The variables of a demo sidecar in front of the application on `app_port`.
+fn sidecar_vars(
+    name: &str,
     ports: SidecarPorts,
     app_port: u16,
     identity: &Identity,
-    extra: &[(&str, String)],
-) -> anyhow::Result<Sidecar> {
-    let mut vars: HashMap<String, String> = [
+) -> HashMap<String, String> {
+    let mut vars = [
         (
             config::OUTBOUND_LISTEN.name,
             local(ports.outbound).to_string(),
@@ -227,8 +326,7 @@ fn sidecar(
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    .collect::<HashMap<String, String>>();
     // A collector named in the demo's environment gets the spans too.
     for var in [
         &config::TRACE_COLLECTOR,
@@ -239,6 +337,20 @@ fn sidecar(
             vars.entry(var.name.to_string()).or_insert(v);
         }
     }
+    vars
+}
+
+/// Starts a sidecar in front of the application on `app_port`, configured through the
+/// same variables a user would set.
+fn sidecar(
+    name: &'static str,
+    ports: SidecarPorts,
+    app_port: u16,
+    identity: &Identity,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Sidecar> {
+    let mut vars = sidecar_vars(name, ports, app_port, identity);
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let config = Config::from_map(&vars).map_err(crate::BadConfig)?;
     let spans = gofe_telemetry::trace::LocalSpans::default();
     let proxy = Proxy::bind_with(
@@ -302,10 +414,15 @@ impl Sidecar {
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     gofe_telemetry::logs::init("warn", gofe_telemetry::logs::LogFormat::Plain)?;
     let rt = crate::runtime(0)?;
-    rt.block_on(demo(args))
+    let etcd = rt.block_on(demo(args))?;
+    // etcd goes last: the sidecars' watches end with the runtime, not with a warning.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    drop(etcd);
+    Ok(())
 }
 
-async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo; returns its etcd (if it ran one) for the caller to stop.
+async fn demo(args: DemoArgs) -> anyhow::Result<Option<EtcdProcess>> {
     let base = args.port_base;
     anyhow::ensure!(
         base <= u16::MAX - 30,
@@ -330,31 +447,120 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         &discovery,
         discovery_file(&replica_ports.map(|p| p.inbound)),
     )?;
+    // With etcd at hand, the registry takes the discovery file's place.
+    let etcd = match find_on_path("etcd") {
+        Some(bin) => Some(start_etcd(&bin, base + 23, &identity.dir).await?),
+        None => None,
+    };
+    let registering = |name: &str, inbound: u16| -> Vec<(&'static str, String)> {
+        let Some(etcd) = &etcd else { return Vec::new() };
+        vec![
+            (config::REGISTRY.name, etcd.url.clone()),
+            (
+                config::REGISTER.name,
+                format!("{API_DESTINATION}={inbound}"),
+            ),
+            (config::REGISTER_ADDRESS.name, "127.0.0.1".into()),
+            (config::REGISTER_TTL.name, DEMO_REGISTER_TTL.into()),
+            (config::REGISTER_METADATA.name, format!("replica={name}")),
+        ]
+    };
     for ((_, behaviour), port) in REPLICAS.iter().zip(replica_apps) {
-        tokio::spawn(serve_api(bind(port).await?, *behaviour));
+        tokio::spawn(serve_api(bind(port).await?, *behaviour, Default::default()));
     }
     tokio::spawn(serve_web(bind(web_app).await?, web_ports.outbound));
     let mut replicas = Vec::new();
     for (((name, _), ports), app) in REPLICAS.iter().zip(replica_ports).zip(replica_apps) {
-        let as_api = [
+        // The probes a Deployment of api would declare, as the injector hands them
+        // to the sidecar: the kubelet asks the admin port, the sidecar asks the app.
+        let probes = format!(
+            r#"{{"api": {{"livez": {{"httpGet": {{"path": "/healthz", "port": {app}}}}}, "readyz": {{"tcpSocket": {{"port": {app}}}}}}}}}"#
+        );
+        let mut as_api = vec![
             (config::IDENTITY_NAME.name, spiffe("api")),
             (config::SERVICE_NAME.name, "api".to_string()),
+            (config::APP_PROBES.name, probes),
         ];
+        as_api.extend(registering(name, ports.inbound));
         replicas.push(sidecar(name, ports, app, &identity, &as_api)?);
     }
-    let web = sidecar(
-        "web",
-        web_ports,
-        web_app,
-        &identity,
-        &[
-            (
-                config::DISCOVERY.name,
-                format!("file:{}", discovery.display()),
-            ),
-            (config::SERVICE_NAME.name, "web".to_string()),
-        ],
-    )?;
+    let mut web_vars = vec![(config::SERVICE_NAME.name, "web".to_string())];
+    match &etcd {
+        Some(etcd) => {
+            push_policy(&etcd.url, &api_policy("ewma")).await?;
+            web_vars.push((config::REGISTRY.name, etcd.url.clone()));
+            web_vars.push((config::DISCOVERY.name, "registry".into()));
+        }
+        None => web_vars.push((
+            config::DISCOVERY.name,
+            format!("file:{}", discovery.display()),
+        )),
+    }
+    let web = sidecar("web", web_ports, web_app, &identity, &web_vars)?;
+    // api-4: a healthy replica whose sidecar is a process of its own, to be killed.
+    let api4 = match &etcd {
+        Some(_) => {
+            let served = Arc::new(AtomicU64::new(0));
+            let healthy = REPLICAS[0].1;
+            tokio::spawn(serve_api(bind(base + 28).await?, healthy, served.clone()));
+            let ports = SidecarPorts {
+                outbound: base + 25,
+                inbound: base + 26,
+                admin: base + 27,
+            };
+            let mut vars = sidecar_vars("api-4", ports, base + 28, &identity);
+            vars.insert(config::IDENTITY_NAME.name.into(), spiffe("api"));
+            vars.insert(config::SERVICE_NAME.name.into(), "api".into());
+            vars.extend(
+                registering("api-4", ports.inbound)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v)),
+            );
+            vars.insert(config::LOG.name.into(), "error".into());
+            let log = std::fs::File::create(identity.dir.join("api-4.log"))?;
+            let child = std::process::Command::new(std::env::current_exe()?)
+                .arg("proxy")
+                .env_clear()
+                .envs(&vars)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("cannot start api-4's sidecar")?;
+            Some(Api4 {
+                child: Some(child),
+                served,
+                ports,
+                killed: None,
+                expired: false,
+            })
+        }
+        None => None,
+    };
+    let mut api4 = api4;
+    if let Some(etcd) = &etcd {
+        // The client starts once web's sidecar sees every replica registered.
+        let registry = web
+            .destinations
+            .registry()
+            .context("web watches the registry")?
+            .clone();
+        let dest = gofe_proxy::addrs::DestKey::parse(API_DESTINATION)?;
+        let all = REPLICAS.len() + 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while registry
+            .endpoints(&dest, None)
+            .map_or(0, |a| a.endpoints.len())
+            < all
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the replicas did not register in etcd at {} (see {})",
+                etcd.url,
+                identity.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), async {
         for s in std::iter::once(&web).chain(&replicas) {
@@ -382,15 +588,52 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "  web sidecar: outbound 127.0.0.1:{}, admin http://127.0.0.1:{}/endpoints",
         web.ports.outbound, web.ports.admin
     );
-    println!(
-        "  web calls http://{API_AUTHORITY}/: its sidecar finds api's endpoints, and the identity {}",
-        spiffe("api")
-    );
-    println!(
-        "  they must present, in {}; its policy: retries on 5xx, P2C over peak-EWMA latency,",
-        discovery.display()
-    );
-    println!("  outlier ejection after 5 failures in a row (5 s, growing with each ejection)");
+    match (&etcd, &api4) {
+        (Some(etcd), Some(a4)) => {
+            println!(
+                "  api-4: a healthy replica behind a `gofe proxy` process of its own (inbound 127.0.0.1:{}), killed a few seconds in",
+                a4.ports.inbound
+            );
+            println!(
+                "  registry: etcd at {} (GOFE_REGISTRY); every api sidecar registers {API_DESTINATION} there, signed",
+                etcd.url
+            );
+            println!(
+                "  with its mesh key, on a {DEMO_REGISTER_TTL} lease; web's sidecar watches it (GOFE_DISCOVERY=registry) and requires"
+            );
+            println!(
+                "  mTLS with the identity {} that each entry names; `gofe registry ls` shows them:",
+                spiffe("api")
+            );
+            println!("    GOFE_REGISTRY={} gofe registry ls", etcd.url);
+            println!(
+                "  web's policy for api is pushed from etcd (/gofe/policy/{API_DESTINATION}): retries on 5xx, P2C over"
+            );
+            println!(
+                "  peak-EWMA latency, outlier ejection after 5 failures in a row (5 s, growing with each ejection)"
+            );
+        }
+        _ => {
+            println!(
+                "  web calls http://{API_AUTHORITY}/: its sidecar finds api's endpoints, and the identity {}",
+                spiffe("api")
+            );
+            println!(
+                "  they must present, in {}; its policy: retries on 5xx, P2C over peak-EWMA latency,",
+                discovery.display()
+            );
+            println!(
+                "  outlier ejection after 5 failures in a row (5 s, growing with each ejection)"
+            );
+            println!(
+                "  registry: no etcd on the PATH, so a discovery file it is; install Debian's etcd-server (apt-get install"
+            );
+            println!(
+                "  etcd-server) and the demo runs etcd as the registry and config center too (README \"Registry\")"
+            );
+        }
+    }
+    print_probes(&replicas).await;
     match std::env::var(config::TRACE_COLLECTOR.name) {
         Ok(c) if !c.trim().is_empty() => println!(
             "  traces: every sidecar exports its spans to {c} (GOFE_TRACE_COLLECTOR); look for services web and api"
@@ -415,8 +658,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "  {:>5} {:>6} {:>6} {:>4} {:>4} {:>8} {:>8} | {:>7} | api-1 api-2 api-3",
-        "time", "sent", "2xx", "5xx", "fail", "p50", "p99", "retries"
+        "  {:>5} {:>6} {:>6} {:>4} {:>4} {:>8} {:>8} | {:>7} | api-1 api-2 api-3{}",
+        "time",
+        "sent",
+        "2xx",
+        "5xx",
+        "fail",
+        "p50",
+        "p99",
+        "retries",
+        if api4.is_some() { " api-4" } else { "" }
     );
 
     for s in std::iter::once(&web).chain(&replicas) {
@@ -432,6 +683,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     ));
 
     let deadline = args.duration.map(|d| started + d);
+    // The registry's moments: api-4 killed, then a policy pushed live.
+    let kill_at = args.duration.map_or(Duration::from_secs(5), |d| {
+        d.mul_f64(0.2).min(Duration::from_secs(5))
+    });
+    let push_at = args.duration.map_or(Duration::from_secs(12), |d| {
+        d.mul_f64(0.75).min(Duration::from_secs(12))
+    });
+    let mut pushed = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -444,7 +703,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     s.report_certificate(started);
                 }
                 view.report_endpoints(started, &web, &replicas);
-                print_line(started, &stats, &web, &replicas, &mut view);
+                print_line(started, &stats, &web, &replicas, &mut view, api4.as_ref());
+                if let (Some(a4), Some(etcd)) = (api4.as_mut(), &etcd) {
+                    a4.step(started, kill_at, &web)?;
+                    if !pushed && started.elapsed() >= push_at {
+                        pushed = true;
+                        push_policy(&etcd.url, &api_policy("round-robin")).await?;
+                        println!(
+                            "  {:>4}s  pushed to etcd: api's policy with lb round-robin (was ewma); web's sidecar applies it",
+                            started.elapsed().as_secs()
+                        );
+                    }
+                }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
@@ -463,6 +733,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         s.shutdown.trigger();
     }
     let drained = Instant::now();
+    if let Some(a4) = api4.as_mut() {
+        a4.kill();
+    }
     print_mtls(&web.metrics);
     print_resilience(&web, &replicas);
     let mut latencies = Vec::new();
@@ -491,7 +764,90 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  README \"Kubernetes\" installs the issuer, the injector webhook and Jaeger");
     let _ = std::fs::remove_dir_all(&identity.dir);
-    Ok(())
+    Ok(etcd)
+}
+
+/// api-4: a replica whose sidecar is a process, killed to show its lease expire.
+struct Api4 {
+    child: Option<std::process::Child>,
+    served: Arc<AtomicU64>,
+    ports: SidecarPorts,
+    killed: Option<Instant>,
+    expired: bool,
+}
+
+impl Api4 {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the sidecar once `kill_at` has passed, then reports when web's view of the
+    /// registry drops it.
+    fn step(&mut self, started: Instant, kill_at: Duration, web: &Sidecar) -> anyhow::Result<()> {
+        if self.killed.is_none() && started.elapsed() >= kill_at {
+            self.kill();
+            self.killed = Some(Instant::now());
+            println!(
+                "  {:>4}s  api-4's sidecar killed (kill -9): no deregistration; its entry stays until its {DEMO_REGISTER_TTL} lease expires",
+                started.elapsed().as_secs()
+            );
+        }
+        if let (Some(at), false) = (self.killed, self.expired) {
+            let dest = gofe_proxy::addrs::DestKey::parse(API_DESTINATION)?;
+            let addr = local(self.ports.inbound);
+            let listed = web
+                .destinations
+                .registry()
+                .and_then(|r| r.endpoints(&dest, None))
+                .is_some_and(|a| a.endpoints.iter().any(|e| e.addr.addr() == addr));
+            if !listed {
+                self.expired = true;
+                println!(
+                    "  {:>4}s  api-4's lease expired {:.1}s after the kill: etcd deleted its entry, web's sidecar dropped it",
+                    started.elapsed().as_secs(),
+                    at.elapsed().as_secs_f64()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kubelet's view under strict mTLS: the app's probes, rewritten by the injector to
+/// `/app-health/api/<kind>` on each replica's admin port and run by its sidecar against
+/// the app (api-2's liveness fails as often as api-2 does).
+async fn print_probes(replicas: &[Sidecar]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    println!("  kubelet probes, answered by each sidecar's admin port (GOFE_APP_PROBES):");
+    for s in replicas {
+        for kind in ["livez", "readyz"] {
+            let path = format!("/app-health/api/{kind}");
+            let answer = async {
+                let mut c = TcpStream::connect(local(s.ports.admin)).await?;
+                c.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: kube-probe/1.37\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+                let mut text = String::new();
+                c.read_to_string(&mut text).await?;
+                std::io::Result::Ok(text)
+            };
+            let text = match tokio::time::timeout(Duration::from_secs(3), answer).await {
+                Ok(Ok(t)) => t,
+                _ => "no answer".into(),
+            };
+            let status = text.split(' ').nth(1).unwrap_or("?");
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+            println!(
+                "    {} GET 127.0.0.1:{}{path:<22} {status}  {body}",
+                s.name, s.ports.admin
+            );
+        }
+    }
 }
 
 /// What the demo last showed: per replica, the requests counted and whether the web
@@ -582,8 +938,7 @@ async fn bind(port: u16) -> anyhow::Result<TcpListener> {
 
 /// An `api` replica: answers `/item/N` after a little simulated work, or fails, as
 /// its `behaviour` says.
-async fn serve_api(listener: TcpListener, behaviour: Behaviour) {
-    let served = Arc::new(AtomicU64::new(0));
+async fn serve_api(listener: TcpListener, behaviour: Behaviour, served: Arc<AtomicU64>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -852,6 +1207,7 @@ fn print_line(
     web: &Sidecar,
     replicas: &[Sidecar],
     view: &mut View,
+    api4: Option<&Api4>,
 ) {
     let mut s = stats.lock();
     let (p50, p99) = if s.window.is_empty() {
@@ -866,7 +1222,7 @@ fn print_line(
     let retries = web.metrics.retries_total(API_DESTINATION);
     let new_retries = retries - view.retries;
     view.retries = retries;
-    let per_replica: Vec<String> = replicas
+    let mut per_replica: Vec<String> = replicas
         .iter()
         .map(|r| {
             let n = r.requests(Direction::Inbound);
@@ -874,6 +1230,11 @@ fn print_line(
             format!("{:>5}", n - last)
         })
         .collect();
+    if let Some(a4) = api4 {
+        let n = a4.served.load(Ordering::Relaxed);
+        let last = view.served.insert("api-4", n).unwrap_or(0);
+        per_replica.push(format!("{:>5}", n - last));
+    }
     println!(
         "  {:>4}s {:>6} {:>6} {:>4} {:>4} {:>8} {:>8} | {:>7} | {}",
         started.elapsed().as_secs(),

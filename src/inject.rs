@@ -7,6 +7,7 @@
 //! annotation, the value and the workload. Injecting twice gives what injecting once
 //! gives.
 
+use crate::app_probes;
 use crate::init::{InitArgs, InitConfig};
 use anyhow::{Context, bail};
 use gofe_proxy::config::{self, Config, INIT_VARS, POLICY_VARS, PROXY_VARS, Var};
@@ -19,12 +20,26 @@ pub const INJECT_ANNOTATION: &str = "gofe.io/inject";
 pub const CONFIG_PREFIX: &str = "config.gofe.io/";
 /// `config.gofe.io/native-sidecar: "false"`: an ordinary container instead.
 const NATIVE_SIDECAR: &str = "native-sidecar";
+/// `config.gofe.io/rewrite-probes: "false"`: the application's probes left as they are.
+const REWRITE_PROBES: &str = "rewrite-probes";
+/// `config.gofe.io/trust-anchors-source`: `configmap` (default) or `clustertrustbundle`.
+const TRUST_ANCHORS_SOURCE: &str = "trust-anchors-source";
+/// The ConfigMap, in each namespace, that holds the trust anchors as `ca.crt`.
+pub const ANCHORS_CONFIGMAP: &str = "gofe-trust-anchors";
+/// The signer whose ClusterTrustBundles hold the mesh's trust anchors (k8s/trust-bundle.yaml).
+pub const ANCHORS_SIGNER: &str = "gofe.io/mesh";
+/// The label that picks the signer's bundles for projection.
+pub const ANCHORS_BUNDLE_LABEL: (&str, &str) = ("gofe.io/trust-anchors", "mesh");
 pub const INIT_CONTAINER: &str = "gofe-init";
 pub const PROXY_CONTAINER: &str = "gofe-proxy";
 const TOKEN_VOLUME: &str = "gofe-identity-token";
 const ANCHORS_VOLUME: &str = "gofe-trust-anchors";
 /// A writable /run for the init container's iptables lock.
 const RUN_VOLUME: &str = "gofe-init-run";
+/// With a registry: the optional Secret `gofe-registry` (etcd's CA, a client
+/// certificate and key, a password), for GOFE_REGISTRY_CA and friends to name.
+const REGISTRY_VOLUME: &str = "gofe-registry";
+pub const REGISTRY_DIR: &str = "/var/run/gofe/registry";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 const ANCHORS_DIR: &str = "/var/run/gofe/anchors";
 /// The binary's path in the image (k8s/Dockerfile).
@@ -240,12 +255,45 @@ impl Injector {
             .and_then(Value::as_object_mut)
             .with_context(|| format!("{workload}: the pod template has no spec"))?;
 
-        let proxy = self.proxy_container(&settings, service);
         let mut containers = take_array(spec, "containers");
         if containers.is_empty() {
             bail!("{workload}: the pod has no containers");
         }
-        let app_init = take_array(spec, "initContainers");
+        let mut app_init = take_array(spec, "initContainers");
+        let mut settings = settings;
+        if settings.rewrite_probes {
+            let mut probes =
+                app_probes::rewrite(&mut containers, settings.admin_port, &settings.skip_inbound)
+                    .with_context(|| workload.to_string())?;
+            if settings.native_sidecar {
+                // The app's own native sidecars start after the proxy, so it can
+                // answer their probes; ordinary init containers have none. In ordinary
+                // mode they start before any proxy runs, and are left alone.
+                let mut sidecars: Vec<Value> = app_init
+                    .iter()
+                    .filter(|c| c["restartPolicy"] == "Always")
+                    .cloned()
+                    .collect();
+                if let Some(more) =
+                    app_probes::rewrite(&mut sidecars, settings.admin_port, &settings.skip_inbound)
+                        .with_context(|| workload.to_string())?
+                {
+                    for c in app_init.iter_mut() {
+                        if let Some(r) = sidecars.iter().find(|r| r["name"] == c["name"]) {
+                            *c = r.clone();
+                        }
+                    }
+                    probes = Some(merge_probes(probes.as_deref(), &more));
+                }
+            }
+            if let Some(p) = probes {
+                // The kubelet expands $(VAR) in env values; the JSON means itself.
+                settings
+                    .proxy_env
+                    .insert(config::APP_PROBES.name.into(), p.replace('$', "$$"));
+            }
+        }
+        let proxy = self.proxy_container(&settings, service);
         let mut init_containers = Vec::new();
         if settings.native_sidecar {
             // The rules, then the proxy, then the app's own init containers, which
@@ -272,9 +320,28 @@ impl Injector {
                     "path": "gofe-identity-token",
                 }}]},
             }));
+            volumes.push(match settings.anchors_source {
+                AnchorsSource::ConfigMap => json!({
+                    "name": ANCHORS_VOLUME,
+                    "configMap": {"name": ANCHORS_CONFIGMAP},
+                }),
+                // Every bundle of the mesh's signer, concatenated by the kubelet and
+                // updated in place when one changes: a rotation is a second bundle
+                // beside the first.
+                AnchorsSource::ClusterTrustBundle => json!({
+                    "name": ANCHORS_VOLUME,
+                    "projected": {"sources": [{"clusterTrustBundle": {
+                        "signerName": ANCHORS_SIGNER,
+                        "labelSelector": {"matchLabels": {ANCHORS_BUNDLE_LABEL.0: ANCHORS_BUNDLE_LABEL.1}},
+                        "path": "ca.crt",
+                    }}]},
+                }),
+            });
+        }
+        if settings.registry() {
             volumes.push(json!({
-                "name": ANCHORS_VOLUME,
-                "configMap": {"name": "gofe-trust-anchors"},
+                "name": REGISTRY_VOLUME,
+                "secret": {"secretName": "gofe-registry", "optional": true},
             }));
         }
         volumes.push(json!({"name": RUN_VOLUME, "emptyDir": {"medium": "Memory"}}));
@@ -323,6 +390,10 @@ impl Injector {
         }
         env.push(json!({"name": config::TRUST_DOMAIN.name, "value": s.trust_domain}));
         env.push(json!({"name": config::SERVICE_NAME.name, "value": service}));
+        if s.proxy_env.contains_key(config::REGISTER.name) {
+            // Others reach the pod on its own address.
+            env.push(json!({"name": config::REGISTER_ADDRESS.name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}));
+        }
         // An annotation overrides what the injector would set.
         env.retain(|e| {
             e["name"]
@@ -367,11 +438,20 @@ impl Injector {
                 "limits": {"memory": "250Mi"},
             },
         });
+        let mut mounts = Vec::new();
         if s.identity {
-            c["volumeMounts"] = json!([
-                {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
-                {"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true},
+            mounts.extend([
+                json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
+                json!({"name": ANCHORS_VOLUME, "mountPath": ANCHORS_DIR, "readOnly": true}),
             ]);
+        }
+        if s.registry() {
+            mounts.push(
+                json!({"name": REGISTRY_VOLUME, "mountPath": REGISTRY_DIR, "readOnly": true}),
+            );
+        }
+        if !mounts.is_empty() {
+            c["volumeMounts"] = Value::Array(mounts);
         }
         let fields = c.as_object_mut().expect("an object");
         if s.native_sidecar {
@@ -401,6 +481,10 @@ struct Settings {
     proxy_env: BTreeMap<String, String>,
     init_env: BTreeMap<String, String>,
     native_sidecar: bool,
+    rewrite_probes: bool,
+    anchors_source: AnchorsSource,
+    /// Probes on these ports reach the application without the proxy.
+    skip_inbound: gofe_proxy::config::PortSet,
     proxy_uid: u32,
     inbound_port: u16,
     admin_port: u16,
@@ -422,6 +506,13 @@ pub fn annotation_of(var: &str) -> String {
 }
 
 impl Settings {
+    /// Whether the pod's proxy uses the registry (GOFE_REGISTRY set).
+    fn registry(&self) -> bool {
+        self.proxy_env
+            .get(config::REGISTRY.name)
+            .is_some_and(|v| !v.trim().is_empty())
+    }
+
     fn read(
         annotations: &BTreeMap<String, String>,
         workload: &str,
@@ -438,6 +529,8 @@ impl Settings {
         let mut proxy_env = BTreeMap::new();
         let mut init_env = BTreeMap::new();
         let mut native_sidecar = true;
+        let mut rewrite_probes = true;
+        let mut anchors_source = AnchorsSource::ConfigMap;
         let mut errors = Vec::new();
         for (key, value) in annotations {
             let Some(name) = key.strip_prefix(CONFIG_PREFIX) else {
@@ -453,6 +546,26 @@ impl Settings {
                 }
                 continue;
             }
+            if name == REWRITE_PROBES {
+                match value.as_str() {
+                    "true" => rewrite_probes = true,
+                    "false" => rewrite_probes = false,
+                    _ => errors.push(format!(
+                        "annotation {key}: {value:?} on {workload}: expected true or false"
+                    )),
+                }
+                continue;
+            }
+            if name == TRUST_ANCHORS_SOURCE {
+                match value.as_str() {
+                    "configmap" => anchors_source = AnchorsSource::ConfigMap,
+                    "clustertrustbundle" => anchors_source = AnchorsSource::ClusterTrustBundle,
+                    _ => errors.push(format!(
+                        "annotation {key}: {value:?} on {workload}: expected configmap or clustertrustbundle"
+                    )),
+                }
+                continue;
+            }
             let var = variable_of(name);
             // The kubelet expands $(VAR) in env values; a value means itself.
             let value = &value.replace('$', "$$");
@@ -462,6 +575,9 @@ impl Settings {
                 }
                 Some(v) if v.name == config::IDENTITY_NAME.name => errors.push(format!(
                     "annotation {key} on {workload}: the identity comes from the pod's namespace and service account"
+                )),
+                Some(v) if v.name == config::APP_PROBES.name => errors.push(format!(
+                    "annotation {key}: {value:?} on {workload}: the injector makes it from the containers' probes (config.gofe.io/{REWRITE_PROBES}: \"false\" turns that off)"
                 )),
                 Some(_) => {
                     proxy_env.insert(var, value.clone());
@@ -550,6 +666,23 @@ impl Settings {
                 "the proxy container cannot read the pod's files; set the policy with annotations",
             );
         }
+        for var in [
+            &config::REGISTRY_CA,
+            &config::REGISTRY_CERT,
+            &config::REGISTRY_KEY,
+            &config::REGISTRY_PASSWORD_FILE,
+        ] {
+            if vars
+                .get(var.name)
+                .is_some_and(|v| !v.trim().is_empty() && !v.starts_with(REGISTRY_DIR))
+            {
+                refuse(
+                    &mut errors,
+                    var,
+                    &format!("a file of the gofe-registry Secret, mounted at {REGISTRY_DIR}/"),
+                );
+            }
+        }
         if vars
             .get(config::DISCOVERY.name)
             .is_some_and(|v| v.contains("file:"))
@@ -588,11 +721,34 @@ impl Settings {
             proxy_env,
             init_env,
             native_sidecar,
+            rewrite_probes,
+            anchors_source,
+            skip_inbound: init.skip_inbound_ports.clone(),
             proxy_uid: init.proxy_uid,
             inbound_port: init.inbound_port,
             admin_port: init.admin_port,
         })
     }
+}
+
+/// Where the proxy's trust anchors come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AnchorsSource {
+    /// The `gofe-trust-anchors` ConfigMap of the pod's namespace.
+    ConfigMap,
+    /// The mesh signer's ClusterTrustBundles, projected: one object for the cluster.
+    ClusterTrustBundle,
+}
+
+/// Two `GOFE_APP_PROBES` values as one (their containers are different).
+fn merge_probes(a: Option<&str>, b: &str) -> String {
+    let parse = |s: &str| match serde_json::from_str(s) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    let mut merged = a.map(parse).unwrap_or_default();
+    merged.extend(parse(b));
+    Value::Object(merged).to_string()
 }
 
 fn env_list(vars: &BTreeMap<String, String>) -> Value {
@@ -615,11 +771,32 @@ fn remove_injected(pod: &mut Value) {
     let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
         return;
     };
+    // The probes an earlier injection rewrote get their originals back.
+    let app_probes = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec.get(*k)?.as_array())
+        .flatten()
+        .filter(|c| c["name"] == PROXY_CONTAINER)
+        .filter_map(|c| c["env"].as_array())
+        .flatten()
+        .find(|e| e["name"] == config::APP_PROBES.name)
+        .and_then(|e| e["value"].as_str())
+        .map(|v| v.replace("$$", "$"));
+    if let Some(probes) = app_probes {
+        for key in ["initContainers", "containers"] {
+            if let Some(Value::Array(items)) = spec.get_mut(key) {
+                app_probes::restore(items, &probes);
+            }
+        }
+    }
     let ours = |v: &Value, names: &[&str]| v["name"].as_str().is_some_and(|n| names.contains(&n));
     for (key, names) in [
         ("initContainers", &[INIT_CONTAINER, PROXY_CONTAINER][..]),
         ("containers", &[PROXY_CONTAINER][..]),
-        ("volumes", &[TOKEN_VOLUME, ANCHORS_VOLUME, RUN_VOLUME][..]),
+        (
+            "volumes",
+            &[TOKEN_VOLUME, ANCHORS_VOLUME, REGISTRY_VOLUME, RUN_VOLUME][..],
+        ),
     ] {
         if let Some(Value::Array(items)) = spec.get_mut(key) {
             items.retain(|v| !ours(v, names));

@@ -1,13 +1,16 @@
 //! `gofe`: the commands behind the one binary's CLI, and the Kubernetes-facing glue:
-//! `init` (iptables), `inject` (and its `webhook`), `await_ready`, `identity_cmd` (the
-//! issuer), `demo`. The binary (main.rs) only parses the command line and runs them.
+//! `init` (iptables), `inject` (and its `webhook`, and `app_probes`, the probe
+//! rewriting), `await_ready`, `identity_cmd` (the issuer), `registry_cmd` (the etcd
+//! registry), `demo`. The binary (main.rs) only parses the command line and runs them.
 #![forbid(unsafe_code)]
 
+pub mod app_probes;
 pub mod await_ready;
 pub mod demo;
 pub mod identity_cmd;
 pub mod init;
 pub mod inject;
+pub mod registry_cmd;
 pub mod webhook;
 
 use gofe_proxy::config::ConfigError;

@@ -4,7 +4,9 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use gofe::{BadConfig, await_ready, demo, identity_cmd, init, inject, runtime, signal};
+use gofe::{
+    BadConfig, await_ready, demo, identity_cmd, init, inject, registry_cmd, runtime, signal,
+};
 use gofe_proxy::Proxy;
 use gofe_proxy::config::{self, Config};
 use std::process::ExitCode;
@@ -30,6 +32,9 @@ enum Cmd {
     /// Add the sidecar to Kubernetes workloads (YAML in, YAML out), or serve as the
     /// mutating admission webhook that does it (--webhook).
     Inject(inject::InjectArgs),
+    /// Read and write the etcd registry: endpoints, and policy checked before it is
+    /// written (GOFE_REGISTRY and friends say where etcd is).
+    Registry(registry_cmd::RegistryArgs),
     /// Run a small mesh on this machine, without root, and show what it does.
     Demo(demo::DemoArgs),
 }
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Cmd::Identity(args) => identity_cmd::run(&args),
         Cmd::Await(args) => await_ready::run(&args),
         Cmd::Inject(args) => inject::run(&args),
+        Cmd::Registry(args) => registry_cmd::run(&args),
         Cmd::Demo(args) => demo::run(args),
     };
     match result {
@@ -136,6 +142,7 @@ fn warn_unknown_variables() {
         .chain(config::INIT_VARS)
         .chain(config::ISSUER_VARS)
         .chain(config::POLICY_VARS)
+        .chain(config::REGISTRY_VARS)
         .map(|v| v.name)
         .collect();
     for (name, _) in std::env::vars() {

@@ -358,6 +358,63 @@ fn settings_that_change_what_is_injected() {
 }
 
 #[test]
+fn registering_pods_get_their_address_and_the_registry_secret() {
+    let out = docs(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"https://etcd.gofe-system.svc:2379\", config.gofe.io/register: \"api.shop:80=8080\", config.gofe.io/registry-ca: /var/run/gofe/registry/ca.crt}",
+    )));
+    let spec = &out[0]["spec"];
+    let proxy = &spec["initContainers"][1];
+    assert_eq!(
+        env(proxy, "GOFE_REGISTER").unwrap()["value"],
+        "api.shop:80=8080"
+    );
+    assert_eq!(
+        env(proxy, "GOFE_REGISTER_ADDRESS").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert!(
+        proxy["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/var/run/gofe/registry"),
+        "{proxy}"
+    );
+    assert!(
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |v| v["secret"]["secretName"] == "gofe-registry" && v["secret"]["optional"] == true
+            )
+    );
+    // Injected twice: one of each.
+    let again = inject(&inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"http://etcd:2379\", config.gofe.io/register: \"api.shop:80=8080\"}",
+    )));
+    assert_eq!(again.matches("gofe-registry").count(), inject(&pod(
+        "{gofe.io/inject: enabled, config.gofe.io/registry: \"http://etcd:2379\", config.gofe.io/register: \"api.shop:80=8080\"}",
+    )).matches("gofe-registry").count());
+    // Files elsewhere than the Secret, a registration without a registry: refused.
+    for (annotations, why) in [
+        (
+            "{gofe.io/inject: enabled, config.gofe.io/registry: \"https://etcd:2379\", config.gofe.io/registry-ca: /etc/ca.pem}",
+            "config.gofe.io/registry-ca",
+        ),
+        (
+            "{gofe.io/inject: enabled, config.gofe.io/register: \"api.shop:80=8080\"}",
+            "config.gofe.io/register",
+        ),
+    ] {
+        let out = inject_with(&pod(annotations), &[]);
+        assert!(!out.status.success(), "{annotations}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[test]
 fn namespace_and_pod_annotations_decide() {
     let ns = ["--namespace-annotations", "gofe.io/inject=enabled"];
     assert!(!injected(&inject_with(&pod("{}"), &[])), "nothing asks");
@@ -413,6 +470,21 @@ fn bad_annotations_are_refused_naming_annotation_value_and_workload() {
         ),
         ("config.gofe.io/proxy-uid", "0", "does not run as root"),
         (
+            "config.gofe.io/rewrite-probes",
+            "sometimes",
+            "expected true or false",
+        ),
+        (
+            "config.gofe.io/trust-anchors-source",
+            "secret",
+            "expected configmap or clustertrustbundle",
+        ),
+        (
+            "config.gofe.io/app-probes",
+            "{}",
+            "makes it from the containers' probes",
+        ),
+        (
             "config.gofe.io/policy-file",
             "/etc/policy.yaml",
             "cannot read the pod's files",
@@ -432,6 +504,155 @@ fn bad_annotations_are_refused_naming_annotation_value_and_workload() {
         }
         assert!(out.stdout.is_empty(), "nothing printed on refusal");
     }
+}
+
+const PROBED_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  annotations: {ANNOTATIONS}
+spec:
+  serviceAccountName: web
+  initContainers:
+    - name: log-shipper
+      image: fluent-bit
+      restartPolicy: Always
+      ports: [{name: metrics, containerPort: 2020}]
+      readinessProbe: {httpGet: {path: /api/v1/health, port: metrics}}
+  containers:
+    - name: web
+      image: nginx:1.27
+      ports: [{name: http, containerPort: 8080}, {name: grpc, containerPort: 9090}]
+      livenessProbe: {httpGet: {path: /healthz, port: http, httpHeaders: [{name: x-probe, value: "$(not-a-var)"}]}, periodSeconds: 7, timeoutSeconds: 2}
+      readinessProbe: {tcpSocket: {port: 8080}}
+      startupProbe: {grpc: {port: 9090, service: web}, failureThreshold: 30}
+    - name: db
+      image: postgres
+      livenessProbe: {exec: {command: [pg_isready]}}
+      readinessProbe: {tcpSocket: {port: 5432}}
+"#;
+
+fn probed_pod(annotations: &str) -> String {
+    PROBED_POD.replace("{ANNOTATIONS}", annotations)
+}
+
+#[test]
+fn probes_are_rewritten_to_the_admin_port_with_the_originals_for_the_proxy() {
+    let yaml = probed_pod("{gofe.io/inject: enabled, config.gofe.io/skip-inbound-ports: \"5432\"}");
+    let out = docs(&inject(&yaml)).remove(0);
+    let spec = &out["spec"];
+    let web = &spec["containers"][0];
+    assert_eq!(
+        web["livenessProbe"],
+        json!({"httpGet": {"path": "/app-health/web/livez", "port": 4191, "scheme": "HTTP"},
+               "periodSeconds": 7, "timeoutSeconds": 2})
+    );
+    assert_eq!(
+        web["readinessProbe"]["httpGet"]["path"],
+        "/app-health/web/readyz"
+    );
+    assert_eq!(
+        web["startupProbe"]["httpGet"]["path"],
+        "/app-health/web/startupz"
+    );
+    assert_eq!(web["startupProbe"]["failureThreshold"], 30);
+    // exec, and a port the kubelet reaches directly, are left alone.
+    let db = &spec["containers"][1];
+    assert_eq!(
+        db["livenessProbe"],
+        json!({"exec": {"command": ["pg_isready"]}})
+    );
+    assert_eq!(db["readinessProbe"], json!({"tcpSocket": {"port": 5432}}));
+    // The app's native sidecar starts after the proxy: its probe is rewritten too.
+    let shipper = &spec["initContainers"][2];
+    assert_eq!(shipper["name"], "log-shipper");
+    assert_eq!(
+        shipper["readinessProbe"]["httpGet"]["path"],
+        "/app-health/log-shipper/readyz"
+    );
+    let proxy = &spec["initContainers"][1];
+    let probes = env(proxy, "GOFE_APP_PROBES").unwrap()["value"]
+        .as_str()
+        .unwrap();
+    // $ is escaped from the kubelet's $(VAR) expansion.
+    assert!(probes.contains("$$(not-a-var)"), "{probes}");
+    let probes: Value = serde_json::from_str(&probes.replace("$$", "$")).unwrap();
+    assert_eq!(
+        probes["web"]["livez"],
+        json!({"httpGet": {"path": "/healthz", "port": 8080,
+                "httpHeaders": [{"name": "x-probe", "value": "$(not-a-var)"}]}, "timeoutSeconds": 2})
+    );
+    assert_eq!(
+        probes["web"]["startupz"],
+        json!({"grpc": {"port": 9090, "service": "web"}})
+    );
+    assert_eq!(probes["log-shipper"]["readyz"]["httpGet"]["port"], 2020);
+    assert!(probes.get("db").is_none(), "{probes}");
+
+    // Injecting again gives the same pod; disabling gives the probes back (named
+    // ports as the numbers they named).
+    let once = inject(&yaml);
+    assert_eq!(inject(&once), once);
+    let disabled = once.replace("gofe.io/inject: enabled", "gofe.io/inject: disabled");
+    let back = docs(&inject(&disabled)).remove(0);
+    assert_eq!(
+        back["spec"]["containers"][0]["readinessProbe"],
+        json!({"tcpSocket": {"port": 8080}})
+    );
+    assert_eq!(
+        back["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"],
+        "/healthz"
+    );
+
+    // Opting out leaves every probe alone.
+    let kept = docs(&inject(&probed_pod(
+        "{gofe.io/inject: enabled, config.gofe.io/rewrite-probes: \"false\"}",
+    )))
+    .remove(0);
+    assert_eq!(
+        kept["spec"]["containers"][0]["readinessProbe"],
+        json!({"tcpSocket": {"port": 8080}})
+    );
+    assert!(env(&kept["spec"]["initContainers"][1], "GOFE_APP_PROBES").is_none());
+
+    // A probe naming a port the container does not declare is refused.
+    let bad = probed_pod("{gofe.io/inject: enabled}").replace("port: metrics", "port: metric");
+    let out = inject_with(&bad, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log-shipper") && err.contains("\"metric\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn trust_anchors_come_from_the_mesh_signers_cluster_trust_bundles_when_annotated() {
+    let volume = |annotations: &str| {
+        let out = docs(&inject(&pod(annotations))).remove(0);
+        out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "gofe-trust-anchors")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        volume("{gofe.io/inject: enabled}")["configMap"],
+        json!({"name": "gofe-trust-anchors"})
+    );
+    let ctb = volume(
+        "{gofe.io/inject: enabled, config.gofe.io/trust-anchors-source: clustertrustbundle}",
+    );
+    assert_eq!(
+        ctb["projected"]["sources"][0]["clusterTrustBundle"],
+        json!({"signerName": "gofe.io/mesh",
+               "labelSelector": {"matchLabels": {"gofe.io/trust-anchors": "mesh"}},
+               "path": "ca.crt"})
+    );
+    assert!(ctb.get("configMap").is_none());
 }
 
 /// A serving certificate for 127.0.0.1, self-signed.
@@ -583,6 +804,26 @@ spec:
         "shop-web"
     );
 
+    // Probes are rewritten by the webhook as by the CLI.
+    let probed: Value = docs(&probed_pod("{}")).remove(0);
+    let patched = apply_patch(&probed, &review(&webhook, &dir, &probed)["response"]);
+    let cli = docs(
+        &String::from_utf8(
+            inject_with(
+                &probed_pod("{}"),
+                &["--namespace-annotations", "gofe.io/inject=enabled"],
+            )
+            .stdout,
+        )
+        .unwrap(),
+    )
+    .remove(0);
+    assert_eq!(patched, cli, "the webhook's probes are the CLI's");
+    assert_eq!(
+        patched["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/app-health/web/readyz"
+    );
+
     // A pod that opts out is allowed unchanged; a bad annotation is refused.
     let mut disabled = pod.clone();
     disabled["metadata"]["annotations"]["gofe.io/inject"] = json!("disabled");
@@ -700,9 +941,14 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The demo application, injected, validates too.
+    // The demo application, injected, validates too; so does a pod whose probes were
+    // rewritten and whose anchors are a projected ClusterTrustBundle.
     let demo = std::fs::read_to_string(format!("{dir}/demo.yaml")).unwrap();
-    let injected = inject(&demo);
+    let probed = probed_pod(
+        "{gofe.io/inject: enabled, config.gofe.io/trust-anchors-source: clustertrustbundle}",
+    );
+    let injected = format!("{}---\n{}", inject(&demo), inject(&probed));
+    assert!(injected.contains("clusterTrustBundle") && injected.contains("/app-health/"));
     let dir = tempdir("validate");
     let file = dir.join("demo-injected.yaml");
     std::fs::write(&file, injected).unwrap();

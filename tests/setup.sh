@@ -2,7 +2,9 @@
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
-# manifests, cargo-fuzz for the fuzz smoke. The benchmark also
+# manifests, etcd (Debian's etcd-server) for the registry's tests, protoc
+# (protobuf-compiler), which the etcd client's build needs for etcd's API, and cargo-fuzz
+# for the fuzz smoke. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -11,6 +13,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v nginx >/dev/null || need+=(nginx-light)
@@ -33,4 +37,4 @@ fi
 if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, kubernetes-validate and cargo-fuzz are installed"
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc, kubernetes-validate and cargo-fuzz are installed"

@@ -9,6 +9,7 @@ pub mod cert;
 pub mod client;
 pub mod issuer;
 pub mod renew;
+pub mod signed;
 pub mod spiffe;
 pub mod store;
 pub mod tls;

@@ -7,8 +7,9 @@ use crate::client::IdentityClient;
 use crate::store::CertStore;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// When to renew: 65-75% of the lifetime left at issuance.
 pub fn renewal_delay(lifetime: Duration, jitter: f64) -> Duration {
@@ -64,15 +65,42 @@ pub async fn renew_loop<F, Fut>(
     }
 }
 
-/// Keeps `store` holding a current certificate from `client`.
+/// Keeps `store` holding a current certificate from `client`. Each request to the
+/// issuer is an operation span (`identity.certify`: first request or renewal, how many
+/// failed before it, and its outcome), so a slow or failing renewal shows in traces.
 pub async fn maintain(client: Arc<IdentityClient>, store: Arc<CertStore>) {
     let remaining_store = store.clone();
     let next_store = store.clone();
+    let failed_before = Arc::new(AtomicU32::new(0));
     renew_loop(
         || {
             let (client, store) = (client.clone(), store.clone());
+            let failed_before = failed_before.clone();
+            let span = tracing::info_span!(
+                target: gofe_telemetry::ops::TARGET,
+                "identity.certify",
+                identity = %client.name(),
+                kind = if store.current().is_some() { "renewal" } else { "first" },
+                failed_before = failed_before.load(Ordering::Relaxed),
+                serial = tracing::field::Empty,
+                error = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let recorded = span.clone();
             async move {
-                match client.certify().await {
+                let result = client.certify().await;
+                match &result {
+                    Ok(issued) => {
+                        failed_before.store(0, Ordering::Relaxed);
+                        recorded.record("serial", issued.info.serial.as_str());
+                    }
+                    Err(error) => {
+                        failed_before.fetch_add(1, Ordering::Relaxed);
+                        recorded.record("error", tracing::field::display(error));
+                        recorded.record("otel.status_code", "ERROR");
+                    }
+                }
+                match result {
                     Ok(issued) => {
                         let lifetime = issued
                             .info
@@ -96,6 +124,7 @@ pub async fn maintain(client: Arc<IdentityClient>, store: Arc<CertStore>) {
                     }
                 }
             }
+            .instrument(span)
         },
         move || {
             remaining_store.current().map(|h| {

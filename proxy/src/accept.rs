@@ -5,17 +5,18 @@
 use crate::addrs::{ClientAddr, Direction};
 use crate::ctx::Ctx;
 use crate::detect::{self, Detected, Protocol};
-use crate::http::conn::HttpConn;
-use crate::http::server::{self, HttpVersion};
+use crate::http::conn::{HttpConn, HttpVersion};
+use crate::http::server;
 use crate::inbound;
 use crate::io::{AsTcp, Counted, Prefixed};
-use crate::metrics::ConnLabels;
+use crate::metrics::{ConnLabels, Limit};
 use crate::opaque;
 use crate::orig_dst::{self, OrigDst};
 use crate::route::target::ConnTarget;
 use crate::socket;
 use bytes::Bytes;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -24,6 +25,22 @@ use tracing::{debug, info, warn};
 /// rather than spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// One of a listener's connection slots, given back when the connection ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        let slot = Slot(open.clone());
+        (open.fetch_add(1, Ordering::AcqRel) < max).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// How long the inbound side of an opaque port waits for a peer proxy's ClientHello. A
 /// meshed client's proxy sends it at once; a plaintext client of a server-speaks-first
 /// protocol is held back no longer than this.
@@ -31,8 +48,11 @@ const OPAQUE_MESH_DETECT: Duration = Duration::from_millis(200);
 
 const STRICT_REFUSAL: &str = "this pod accepts only mTLS from the mesh (GOFE_INBOUND_MTLS=strict, or GOFE_INBOUND_AUTHORIZE set)";
 
-/// Accepts on `listener` until the proxy drains.
+/// Accepts on `listener` until the proxy drains. At GOFE_MAX_CONNECTIONS open
+/// connections a new one is closed at once.
 pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<Ctx>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let max = ctx.config.limits.max_connections;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -41,11 +61,22 @@ pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<C
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(slot) = Slot::take(&open, max) else {
+                    ctx.metrics
+                        .limit_tripped(Limit::Connections, direction.as_str());
+                    debug!(%direction, %peer, max, "at the connection limit; closing");
+                    socket::reset(&stream);
+                    continue;
+                };
                 let ctx2 = ctx.clone();
-                ctx.tasks
-                    .spawn(handle(stream, ClientAddr::new(peer), direction, ctx2));
+                ctx.tasks.spawn(async move {
+                    let _slot = slot;
+                    handle(stream, ClientAddr::new(peer), direction, ctx2).await
+                });
             }
             Err(error) => {
+                ctx.metrics
+                    .limit_tripped(Limit::AcceptErrors, direction.as_str());
                 warn!(%direction, %error, "accept failed");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
@@ -150,7 +181,7 @@ async fn handle(stream: TcpStream, client: ClientAddr, direction: Direction, ctx
             return opaque::forward(io, client, target, &ctx).await;
         }
     };
-    let conn = HttpConn::new(ctx.clone(), direction, client, target)
+    let conn = HttpConn::new(ctx.clone(), direction, client, target, version)
         .refusing(strict.then(|| STRICT_REFUSAL.to_string()));
     server::serve(io, version, Arc::new(conn)).await;
 }

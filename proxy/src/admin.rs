@@ -1,6 +1,6 @@
-//! The admin server: liveness and readiness for the kubelet, metrics for Prometheus,
-//! the effective configuration, and `/shutdown` so that a Job's last container can end
-//! the proxy.
+//! The admin server: liveness and readiness for the kubelet, the application's own
+//! probes run for it (`/app-health/`), metrics for Prometheus, the effective
+//! configuration, and `/shutdown` so that a Job's last container can end the proxy.
 
 use crate::ctx::Ctx;
 use bytes::Bytes;
@@ -28,12 +28,17 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
             }
         };
         let ctx = ctx.clone();
+        // The kubelet probes the pod's address; the application's probes go there too.
+        let local = stream.local_addr().ok();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move {
                     let rsp = if req.uri().path() == "/log-level" {
                         log_level(&ctx, peer, req).await
+                    } else if let Some(rest) = req.uri().path().strip_prefix(APP_HEALTH) {
+                        let rest = rest.to_string();
+                        app_health(&ctx, local, &rest, req).await
                     } else {
                         route(&ctx, peer, req)
                     };
@@ -133,6 +138,49 @@ fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
+const APP_HEALTH: &str = "/app-health/";
+
+/// `/app-health/<container>/<livez|readyz|startupz>`: runs the application's original
+/// probe (GOFE_APP_PROBES) and answers 200 when it passes, 503 with the reason when it
+/// fails, so that the kubelet sees the application's health through strict mTLS.
+async fn app_health(
+    ctx: &Ctx,
+    local: Option<SocketAddr>,
+    rest: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    use crate::config::ProbeKind;
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let probe = rest
+        .split_once('/')
+        .and_then(|(container, kind)| Some((container, ProbeKind::from_segment(kind)?)))
+        .and_then(|(container, kind)| {
+            Some((container, kind, ctx.config.app_probes.get(container, kind)?))
+        });
+    let Some((container, kind, probe)) = probe else {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no probe {rest:?} in GOFE_APP_PROBES\n"),
+        );
+    };
+    let host = local.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| {
+        a.ip().to_canonical()
+    });
+    let user_agent = req.headers().get(header::USER_AGENT);
+    match crate::probes::run(probe, host, user_agent, &*ctx.sockets).await {
+        Ok(passed) => {
+            debug!(container, probe = %kind, detail = %passed.detail, "application probe passed");
+            text(StatusCode::OK, format!("{}\n", passed.detail))
+        }
+        Err(error) => {
+            info!(container, probe = %kind, %error, "application probe failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))
+        }
+    }
+}
+
 fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
     body.push(b'\n');
@@ -225,16 +273,26 @@ fn render_spans(c: &gofe_telemetry::trace::SpanCounts, e: &mut Exposition) {
     use gofe_telemetry::prom::Kind;
     e.family(
         "gofe_trace_spans_total",
-        "Spans for GOFE_TRACE_COLLECTOR by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
+        "Spans for GOFE_TRACE_COLLECTOR by kind (request: a proxied request's; operation: the proxy's own work, such as a certificate request) and by what became of them: queued for export, dropped (the export queue was full), exported, or failed (the collector refused them or did not answer).",
         Kind::Counter,
     );
-    for (result, n) in [
-        ("queued", c.queued.get()),
-        ("dropped", c.dropped.get()),
-        ("exported", c.exported.get()),
-        ("failed", c.failed.get()),
+    for (result, all, ops) in [
+        ("queued", &c.all.queued, &c.operations.queued),
+        ("dropped", &c.all.dropped, &c.operations.dropped),
+        ("exported", &c.all.exported, &c.operations.exported),
+        ("failed", &c.all.failed, &c.operations.failed),
     ] {
-        e.sample("gofe_trace_spans_total", &[("result", result)], n);
+        let (all, ops) = (all.get(), ops.get());
+        e.sample(
+            "gofe_trace_spans_total",
+            &[("kind", "request"), ("result", result)],
+            all.saturating_sub(ops),
+        );
+        e.sample(
+            "gofe_trace_spans_total",
+            &[("kind", "operation"), ("result", result)],
+            ops,
+        );
     }
 }
 

@@ -160,6 +160,12 @@ impl<R: std::fmt::Debug> Failure<R> {
         if error.is_client_side() {
             return Failure::Client { error };
         }
+        if let SendError::Busy { addr, streams } = error {
+            return Failure::Overloaded {
+                destination: addr.to_string().into(),
+                limit: streams as usize,
+            };
+        }
         match unsent {
             Some(req) => Failure::Unsent {
                 error,

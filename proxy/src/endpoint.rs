@@ -3,6 +3,8 @@
 
 use crate::addrs::EndpointAddr;
 use gofe_identity::SpiffeId;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One endpoint of a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,6 +14,8 @@ pub struct Endpoint {
     /// The identity its proxy must present, when discovery knows it: mTLS is then
     /// required, never a plaintext fallback.
     pub identity: Option<SpiffeId>,
+    /// Labels its registration carries (`version=v2`), shown in `/endpoints`.
+    pub metadata: Arc<BTreeMap<String, String>>,
 }
 
 impl Endpoint {
@@ -21,6 +25,7 @@ impl Endpoint {
             addr,
             weight: 1,
             identity: None,
+            metadata: Default::default(),
         }
     }
 }
@@ -32,6 +37,8 @@ pub enum Source {
     Pending,
     File,
     Dns,
+    /// The etcd registry's signed entries.
+    Registry,
     /// No source knew the destination: its original destination (or its address).
     Fallback,
 }
@@ -42,6 +49,7 @@ impl Source {
             Source::Pending => "pending",
             Source::File => "file",
             Source::Dns => "dns",
+            Source::Registry => "registry",
             Source::Fallback => "original-destination",
         }
     }

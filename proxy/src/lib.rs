@@ -13,8 +13,12 @@
 //! 9. `client` — pooled connections (HTTP/1, HTTP/2, the mesh's HTTP/2 over mTLS)
 //! 10. `connect` — TCP, and the one outbound-TLS decision
 //!
+//! Beside the path: `register` — this pod's own entries in the registry, made once it
+//! is ready and deleted when draining starts.
+//!
 //! Leaves, used at any stage: `addrs`, `body`, `call`, `config`, `endpoint`, `io`,
-//! `metrics`, `proto`, `socket`; `identity` (this proxy's certificate); `ctx` (what
+//! `metrics`, `probes` (the application's probes, run for the kubelet), `proto`,
+//! `socket`; `identity` (this proxy's certificate); `ctx` (what
 //! every connection shares); `admin` (the admin server, beside the path).
 //!
 //! A module imports only modules below it on the path, and leaves. `Proxy` binds the
@@ -32,6 +36,7 @@ pub mod inbound;
 pub mod opaque;
 pub mod orig_dst;
 pub mod policy;
+pub mod register;
 pub mod route;
 
 pub mod addrs;
@@ -44,6 +49,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod io;
 pub mod metrics;
+pub mod probes;
 pub mod proto;
 pub mod socket;
 
@@ -69,7 +75,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -146,9 +152,24 @@ impl Proxy {
             OutboundTls::new(identity.clone(), config.outbound_mtls, metrics.clone()),
             metrics.clone(),
         ));
-        let client = Arc::new(Client::new(connector, config.idle_timeout));
-        let (destinations, background) =
-            Destinations::new(&config, metrics.clone(), client.clone())?;
+        let limits = config.limits;
+        let h2 = client::h2::H2Settings {
+            max_streams: limits.h2_max_concurrent_streams,
+            max_header_list: limits.max_request_headers as u32,
+            keepalive: limits.h2_keepalive,
+        };
+        let client = Arc::new(Client::new(
+            connector,
+            config.idle_timeout,
+            h2,
+            metrics.clone(),
+        ));
+        let (destinations, background) = Destinations::new(
+            &config,
+            metrics.clone(),
+            client.clone(),
+            identity.as_ref().map(|i| i.anchors.clone()),
+        )?;
         for task in background {
             tokio::spawn(task);
         }
@@ -156,6 +177,15 @@ impl Proxy {
             Some(gofe_telemetry::trace::Tracer::new(
                 gofe_telemetry::trace::TraceConfig {
                     collector: config.trace_collector.clone(),
+                    collector_ca: match &config.trace_collector_ca {
+                        Some(path) => Some(std::fs::read(path).map_err(|e| {
+                            gofe_telemetry::trace::TraceError::Exporter {
+                                collector: config::TRACE_COLLECTOR_CA.name.into(),
+                                reason: format!("cannot read {}: {e}", path.display()),
+                            }
+                        })?),
+                        None => None,
+                    },
                     local: local_spans,
                     sample_ratio: config.trace_sample_ratio,
                     service_name: config.service_name.clone(),
@@ -202,7 +232,12 @@ impl Proxy {
     }
 
     /// Lets `/log-level` show and change the process's log filter.
+    /// The proxy's own operations (certificate requests, refreshes, reloads, drains)
+    /// go to its tracer from then on.
     pub fn set_log_handle(&self, handle: gofe_telemetry::logs::LogHandle) {
+        if let Some(tracer) = &self.ctx.tracer {
+            handle.trace_operations(tracer);
+        }
         let _ = self.ctx.log.set(handle);
     }
 
@@ -269,22 +304,43 @@ impl Proxy {
         });
         ctx.listening.store(true, Ordering::Release);
         info!("listening");
+        let registration = register::Registration::start(&ctx);
 
         ctx.shutdown.requested().await;
         let grace = ctx.config.shutdown_grace_period;
-        info!(grace = ?grace, "draining");
-        ctx.listening.store(false, Ordering::Release);
-        ctx.drain.cancel();
-        for a in accepting {
-            let _ = a.await;
+        // The drain is an operation span: how long it took, and what it left open.
+        let span = tracing::info_span!(
+            target: gofe_telemetry::ops::TARGET,
+            "proxy.drain",
+            grace = ?grace,
+            open = ctx.tasks.len(),
+            left_open = tracing::field::Empty,
+        );
+        async {
+            info!(grace = ?grace, "draining");
+            ctx.listening.store(false, Ordering::Release);
+            if let Some(r) = registration {
+                // Clients stop choosing this pod before it stops serving: the entries
+                // go first, the listeners once the watchers have seen it.
+                if r.deregister().await {
+                    tokio::time::sleep(register::PROPAGATION.min(grace)).await;
+                }
+            }
+            ctx.drain.cancel();
+            for a in accepting {
+                let _ = a.await;
+            }
+            ctx.tasks.close();
+            if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
+                tracing::Span::current().record("left_open", ctx.tasks.len());
+                warn!(
+                    open = ctx.tasks.len(),
+                    "grace period over; closing the connections still open"
+                );
+            }
         }
-        ctx.tasks.close();
-        if tokio::time::timeout(grace, ctx.tasks.wait()).await.is_err() {
-            warn!(
-                open = ctx.tasks.len(),
-                "grace period over; closing the connections still open"
-            );
-        }
+        .instrument(span)
+        .await;
         sweeper.abort();
         if let Some(m) = maintain {
             m.abort();

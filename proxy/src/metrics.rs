@@ -206,6 +206,48 @@ pub struct Metrics {
     retry_budget_exhausted: Family<Arc<str>, Counter>,
     /// By destination and endpoint.
     ejections: Family<(Arc<str>, Arc<str>), Counter>,
+    /// By limit and where it tripped.
+    limits: Family<(Limit, &'static str), Counter>,
+}
+
+/// A bound that held against a client: what `gofe_limits_tripped_total` counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Limit {
+    /// A listener at GOFE_MAX_CONNECTIONS closed a new connection.
+    Connections,
+    /// The admin server at its cap closed a connection that had sent no request.
+    AdminConnections,
+    /// Accepting failed (file descriptors, memory): the loop backed off.
+    AcceptErrors,
+    /// A request head did not arrive within GOFE_HTTP_HEADER_READ_TIMEOUT.
+    HeaderReadTimeout,
+    /// A request head larger than GOFE_MAX_REQUEST_HEADERS (431).
+    HeaderSize,
+    /// An HTTP/2 peer broke the protocol or flooded it (rapid reset, CONTINUATION,
+    /// SETTINGS, PING, empty frames...): the connection ended with GOAWAY.
+    Http2Protocol,
+    /// An HTTP connection idle past GOFE_HTTP_IDLE_TIMEOUT.
+    HttpIdle,
+    /// An opaque stream or tunnel idle past GOFE_TCP_IDLE_TIMEOUT.
+    TcpIdle,
+    /// Every connection to a peer at its stream limit: 503 with gofe-overloaded.
+    Http2Streams,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::AdminConnections => "admin_connections",
+            Limit::AcceptErrors => "accept_errors",
+            Limit::HeaderReadTimeout => "header_read_timeout",
+            Limit::HeaderSize => "header_size",
+            Limit::Http2Protocol => "http2_protocol",
+            Limit::HttpIdle => "http_idle",
+            Limit::TcpIdle => "tcp_idle",
+            Limit::Http2Streams => "http2_streams",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -237,7 +279,24 @@ impl Metrics {
             retries: Family::new(MAX_LABEL_SETS, |(_, r)| (OVERFLOW.into(), r.clone())),
             retry_budget_exhausted: Family::new(MAX_LABEL_SETS, |_| OVERFLOW.into()),
             ejections: Family::new(MAX_LABEL_SETS, |_| (OVERFLOW.into(), OVERFLOW.into())),
+            limits: Family::new(MAX_LABEL_SETS, |l| *l),
         }
+    }
+
+    /// A limit held, `at` a listener (`inbound`, `outbound`, `admin`) or on the
+    /// client side (`upstream`).
+    pub fn limit_tripped(&self, limit: Limit, at: &'static str) {
+        self.limits.get(&(limit, at)).inc();
+    }
+
+    /// Times `limit` held, anywhere.
+    pub fn limit_total(&self, limit: Limit) -> u64 {
+        self.limits
+            .snapshot()
+            .iter()
+            .filter(|((l, _), _)| *l == limit)
+            .map(|(_, c)| c.get())
+            .sum()
     }
 
     /// A retry of a request to `destination`, and why.
@@ -503,6 +562,21 @@ impl Metrics {
             e.sample(
                 "gofe_outlier_ejections_total",
                 &[("authority", &authority), ("endpoint", &endpoint)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_limits_tripped_total",
+            "Times a bound held against a client or peer, by limit and where (see README, Limits).",
+            Kind::Counter,
+        );
+        let mut limits = self.limits.snapshot();
+        limits.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((limit, at), c) in limits {
+            e.sample(
+                "gofe_limits_tripped_total",
+                &[("limit", limit.as_str()), ("at", at)],
                 c.get(),
             );
         }

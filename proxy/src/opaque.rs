@@ -8,8 +8,9 @@ use crate::addrs::{ClientAddr, DestKey, Direction, EndpointAddr};
 use crate::call::{Call, ConnectTo};
 use crate::connect::connector::Connected;
 use crate::ctx::Ctx;
-use crate::forward::tunnel;
+use crate::forward::tunnel::{self, Ended};
 use crate::io::Io;
+use crate::metrics::Limit;
 use crate::route::target::ConnTarget;
 use crate::socket;
 use gofe_identity::tls::ALPN_TCP;
@@ -21,14 +22,26 @@ pub async fn forward<I: Io>(mut client: I, client_addr: ClientAddr, target: Conn
     let connected = connect(target, ctx).await;
     let (endpoint, outcome) = match connected {
         Ok((endpoint, Connected { io: mut server, .. })) => {
-            let copied = tunnel::copy(&mut client, &mut server).await;
-            match &copied {
-                Ok((sent, received)) => {
-                    debug!(%endpoint, sent, received, "opaque connection closed")
+            let idle = ctx.config.limits.tcp_idle_timeout;
+            let copied = match tunnel::copy(&mut client, &mut server, idle).await {
+                Ended::Closed(sent, received) => {
+                    debug!(%endpoint, sent, received, "opaque connection closed");
+                    Ok((sent, received))
                 }
-                Err(error) => debug!(%endpoint, %error, "opaque connection failed"),
-            }
-            (Some(endpoint), copied.map_err(|e| e.to_string()))
+                Ended::Idle => {
+                    let at = direction_of(target).as_str();
+                    ctx.metrics.limit_tripped(Limit::TcpIdle, at);
+                    debug!(%endpoint, ?idle, "opaque connection idle; closed");
+                    Err(format!(
+                        "no bytes either way for {idle:?} (GOFE_TCP_IDLE_TIMEOUT)"
+                    ))
+                }
+                Ended::Failed(error) => {
+                    debug!(%endpoint, %error, "opaque connection failed");
+                    Err(error.to_string())
+                }
+            };
+            (Some(endpoint), copied)
         }
         Err(error) => {
             debug!(?target, %error, "opaque connection failed; resetting the client");
@@ -37,10 +50,7 @@ pub async fn forward<I: Io>(mut client: I, client_addr: ClientAddr, target: Conn
         }
     };
     if ctx.config.access_log {
-        let direction = match target {
-            ConnTarget::Inbound { .. } => Direction::Inbound,
-            _ => Direction::Outbound,
-        };
+        let direction = direction_of(target);
         let mut entry = serde_json::json!({
             "timestamp": gofe_telemetry::access::timestamp(started.0),
             "direction": direction.as_str(),
@@ -90,6 +100,13 @@ async fn connect(target: ConnTarget, ctx: &Ctx) -> Result<(EndpointAddr, Connect
             Ok((endpoint, a.value))
         }
         ConnTarget::Explicit => Err("an explicit proxy connection is not HTTP".into()),
+    }
+}
+
+fn direction_of(target: ConnTarget) -> Direction {
+    match target {
+        ConnTarget::Inbound { .. } => Direction::Inbound,
+        _ => Direction::Outbound,
     }
 }
 

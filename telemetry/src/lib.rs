@@ -8,6 +8,7 @@ pub mod access;
 pub mod latency;
 pub mod logs;
 pub mod metrics;
+pub mod ops;
 pub mod process;
 pub mod prom;
 pub mod trace;

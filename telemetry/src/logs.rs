@@ -1,7 +1,11 @@
 //! The process's logging: a `tracing` subscriber whose filter comes from `GOFE_LOG` and
-//! can be changed at run time, writing plain text or JSON lines to stderr.
+//! can be changed at run time, writing plain text or JSON lines to stderr; beside it,
+//! the layer that turns operation spans (`crate::ops`) into OpenTelemetry spans. Each
+//! has a filter of its own, so `GOFE_LOG=warn` quiets the log without losing the spans.
 
+use crate::ops::OpsTracer;
 use std::str::FromStr;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -56,11 +60,18 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, LogError> {
 pub struct LogHandle {
     reload: reload::Handle<EnvFilter, Registry>,
     current: std::sync::Arc<parking_lot::Mutex<String>>,
+    ops: OpsTracer,
 }
 
 impl LogHandle {
     pub fn current(&self) -> String {
         self.current.lock().clone()
+    }
+
+    /// Exports operation spans with `tracer` (its pipeline, its `service.name`) from now
+    /// on; false when another tracer was installed first.
+    pub fn trace_operations(&self, tracer: &crate::trace::Tracer) -> bool {
+        self.ops.install(tracer.operations())
     }
 
     pub fn set(&self, filter: &str) -> Result<(), LogError> {
@@ -76,28 +87,47 @@ impl LogHandle {
 /// Installs the global subscriber. Call once, early in `main`.
 pub fn init(filter: &str, format: LogFormat) -> Result<LogHandle, LogError> {
     let (filter_layer, reload) = reload::Layer::new(parse_filter(filter)?);
-    let registry = tracing_subscriber::registry().with(filter_layer);
-    match format {
-        LogFormat::Plain => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_target(true),
-            )
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
-            )
-            .init(),
-    }
+    let ops = OpsTracer::new();
+    let fmt = match format {
+        LogFormat::Plain => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(true)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter_layer))
+        .with(ops_layer(ops.clone()))
+        .init();
     Ok(LogHandle {
         reload,
         current: std::sync::Arc::new(parking_lot::Mutex::new(filter.to_string())),
+        ops,
     })
+}
+
+/// Operation spans, and the events at info or above inside them (debug events stay
+/// out: those are the hot path's, and must cost nothing when the log is quiet).
+fn ops_layer<S>(tracer: OpsTracer) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            if meta.is_span() {
+                meta.target() == crate::ops::TARGET
+            } else {
+                *meta.level() <= tracing::Level::INFO
+            }
+        }))
 }
 
 #[cfg(test)]

@@ -82,19 +82,38 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// Checks a collector URL: `http://host:port`, optionally with a path for
-/// HTTP/protobuf. (TLS to the collector is not built in: in a cluster the collector is
-/// reached in plaintext, or through the mesh.)
+/// Checks a collector URL: `http://host:port` or `https://host:port` (then with a CA
+/// file to verify it), optionally with a path for HTTP/protobuf.
 pub fn parse_collector(s: &str) -> Result<String, String> {
-    const EXPECTED: &str = "expected a URL such as http://jaeger-collector.observability:4317";
+    const EXPECTED: &str = "expected a URL such as http://jaeger-collector.observability:4317 (or https:// with GOFE_TRACE_COLLECTOR_CA)";
     let uri: http::Uri = s.parse().map_err(|_| EXPECTED)?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(_)) => Ok(s.to_string()),
-        (Some("https"), Some(_)) => Err(format!(
-            "{EXPECTED} (https is not supported: export in plaintext, or through the mesh)"
-        )),
+        (Some("http" | "https"), Some(_)) => Ok(s.to_string()),
         _ => Err(EXPECTED.into()),
     }
+}
+
+/// Whether a collector URL asks for TLS.
+pub fn is_https(collector: &str) -> bool {
+    collector.starts_with("https://")
+}
+
+/// Checks a PEM bundle of CA certificates for an https collector: at least one
+/// certificate, every one of them parsing.
+pub fn parse_ca_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("a PEM file of CA certificates ({e})"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("a PEM file of CA certificates ({e})"))?;
+    }
+    if roots.is_empty() {
+        return Err("a PEM file holding at least one CA certificate".into());
+    }
+    Ok(roots)
 }
 
 /// Spans kept in memory for the demo to show (besides any collector).
@@ -128,6 +147,8 @@ impl SpanExporter for LocalSpans {
 pub struct TraceConfig {
     /// The OTLP collector, if any.
     pub collector: Option<(String, Protocol)>,
+    /// PEM CA certificates that verify an https collector.
+    pub collector_ca: Option<Vec<u8>>,
     /// Also keep spans in memory.
     pub local: Option<LocalSpans>,
     /// For traces this proxy starts (a parent's decision is honoured).
@@ -141,9 +162,17 @@ pub enum TraceError {
     Exporter { collector: String, reason: String },
 }
 
-/// Counts of spans by what became of them.
+/// Counts of spans by what became of them: every span (`all`), and of them the
+/// process's own operations (`crate::ops`); the rest are requests'.
 #[derive(Debug, Default)]
 pub struct SpanCounts {
+    pub all: Outcomes,
+    pub operations: Outcomes,
+}
+
+/// What became of spans.
+#[derive(Debug, Default)]
+pub struct Outcomes {
     /// Handed to the export queue.
     pub queued: Counter,
     /// Not queued: the queue was full.
@@ -152,6 +181,13 @@ pub struct SpanCounts {
     pub exported: Counter,
     /// Sent to the collector, which failed or did not answer in time.
     pub failed: Counter,
+}
+
+/// The instrumentation scope of operation spans.
+const OPS_SCOPE: &str = "gofe.ops";
+
+fn is_operation(span: &SpanData) -> bool {
+    span.instrumentation_scope.name() == OPS_SCOPE
 }
 
 /// A proxy's tracer. Cheap to clone.
@@ -190,20 +226,50 @@ impl Tracer {
                 collector: collector.clone(),
                 reason: e.to_string(),
             };
+            let tls = match (is_https(collector), &config.collector_ca) {
+                (false, _) => None,
+                (true, Some(pem)) => Some(pem.clone()),
+                (true, None) => {
+                    return Err(failed(&"an https collector needs GOFE_TRACE_COLLECTOR_CA"));
+                }
+            };
             let exporter = match protocol {
-                Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(collector.clone())
-                    .with_timeout(EXPORT_TIMEOUT)
-                    .build()
-                    .map_err(|e| failed(&e))?,
-                Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(http_traces_url(collector))
-                    .with_timeout(EXPORT_TIMEOUT)
-                    .build()
-                    .map_err(|e| failed(&e))?,
+                Protocol::Grpc => {
+                    use opentelemetry_otlp::WithTonicConfig;
+                    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(collector.clone())
+                        .with_timeout(EXPORT_TIMEOUT);
+                    if let Some(pem) = &tls {
+                        use opentelemetry_otlp::tonic_types::transport::{
+                            Certificate, ClientTlsConfig,
+                        };
+                        let host = collector
+                            .parse::<http::Uri>()
+                            .ok()
+                            .and_then(|u| u.host().map(str::to_string))
+                            .unwrap_or_default();
+                        builder = builder.with_tls_config(
+                            ClientTlsConfig::new()
+                                .ca_certificate(Certificate::from_pem(pem))
+                                .domain_name(host.trim_start_matches('[').trim_end_matches(']')),
+                        );
+                    }
+                    builder.build().map_err(|e| failed(&e))?
+                }
+                Protocol::HttpProtobuf => {
+                    use opentelemetry_otlp::WithHttpConfig;
+                    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                        .with_http()
+                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                        .with_endpoint(http_traces_url(collector))
+                        .with_timeout(EXPORT_TIMEOUT);
+                    if let Some(pem) = &tls {
+                        builder =
+                            builder.with_http_client(https_client(pem).map_err(|e| failed(&e))?);
+                    }
+                    builder.build().map_err(|e| failed(&e))?
+                }
             };
             builder = builder.with_span_processor(Bounded::new(
                 OnRuntime::new(exporter, runtime.clone(), Some(counts.clone())),
@@ -230,6 +296,12 @@ impl Tracer {
 
     pub fn counts(&self) -> &SpanCounts {
         &self.inner.counts
+    }
+
+    /// A tracer for the process's own operations (`crate::ops`), exporting through the
+    /// same pipeline under the same `service.name`.
+    pub fn operations(&self) -> SdkTracer {
+        self.inner.provider.tracer(OPS_SCOPE)
     }
 
     /// Starts the span of a request that came in with `headers`, as a child of the
@@ -321,6 +393,33 @@ impl Tracer {
         let _ = self.inner.provider.shutdown_with_timeout(timeout);
     }
 }
+
+/// An HTTP client for OTLP/HTTP over TLS, verifying the collector with `ca_pem`.
+fn https_client(
+    ca_pem: &[u8],
+) -> Result<opentelemetry_http::hyper::HyperClient<HttpsConnector>, String> {
+    let roots = parse_ca_pem(ca_pem)?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(opentelemetry_http::hyper::HyperClient::new(
+        connector,
+        EXPORT_TIMEOUT,
+        None,
+    ))
+}
+
+type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 /// The HTTP/protobuf URL of traces: the collector's, with `/v1/traces` when it names
 /// no path.
@@ -581,12 +680,19 @@ impl SpanProcessor for Bounded {
         if !span.span_context.is_sampled() {
             return;
         }
+        let operation = is_operation(&span);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE_SIZE {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.counts.dropped.inc();
+            self.counts.all.dropped.inc();
+            if operation {
+                self.counts.operations.dropped.inc();
+            }
             return;
         }
-        self.counts.queued.inc();
+        self.counts.all.queued.inc();
+        if operation {
+            self.counts.operations.queued.inc();
+        }
         self.batch.on_end(span);
     }
 
@@ -631,6 +737,7 @@ impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
         batch: Vec<SpanData>,
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.len();
+        let operations = batch.iter().filter(|s| is_operation(s)).count() as u64;
         // Out of the queue: room for new spans.
         self.waiting.fetch_sub(
             n.min(self.waiting.load(Ordering::Acquire)),
@@ -642,10 +749,12 @@ impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
         self.runtime.spawn(async move {
             let result = inner.export(batch).await;
             if let Some(c) = &counts {
-                match &result {
-                    Ok(()) => c.exported.add(n as u64),
-                    Err(_) => c.failed.add(n as u64),
-                }
+                let (all, ops) = match &result {
+                    Ok(()) => (&c.all.exported, &c.operations.exported),
+                    Err(_) => (&c.all.failed, &c.operations.failed),
+                };
+                all.add(n as u64);
+                ops.add(operations);
             }
             let _ = tx.send(result);
         });
@@ -677,7 +786,7 @@ mod tests {
     fn collector_urls_are_checked() {
         assert!(parse_collector("http://jaeger-collector.observability:4317").is_ok());
         assert!(parse_collector("http://otel:4318/v1/traces").is_ok());
-        assert!(parse_collector("https://otel:4318").is_err());
+        assert!(parse_collector("https://otel:4318").is_ok());
         assert!(parse_collector("jaeger:4317").is_err());
         assert!(parse_collector("ftp://x:1").is_err());
     }
@@ -748,6 +857,7 @@ mod tests {
         let t = rt.block_on(async {
             Tracer::new(TraceConfig {
                 collector: None,
+                collector_ca: None,
                 local: Some(LocalSpans::default()),
                 sample_ratio: ratio,
                 service_name: "test".into(),

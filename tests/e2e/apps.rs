@@ -2,7 +2,8 @@
 //! an application UID. The test binary re-executes itself with `GOFE_TESTAPP` set to
 //! one of these kinds; each prints `READY` once it listens.
 //!
-//! - `http`: HTTP/1.1 and HTTP/2 (prior knowledge) with WebSocket and gRPC echo routes;
+//! - `http`: HTTP/1.1 and HTTP/2 (prior knowledge) with WebSocket and gRPC echo routes
+//!   and grpc.health.v1 (NOT_SERVING while it misbehaves);
 //!   it misbehaves on command (`/control/status/503`, `/control/delay/50`, or
 //!   GOFE_TESTAPP_STATUS / GOFE_TESTAPP_DELAY_MS from the start; GOFE_TESTAPP_EARLY=1
 //!   fails without reading the request body) and counts what it served
@@ -190,6 +191,12 @@ async fn route(
             _ => return text(StatusCode::NOT_FOUND, "no such control\n"),
         }
         return text(StatusCode::OK, "ok\n");
+    }
+    if is_grpc && path.starts_with(crate::grpc::HEALTH_PREFIX) {
+        let serving = state.fail_status.load(Ordering::SeqCst) == 0;
+        return crate::grpc::health(req, serving)
+            .await
+            .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     }
     state.served.fetch_add(1, Ordering::SeqCst);
     let delay = state.delay_ms.load(Ordering::SeqCst);

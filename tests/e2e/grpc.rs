@@ -91,6 +91,32 @@ pub async fn serve(req: http::Request<hyper::body::Incoming>) -> http::Response<
     }
 }
 
+pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// grpc.health.v1 as tonic-health (tonic's own implementation) serves it: the server
+/// as a whole ("") and the Echo service are SERVING, or NOT_SERVING when the app was
+/// told to fail.
+pub async fn health(
+    req: http::Request<hyper::body::Incoming>,
+    serving: bool,
+) -> http::Response<tonic::body::Body> {
+    use tonic::codegen::Service;
+    use tonic_health::ServingStatus;
+    let (reporter, mut server) = tonic_health::server::health_reporter();
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in ["", "gofe.test.Echo"] {
+        reporter.set_service_status(service, status).await;
+    }
+    match server.call(req).await {
+        Ok(rsp) => rsp,
+        Err(e) => match e {},
+    }
+}
+
 /// A client for the Echo service over a tonic channel.
 pub struct EchoClient {
     grpc: tonic::client::Grpc<tonic::transport::Channel>,

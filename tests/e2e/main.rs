@@ -8,8 +8,10 @@
 mod apps;
 mod cases;
 mod dns;
+mod etcd;
 mod grpc;
 mod harness;
+mod kubelet;
 mod otlp;
 
 use cases::Skip;

@@ -45,6 +45,8 @@ pub struct Span {
     pub via: &'static str,
 }
 
+/// The proxies' own operations (`identity.certify`, ...).
+pub const INTERNAL: i32 = 1;
 pub const SERVER: i32 = 2;
 pub const CLIENT: i32 = 3;
 
@@ -141,6 +143,8 @@ impl TraceService for Collector {
 }
 
 pub struct Receiver {
+    /// `https` when it serves TLS.
+    scheme: &'static str,
     grpc: SocketAddr,
     http: SocketAddr,
     spans: Store,
@@ -158,13 +162,33 @@ impl Receiver {
             Ipv4Addr::UNSPECIFIED,
             ip,
             (GRPC_PORT, HTTP_PORT),
+            None,
+        )
+    }
+
+    /// As `start_in_namespace`, serving both ports over TLS with `cert` and `key`
+    /// (PEM): the https collector a proxy verifies with a CA file.
+    #[allow(dead_code)]
+    pub fn start_tls_in_namespace(
+        ns: &str,
+        ip: Ipv4Addr,
+        cert: String,
+        key: String,
+    ) -> anyhow::Result<Receiver> {
+        let netns = File::open(format!("/run/netns/{ns}"))?;
+        Self::start(
+            Some(netns),
+            Ipv4Addr::UNSPECIFIED,
+            ip,
+            (GRPC_PORT, HTTP_PORT),
+            Some((cert, key)),
         )
     }
 
     /// Starts the receiver on loopback ports of its own (for the CLI tests).
     #[allow(dead_code)]
     pub fn start_on_loopback() -> anyhow::Result<Receiver> {
-        Self::start(None, Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, (0, 0))
+        Self::start(None, Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, (0, 0), None)
     }
 
     fn start(
@@ -172,7 +196,25 @@ impl Receiver {
         bind: Ipv4Addr,
         ip: Ipv4Addr,
         (grpc_port, http_port): (u16, u16),
+        tls: Option<(String, String)>,
     ) -> anyhow::Result<Receiver> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let acceptor = match &tls {
+            Some((cert, key)) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?;
+                let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            None => None,
+        };
         let spans: Store = Arc::default();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<(u16, u16)>>();
@@ -212,7 +254,16 @@ impl Receiver {
                     }
                 };
                 let _ = ready_tx.send(Ok(ports));
-                let grpc_server = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                if let Some((cert, key)) = &tls {
+                    let config = tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(cert, key));
+                    builder = match builder.tls_config(config) {
+                        Ok(b) => b,
+                        Err(e) => panic!("the receiver's TLS configuration: {e}"),
+                    };
+                }
+                let grpc_server = builder
                     .add_service(TraceServiceServer::new(Collector(store.clone())))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc));
                 let http_server = async move {
@@ -221,6 +272,7 @@ impl Receiver {
                             continue;
                         };
                         let store = store.clone();
+                        let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             let svc = hyper::service::service_fn(
                                 move |req: hyper::Request<hyper::body::Incoming>| {
@@ -228,9 +280,25 @@ impl Receiver {
                                     async move { http_export(&store, req).await }
                                 },
                             );
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                                .await;
+                            let http1 = hyper::server::conn::http1::Builder::new();
+                            let _ = match acceptor {
+                                Some(a) => match a.accept(stream).await {
+                                    Ok(tls) => {
+                                        http1
+                                            .serve_connection(
+                                                hyper_util::rt::TokioIo::new(tls),
+                                                svc,
+                                            )
+                                            .await
+                                    }
+                                    Err(_) => return,
+                                },
+                                None => {
+                                    http1
+                                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                        .await
+                                }
+                            };
                         });
                     }
                 };
@@ -247,6 +315,7 @@ impl Receiver {
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| anyhow!("the OTLP receiver did not start"))??;
         Ok(Receiver {
+            scheme,
             grpc: SocketAddr::from((ip, grpc_port)),
             http: SocketAddr::from((ip, http_port)),
             spans,
@@ -256,11 +325,11 @@ impl Receiver {
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("{}://{}", self.scheme, self.grpc)
     }
 
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http)
+        format!("{}://{}", self.scheme, self.http)
     }
 
     pub fn spans(&self) -> Vec<Span> {

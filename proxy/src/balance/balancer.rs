@@ -164,6 +164,7 @@ impl Balancer {
                 s.endpoint.addr == e.addr
                     && s.weight() == e.weight.max(1)
                     && s.endpoint.identity == e.identity
+                    && s.endpoint.metadata == e.metadata
             };
             list.push(match old.iter().find(same) {
                 Some(s) => s.clone(),
@@ -349,6 +350,7 @@ mod tests {
                     addr: EndpointAddr::new(a.parse().unwrap()),
                     weight: *w,
                     identity: None,
+                    metadata: Default::default(),
                 })
                 .collect(),
             source: Source::File,

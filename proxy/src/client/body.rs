@@ -2,7 +2,7 @@
 //! to its pool once the body has been read to its end (and the request's body was sent
 //! to its end); a body dropped half-way closes its connection instead.
 
-use super::pool::Checkin;
+use super::pool::{Checkin, StreamSlot};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -12,6 +12,8 @@ use std::task::{Context, Poll, ready};
 pub struct UpstreamBody {
     inner: Option<Incoming>,
     checkin: Option<Checkin>,
+    /// An HTTP/2 stream counted against its connection's limit while the body lasts.
+    _slot: Option<StreamSlot>,
 }
 
 impl UpstreamBody {
@@ -19,6 +21,7 @@ impl UpstreamBody {
         let mut b = Self {
             inner: Some(inner),
             checkin,
+            _slot: None,
         };
         b.release_if_ended();
         b
@@ -29,7 +32,14 @@ impl UpstreamBody {
         Self {
             inner: None,
             checkin: None,
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` (its stream's place on its connection) until the body goes.
+    pub fn holding(mut self, slot: StreamSlot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     fn release_if_ended(&mut self) {

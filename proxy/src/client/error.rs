@@ -20,6 +20,11 @@ pub enum SendError {
         addr: EndpointAddr,
         source: hyper::Error,
     },
+    /// Every connection the pool may have to `addr` is at the stream limit.
+    #[error(
+        "every connection to {addr} carries {streams} streams (GOFE_HTTP2_MAX_CONCURRENT_STREAMS)"
+    )]
+    Busy { addr: EndpointAddr, streams: u32 },
 }
 
 impl SendError {

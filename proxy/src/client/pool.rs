@@ -10,12 +10,21 @@ use hyper::client::conn::{http1, http2};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A connection between proxies is replaced after this long, so that both ends present
 /// (and check) current certificates and identities at least this often.
 const MESH_CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// HTTP/2 connections to one endpoint at most: another is opened when every one is at
+/// the peer's stream limit, and past this many a request fails at once (503,
+/// gofe-overloaded) rather than queue without bound inside the client.
+pub const MAX_H2_CONNECTIONS: usize = 8;
+
+/// Idle HTTP/1 connections kept per endpoint: enough for a burst to find warm ones,
+/// few enough that a burst's aftermath does not hold hundreds of sockets.
+const MAX_IDLE_H1: usize = 64;
 
 /// The identity of the peer proxy a connection reaches, when it is meshed.
 pub type Peer = Option<Arc<SpiffeId>>;
@@ -53,10 +62,13 @@ impl Checkin {
 
     pub fn release(self) {
         if self.request_ended.load(Ordering::Acquire) && !self.tx.is_closed() {
-            self.pool.h1_idle.lock().push(IdleH1 {
-                tx: self.tx,
-                since: Instant::now(),
-            });
+            let mut idle = self.pool.h1_idle.lock();
+            if idle.len() < MAX_IDLE_H1 {
+                idle.push(IdleH1 {
+                    tx: self.tx,
+                    since: Instant::now(),
+                });
+            }
         }
     }
 }
@@ -66,14 +78,40 @@ struct IdleH1 {
     since: Instant,
 }
 
-/// An HTTP/2 connection, the identity its peer presented, and when it was made.
-type H2Conn = (http2::SendRequest<RequestBody>, Peer, Instant);
+/// An HTTP/2 connection, the identity its peer presented, when it was made, and its
+/// streams open.
+struct H2Conn {
+    tx: http2::SendRequest<RequestBody>,
+    peer: Peer,
+    made: Instant,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream counted against its connection's limit until dropped (with the response
+/// body, or the failed request).
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the pool has for a request.
+pub enum H2Pick {
+    /// A connection with room for one more stream.
+    Ready(http2::SendRequest<RequestBody>, Peer, StreamSlot),
+    /// None with room: another connection may be made.
+    Connect,
+    /// Every connection it may have is at the stream limit.
+    Full,
+}
 
 /// The connections to one endpoint of one kind.
 pub struct Pool {
     pub addr: EndpointAddr,
     h1_idle: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<H2Conn>>,
+    h2: Mutex<Vec<H2Conn>>,
     /// Connections older than this are not used for new requests.
     max_age: Option<Duration>,
     /// Held while an HTTP/2 connection is being made, so concurrent requests share it.
@@ -97,7 +135,7 @@ impl Pool {
         Self {
             addr,
             h1_idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
             max_age: (kind == Kind::Mesh).then_some(MESH_CONNECTION_MAX_AGE),
             h2_connecting: tokio::sync::Mutex::new(()),
             h2_failed: Mutex::new(None),
@@ -117,41 +155,51 @@ impl Pool {
         None
     }
 
-    /// The HTTP/2 connection to use, if there is one that is open, young enough, and
-    /// (when `expected` is given) made to a peer that presented that identity.
-    pub fn cached_h2(
+    /// A connection for one more stream: open, young enough, made to a peer that
+    /// presented `expected` (when given), and under `max_streams` streams. Connections
+    /// that are closed, too old or made for another identity are forgotten (requests in
+    /// flight finish on them).
+    pub fn pick_h2(&self, expected: Option<&SpiffeId>, max_streams: u32) -> H2Pick {
+        let mut conns = self.h2.lock();
+        conns.retain(|c| {
+            !c.tx.is_closed()
+                && self.max_age.is_none_or(|max| c.made.elapsed() < max)
+                && expected.is_none_or(|e| c.peer.as_deref() == Some(e))
+        });
+        for c in conns.iter() {
+            if c.streams.fetch_add(1, Ordering::AcqRel) < max_streams as usize {
+                let slot = StreamSlot(c.streams.clone());
+                return H2Pick::Ready(c.tx.clone(), c.peer.clone(), slot);
+            }
+            c.streams.fetch_sub(1, Ordering::AcqRel);
+        }
+        if conns.len() < MAX_H2_CONNECTIONS {
+            H2Pick::Connect
+        } else {
+            H2Pick::Full
+        }
+    }
+
+    /// Adds a new connection, with its first stream taken.
+    pub fn add_h2(
         &self,
-        expected: Option<&SpiffeId>,
-    ) -> Option<(http2::SendRequest<RequestBody>, Peer)> {
-        let mut h2 = self.h2.lock();
-        match h2.as_ref() {
-            Some((tx, peer, made))
-                if !tx.is_closed()
-                    && self.max_age.is_none_or(|max| made.elapsed() < max)
-                    && expected.is_none_or(|e| peer.as_deref() == Some(e)) =>
-            {
-                Some((tx.clone(), peer.clone()))
-            }
-            // Closed, too old, or made for another identity than the one now expected:
-            // requests in flight finish on it; new ones get a new connection.
-            Some(_) => {
-                *h2 = None;
-                None
-            }
-            None => None,
-        }
+        tx: http2::SendRequest<RequestBody>,
+        peer: Peer,
+    ) -> (http2::SendRequest<RequestBody>, Peer, StreamSlot) {
+        let streams = Arc::new(AtomicUsize::new(1));
+        let slot = StreamSlot(streams.clone());
+        self.h2.lock().push(H2Conn {
+            tx: tx.clone(),
+            peer: peer.clone(),
+            made: Instant::now(),
+            streams,
+        });
+        (tx, peer, slot)
     }
 
-    pub fn set_h2(&self, tx: http2::SendRequest<RequestBody>, peer: Peer) {
-        *self.h2.lock() = Some((tx, peer, Instant::now()));
-    }
-
-    /// Forgets the HTTP/2 connection if it has closed.
+    /// Forgets the HTTP/2 connections that have closed.
     pub fn drop_closed_h2(&self) {
-        let mut h2 = self.h2.lock();
-        if h2.as_ref().is_some_and(|(cur, _, _)| cur.is_closed()) {
-            *h2 = None;
-        }
+        self.h2.lock().retain(|c| !c.tx.is_closed());
     }
 
     fn touch(&self) {
@@ -205,7 +253,7 @@ impl Pools {
             let unused = now_ms().saturating_sub(pool.last_used.load(Ordering::Relaxed)) >= idle_ms;
             if unused {
                 // Requests still streaming keep their connection; no new ones will come.
-                pool.h2.lock().take();
+                pool.h2.lock().clear();
             }
             !(unused && pool.h1_idle.lock().is_empty())
         });

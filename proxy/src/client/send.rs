@@ -6,12 +6,14 @@
 
 use super::body::UpstreamBody;
 use super::error::{SendError, SendFailure};
+use super::h2::H2Settings;
 use super::pool::{Kind, Peer, Pools};
 use super::{h1, h2};
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::request::RequestBody;
 use crate::connect::connector::{Connected, Connector};
 use crate::connect::tls::Decision;
+use crate::metrics::{Limit, Metrics};
 use crate::proto::mesh;
 use gofe_identity::SpiffeId;
 use gofe_identity::tls::{ALPN_H2, ALPN_HTTP1};
@@ -23,13 +25,22 @@ use std::time::Duration;
 pub struct Client {
     connector: Arc<Connector>,
     pools: Pools,
+    h2: H2Settings,
+    metrics: Arc<Metrics>,
 }
 
 impl Client {
-    pub fn new(connector: Arc<Connector>, idle_timeout: Duration) -> Self {
+    pub fn new(
+        connector: Arc<Connector>,
+        idle_timeout: Duration,
+        h2: H2Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             connector,
             pools: Pools::new(idle_timeout),
+            h2,
+            metrics,
         }
     }
 
@@ -95,8 +106,10 @@ impl Client {
                     .open(direction, addr, Decision::Plaintext, ALPN_H2)
                     .await
             };
-            let (rsp, peer) = h2::send(&pool, req, None, plain).await?;
-            return Ok((rsp.map(|b| UpstreamBody::new(b, None)), peer));
+            let (rsp, peer, slot) = h2::send(&pool, self.h2, req, None, plain)
+                .await
+                .inspect_err(|f| self.count_busy(f))?;
+            return Ok((rsp.map(|b| UpstreamBody::new(b, None).holding(slot)), peer));
         }
         let pool = self.pools.get(addr, Kind::Http1);
         let (rsp, checkin) = h1::send(pool, self.pools.idle_timeout(), req, connect).await?;
@@ -118,15 +131,24 @@ impl Client {
         let connect = || connector.open(direction, addr, decision, ALPN_H2);
         mesh::to_mesh(&mut req, &addr.to_string());
         let pool = self.pools.get(addr, Kind::Mesh);
-        match h2::send(&pool, req, expected, connect).await {
-            Ok((rsp, peer)) => Ok((rsp.map(|b| UpstreamBody::new(b, None)), peer)),
+        match h2::send(&pool, self.h2, req, expected, connect).await {
+            Ok((rsp, peer, slot)) => {
+                Ok((rsp.map(|b| UpstreamBody::new(b, None).holding(slot)), peer))
+            }
             Err(mut f) => {
+                self.count_busy(&f);
                 // Back to the application's form: for plaintext, or another endpoint.
                 if let Some(unsent) = f.unsent.as_mut() {
                     back_from_mesh(unsent);
                 }
                 Err(f)
             }
+        }
+    }
+
+    fn count_busy(&self, f: &SendFailure) {
+        if matches!(f.error, SendError::Busy { .. }) {
+            self.metrics.limit_tripped(Limit::Http2Streams, "upstream");
         }
     }
 
@@ -164,7 +186,6 @@ mod tests {
     use crate::connect::error::ConnectError;
     use crate::connect::tcp::{OwnListeners, TcpConnector};
     use crate::connect::tls::OutboundTls;
-    use crate::metrics::Metrics;
     use crate::socket::HostSockets;
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
@@ -205,7 +226,17 @@ mod tests {
             OutboundTls::new(None, OutboundMtls::Off, metrics.clone()),
             metrics,
         );
-        Client::new(Arc::new(connector), idle)
+        let settings = H2Settings {
+            max_streams: 1024,
+            max_header_list: 64 * 1024,
+            keepalive: Duration::from_secs(30),
+        };
+        Client::new(
+            Arc::new(connector),
+            idle,
+            settings,
+            Arc::new(Metrics::new()),
+        )
     }
 
     fn get() -> Request<RequestBody> {

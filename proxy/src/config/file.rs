@@ -90,6 +90,8 @@ pub enum Problem {
     UnknownSetting(String),
     #[error("{0} must be a single value")]
     NotScalar(String),
+    #[error("{0} must be a list of SPIFFE IDs")]
+    NotList(String),
     #[error("{}", BadVars(.0))]
     Values(Vec<BadVar>),
 }
@@ -152,14 +154,20 @@ impl Table {
                 ),
             };
             let mut overrides = HashMap::new();
+            let mut identities = None;
             for (k, v) in &d.policy {
+                if k == "identities" {
+                    identities = Some(identity_list(v).map_err(in_dest)?);
+                    continue;
+                }
                 let var = Policy::var_for_key(k)
                     .ok_or_else(|| in_dest(Problem::UnknownSetting(k.clone())))?;
                 let value = scalar(v).ok_or_else(|| in_dest(Problem::NotScalar(k.clone())))?;
                 overrides.insert(var.name.to_string(), value);
             }
-            let policy = Policy::with_overrides(base, &overrides)
+            let mut policy = Policy::with_overrides(base, &overrides)
                 .map_err(|bad| in_dest(Problem::Values(bad)))?;
+            policy.identities = identities;
             let entry = Entry {
                 endpoints,
                 overrides,
@@ -171,6 +179,21 @@ impl Table {
         }
         Ok(Table { destinations })
     }
+}
+
+/// `identities: [spiffe://...]`: who may serve a destination.
+fn identity_list(v: &serde_yaml::Value) -> Result<Vec<SpiffeId>, Problem> {
+    let list = v
+        .as_sequence()
+        .ok_or_else(|| Problem::NotList("identities".into()))?;
+    list.iter()
+        .map(|i| {
+            let s = i
+                .as_str()
+                .ok_or_else(|| Problem::NotList("identities".into()))?;
+            Ok(s.parse::<SpiffeId>()?)
+        })
+        .collect()
 }
 
 fn endpoint(e: EndpointDoc) -> Result<Endpoint, Problem> {
@@ -186,6 +209,7 @@ fn endpoint(e: EndpointDoc) -> Result<Endpoint, Problem> {
         addr: EndpointAddr::new(addr),
         weight: e.weight,
         identity,
+        metadata: Default::default(),
     })
 }
 

@@ -112,6 +112,9 @@ pub struct Policy {
     pub lb: Lb,
     pub outlier: OutlierPolicy,
     pub max_concurrent_requests: usize,
+    /// The identities that may serve the destination (`identities:` in a policy
+    /// document); registry entries naming any other are refused. None: any of the mesh.
+    pub identities: Option<Vec<gofe_identity::SpiffeId>>,
 }
 
 fn optional(d: Duration) -> Option<Duration> {
@@ -205,6 +208,7 @@ impl Policy {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| "expected a number of requests above zero".to_string())
             }),
+            identities: None,
         }
     }
 

@@ -5,6 +5,8 @@ use super::env::{ConfigError, Env};
 use super::file::Table;
 use super::parse::*;
 use super::policy::Policy;
+use super::probes::AppProbes;
+use super::registry::{RegisterConfig, RegistryConfig};
 use super::vars::*;
 use gofe_identity::SpiffeId;
 use std::collections::HashMap;
@@ -28,6 +30,7 @@ pub struct Config {
     pub opaque_ports: PortSet,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub limits: Limits,
     pub shutdown_grace_period: Duration,
     pub worker_threads: usize,
     pub log: String,
@@ -35,6 +38,8 @@ pub struct Config {
     pub access_log: bool,
     /// The OTLP collector and how to reach it; None: no traces.
     pub trace_collector: Option<(String, TraceProtocol)>,
+    /// CA certificates (PEM file) for an https collector.
+    pub trace_collector_ca: Option<PathBuf>,
     pub trace_sample_ratio: f64,
     pub trace_trust: TraceTrust,
     pub service_name: String,
@@ -44,14 +49,66 @@ pub struct Config {
     pub outbound_mtls: OutboundMtls,
     pub inbound_mtls: InboundMtls,
     pub inbound_authorize: Vec<SpiffeId>,
-    /// GOFE_DISCOVERY: `dns`, `file:PATH`, in order.
+    /// GOFE_DISCOVERY: `registry`, `dns`, `file:PATH`, in order.
     pub discovery: Vec<DiscoverySource>,
+    /// etcd, the registry and config center; None when GOFE_REGISTRY is empty.
+    pub registry: Option<RegistryConfig>,
+    /// What this pod registers there; None when GOFE_REGISTER is empty.
+    pub register: Option<RegisterConfig>,
     pub policy_file: Option<PathBuf>,
     pub dns_refresh: (Duration, Duration),
+    /// GOFE_APP_PROBES: the application's probes the admin server runs for the kubelet.
+    pub app_probes: AppProbes,
     /// The default policy of every destination.
     pub policy: Policy,
     /// The policy variables as given, to which the files' overrides apply.
     pub policy_vars: HashMap<String, String>,
+}
+
+/// What one client can make a listener hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_request_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_keepalive: Duration,
+    pub http_idle_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Limits {
+    fn read(env: &mut Env<'_>) -> Limits {
+        Limits {
+            max_connections: env.get(&MAX_CONNECTIONS, |s| {
+                s.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| "expected a number of connections from 1 to 1000000".into())
+            }),
+            header_read_timeout: env.get(&HTTP_HEADER_READ_TIMEOUT, parse_nonzero_duration),
+            max_request_headers: env.get(&MAX_REQUEST_HEADERS, |s| {
+                parse_size(s).and_then(|n| {
+                    if (8 * 1024..=16 * 1024 * 1024).contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err("expected a size from 8KiB to 16MiB".into())
+                    }
+                })
+            }),
+            h2_max_concurrent_streams: env.get(&HTTP2_MAX_CONCURRENT_STREAMS, |s| {
+                s.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100_000).contains(n))
+                    .ok_or_else(|| "expected a number of streams from 1 to 100000".into())
+            }),
+            h2_keepalive: env.get(&HTTP2_KEEPALIVE, parse_nonzero_duration),
+            http_idle_timeout: env.get(&HTTP_IDLE_TIMEOUT, parse_nonzero_duration),
+            tcp_idle_timeout: env.get(&TCP_IDLE_TIMEOUT, parse_nonzero_duration),
+        }
+    }
 }
 
 /// Whose sampling decisions are honoured.
@@ -98,19 +155,22 @@ pub enum DiscoverySource {
     Dns,
     /// A YAML file of destinations, re-read when it changes.
     File(PathBuf),
+    /// The etcd registry's signed entries, watched.
+    Registry,
 }
 
 impl DiscoverySource {
-    /// `dns`, `file:PATH`, comma-separated, in the order they are asked.
+    /// `registry`, `dns`, `file:PATH`, comma-separated, in the order they are asked.
     pub fn parse_list(s: &str) -> Result<Vec<DiscoverySource>, String> {
         s.split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(|p| match p.strip_prefix("file:") {
                 _ if p == "dns" => Ok(DiscoverySource::Dns),
+                _ if p == "registry" => Ok(DiscoverySource::Registry),
                 Some(path) if !path.is_empty() => Ok(DiscoverySource::File(PathBuf::from(path))),
                 _ => Err(format!(
-                    "{p:?} is not a source: expected dns or file:PATH, comma-separated"
+                    "{p:?} is not a source: expected registry, dns or file:PATH, comma-separated"
                 )),
             })
             .collect()
@@ -122,6 +182,7 @@ impl fmt::Display for DiscoverySource {
         match self {
             DiscoverySource::Dns => f.write_str("dns"),
             DiscoverySource::File(p) => write!(f, "file:{}", p.display()),
+            DiscoverySource::Registry => f.write_str("registry"),
         }
     }
 }
@@ -193,6 +254,7 @@ impl Config {
             opaque_ports: env.get(&OPAQUE_PORTS, PortSet::parse),
             connect_timeout: env.get(&CONNECT_TIMEOUT, parse_nonzero_duration),
             idle_timeout: env.get(&IDLE_TIMEOUT, parse_nonzero_duration),
+            limits: Limits::read(env),
             shutdown_grace_period: env.get(&SHUTDOWN_GRACE_PERIOD, parse_duration),
             worker_threads: env.get(&WORKER_THREADS, |s| {
                 s.parse::<usize>()
@@ -222,6 +284,9 @@ impl Config {
                 let protocol = env.get(&TRACE_PROTOCOL, |s| s.parse::<TraceProtocol>());
                 collector.map(|c| (c, protocol))
             },
+            trace_collector_ca: env.get(&TRACE_COLLECTOR_CA, |s| {
+                Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
+            }),
             trace_sample_ratio: env.get(&TRACE_SAMPLE_RATIO, |s| {
                 s.parse::<f64>()
                     .ok()
@@ -261,11 +326,36 @@ impl Config {
                 Ok::<_, String>((!s.trim().is_empty()).then(|| PathBuf::from(s.trim())))
             }),
             dns_refresh: env.get(&DNS_REFRESH, parse_range),
+            registry: RegistryConfig::read(env),
+            register: None,
+            app_probes: env.get(&APP_PROBES, AppProbes::parse),
             policy: Policy::read(env),
             policy_vars: Policy::base_vars(|name| env.raw(name)),
         };
         let mut cfg = cfg;
         cfg.identity = read_identity(env, &cfg);
+        cfg.register = RegisterConfig::read(env, cfg.registry.is_some(), cfg.identity.is_some());
+        if cfg.registry.is_some() && env.raw(DISCOVERY.name).is_none() {
+            // The registry knows what registered; DNS the rest.
+            cfg.discovery = vec![DiscoverySource::Registry, DiscoverySource::Dns];
+        }
+        if cfg.registry.is_none() && cfg.discovery.contains(&DiscoverySource::Registry) {
+            env.reject(
+                &DISCOVERY,
+                env.raw(DISCOVERY.name).unwrap_or_default(),
+                "sources without registry, or GOFE_REGISTRY set",
+            );
+        }
+        if let Some((collector, _)) = &cfg.trace_collector
+            && gofe_telemetry::trace::is_https(collector)
+            && cfg.trace_collector_ca.is_none()
+        {
+            env.reject(
+                &TRACE_COLLECTOR_CA,
+                "",
+                format!("a PEM file of CA certificates: {collector} is https"),
+            );
+        }
         if env.check_files {
             check_files(env, &cfg);
         }
@@ -311,6 +401,73 @@ impl Config {
         env.finish().map(|()| cfg)
     }
 
+    /// The registry's settings under the names users type (the password stays in its
+    /// file).
+    fn registry_effective(&self) -> Vec<(&'static str, String)> {
+        let r = self.registry.as_ref();
+        let tls = r.and_then(|r| r.tls.as_ref());
+        let client = tls.and_then(|t| t.client.as_ref());
+        let path = |p: Option<&PathBuf>| p.map(|p| p.display().to_string()).unwrap_or_default();
+        let reg = self.register.as_ref();
+        vec![
+            (
+                REGISTRY.name,
+                r.map(|r| r.endpoints.join(",")).unwrap_or_default(),
+            ),
+            (REGISTRY_CA.name, path(tls.map(|t| &t.ca))),
+            (REGISTRY_CERT.name, path(client.map(|c| &c.0))),
+            (REGISTRY_KEY.name, path(client.map(|c| &c.1))),
+            (
+                REGISTRY_USER.name,
+                r.and_then(|r| r.auth.as_ref())
+                    .map(|a| a.0.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                REGISTRY_PASSWORD_FILE.name,
+                path(r.and_then(|r| r.auth.as_ref()).map(|a| &a.1)),
+            ),
+            (
+                REGISTRY_PREFIX.name,
+                r.map_or(REGISTRY_PREFIX.default.to_string(), |r| r.prefix.clone()),
+            ),
+            (
+                REGISTER.name,
+                reg.map(|g| {
+                    g.services
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            ),
+            (
+                REGISTER_ADDRESS.name,
+                reg.and_then(|g| g.address)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                REGISTER_TTL.name,
+                reg.map_or(REGISTER_TTL.default.to_string(), |g| {
+                    humantime::format_duration(g.ttl).to_string()
+                }),
+            ),
+            (
+                REGISTER_METADATA.name,
+                reg.map(|g| {
+                    g.metadata
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            ),
+        ]
+    }
+
     /// The effective settings under the names users type, for `/config`.
     pub fn effective(&self) -> Vec<(&'static str, String)> {
         fn d(v: Duration) -> String {
@@ -331,6 +488,25 @@ impl Config {
             (OPAQUE_PORTS.name, self.opaque_ports.to_string()),
             (CONNECT_TIMEOUT.name, d(self.connect_timeout)),
             (IDLE_TIMEOUT.name, d(self.idle_timeout)),
+            (
+                MAX_CONNECTIONS.name,
+                self.limits.max_connections.to_string(),
+            ),
+            (
+                HTTP_HEADER_READ_TIMEOUT.name,
+                d(self.limits.header_read_timeout),
+            ),
+            (
+                MAX_REQUEST_HEADERS.name,
+                format!("{}B", self.limits.max_request_headers),
+            ),
+            (
+                HTTP2_MAX_CONCURRENT_STREAMS.name,
+                self.limits.h2_max_concurrent_streams.to_string(),
+            ),
+            (HTTP2_KEEPALIVE.name, d(self.limits.h2_keepalive)),
+            (HTTP_IDLE_TIMEOUT.name, d(self.limits.http_idle_timeout)),
+            (TCP_IDLE_TIMEOUT.name, d(self.limits.tcp_idle_timeout)),
             (SHUTDOWN_GRACE_PERIOD.name, d(self.shutdown_grace_period)),
             (WORKER_THREADS.name, self.worker_threads.to_string()),
             (LOG.name, self.log.clone()),
@@ -344,6 +520,13 @@ impl Config {
                 self.trace_collector
                     .as_ref()
                     .map(|(c, _)| c.clone())
+                    .unwrap_or_default(),
+            ),
+            (
+                TRACE_COLLECTOR_CA.name,
+                self.trace_collector_ca
+                    .as_ref()
+                    .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             ),
             (
@@ -422,8 +605,10 @@ impl Config {
                 DNS_REFRESH.name,
                 format!("{}..{}", d(self.dns_refresh.0), d(self.dns_refresh.1)),
             ),
+            (APP_PROBES.name, self.app_probes.raw().to_string()),
         ]
         .into_iter()
+        .chain(self.registry_effective())
         .chain(POLICY_VARS.iter().map(|v| {
             let value = self
                 .policy_vars
@@ -438,13 +623,21 @@ impl Config {
 
 /// The files must be good at start-up; later, a bad version keeps the last good.
 fn check_files(env: &mut Env<'_>, cfg: &Config) {
+    if let Some(ca) = &cfg.trace_collector_ca {
+        let checked = std::fs::read(ca)
+            .map_err(|e| format!("a readable file ({e})"))
+            .and_then(|pem| gofe_telemetry::trace::parse_ca_pem(&pem).map(|_| ()));
+        if let Err(expected) = checked {
+            env.reject(&TRACE_COLLECTOR_CA, ca.display(), expected);
+        }
+    }
     let files = cfg
         .policy_file
         .iter()
         .map(|p| (&POLICY_FILE, p.clone()))
         .chain(cfg.discovery.iter().filter_map(|s| match s {
             DiscoverySource::File(p) => Some((&DISCOVERY, p.clone())),
-            DiscoverySource::Dns => None,
+            DiscoverySource::Dns | DiscoverySource::Registry => None,
         }))
         .collect::<Vec<_>>();
     for (var, path) in files {
@@ -643,6 +836,37 @@ mod tests {
     }
 
     #[test]
+    fn an_https_collector_needs_a_readable_ca_file() {
+        let https = ("GOFE_TRACE_COLLECTOR", "https://otel.observability:4317");
+        let err = Config::from_map(&env(&[("GOFE_IDENTITY_DISABLED", "true"), https])).unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_TRACE_COLLECTOR_CA", "{err}");
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", "/nonexistent/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GOFE_TRACE_COLLECTOR_CA=\"/nonexistent/ca.pem\""),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            https,
+            ("GOFE_TRACE_COLLECTOR_CA", bad.to_str().unwrap()),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("at least one CA certificate"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn zero_is_not_a_connect_timeout() {
         let err = Config::from_map(&env(&[
             ("GOFE_IDENTITY_DISABLED", "true"),
@@ -662,6 +886,10 @@ mod tests {
             ]
         );
         assert!(DiscoverySource::parse_list("consul").is_err());
+        assert_eq!(
+            DiscoverySource::parse_list("registry,dns").unwrap(),
+            vec![DiscoverySource::Registry, DiscoverySource::Dns]
+        );
         assert!(DiscoverySource::parse_list("file:").is_err());
     }
 
@@ -678,5 +906,65 @@ mod tests {
         let again = Config::from_map(&map).unwrap();
         assert_eq!(again.idle_timeout, Duration::from_secs(90));
         assert_eq!(again.effective(), cfg.effective());
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_registry_comes_first_by_default_and_needs_its_endpoints() {
+        let cfg = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.discovery,
+            vec![DiscoverySource::Registry, DiscoverySource::Dns]
+        );
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_DISCOVERY", "registry"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.0[0].name, "GOFE_DISCOVERY", "{err}");
+    }
+
+    #[test]
+    fn registering_needs_the_registry_and_an_identity() {
+        let err = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_DISABLED", "true"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+            ("GOFE_REGISTER", "api.demo:80=8080"),
+            ("GOFE_REGISTER_TTL", "1s"),
+        ]))
+        .unwrap_err();
+        let names: Vec<&str> = err.0.iter().map(|b| b.name).collect();
+        assert_eq!(names, vec!["GOFE_REGISTER_TTL", "GOFE_REGISTER"], "{err}");
+        let cfg = Config::from_map(&env(&[
+            ("GOFE_IDENTITY_ADDR", "issuer:8443"),
+            (
+                "GOFE_IDENTITY_NAME",
+                "spiffe://cluster.local/ns/demo/sa/api",
+            ),
+            ("GOFE_IDENTITY_TRUST_ANCHORS", "/anchors.pem"),
+            ("GOFE_REGISTRY", "http://127.0.0.1:2379"),
+            ("GOFE_REGISTER", "api.demo:80=8080"),
+            ("GOFE_REGISTER_METADATA", "version=v2"),
+        ]))
+        .unwrap();
+        let register = cfg.register.unwrap();
+        assert_eq!(register.services[0].port, 8080);
+        assert_eq!(register.ttl, Duration::from_secs(10));
+        assert_eq!(register.metadata["version"], "v2");
     }
 }

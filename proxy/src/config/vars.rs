@@ -36,6 +36,20 @@ vars! {
         "TCP connect to an endpoint. Inside a cluster a healthy connect takes well under a millisecond; a second means the endpoint is gone.";
     IDLE_TIMEOUT = "GOFE_IDLE_TIMEOUT", "60s",
         "How long an unused pooled upstream connection is kept. Below the usual 75-120s server keep-alive so that the proxy closes first and never reuses a connection the server is closing.";
+    MAX_CONNECTIONS = "GOFE_MAX_CONNECTIONS", "20000",
+        "Open connections per listener; beyond it a new one is closed at once. Each costs a task and a few kilobytes of buffers, so this bounds what a flood of connections can make the proxy hold (~20000 x 40 KiB = 800 MiB at worst, far below a node's file-descriptor limit).";
+    HTTP_HEADER_READ_TIMEOUT = "GOFE_HTTP_HEADER_READ_TIMEOUT", "10s",
+        "A request head must arrive within this, counted from its first byte (slowloris); past it the connection is closed.";
+    MAX_REQUEST_HEADERS = "GOFE_MAX_REQUEST_HEADERS", "64KiB",
+        "Request head size (request line and headers), the same on every hop: HTTP/1 from the application, HTTP/2 from it and between proxies; larger heads get 431. Well above real cookies and tokens, small enough that a connection cannot hold megabytes of headers.";
+    HTTP2_MAX_CONCURRENT_STREAMS = "GOFE_HTTP2_MAX_CONCURRENT_STREAMS", "1024",
+        "HTTP/2 streams per connection, asked of clients and assumed of peers on the mesh hop; beyond it the proxy opens another connection to the peer, up to 8, then answers 503 with gofe-overloaded rather than queue.";
+    HTTP2_KEEPALIVE = "GOFE_HTTP2_KEEPALIVE", "30s",
+        "PING interval on idle HTTP/2 connections, both directions; a peer that does not answer within it is dead and its connection closed. A PING answered keeps a connection alive, not busy: it does not hold off the idle timeout.";
+    HTTP_IDLE_TIMEOUT = "GOFE_HTTP_IDLE_TIMEOUT", "5m",
+        "An HTTP connection from a client with no request in flight for this long is closed (gracefully: HTTP/2 GOAWAY).";
+    TCP_IDLE_TIMEOUT = "GOFE_TCP_IDLE_TIMEOUT", "1h",
+        "An opaque stream or tunnel with no bytes either way for this long is closed.";
     SHUTDOWN_GRACE_PERIOD = "GOFE_SHUTDOWN_GRACE_PERIOD", "30s",
         "After SIGTERM, how long in-flight requests and connections may run before the proxy exits. Matches Kubernetes' default terminationGracePeriodSeconds.";
     WORKER_THREADS = "GOFE_WORKER_THREADS", "0",
@@ -47,7 +61,9 @@ vars! {
     ACCESS_LOG = "GOFE_ACCESS_LOG", "off",
         "off, or json: one JSON line on stdout per request (and per connection that is not HTTP).";
     TRACE_COLLECTOR = "GOFE_TRACE_COLLECTOR", "",
-        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317); empty: no traces.";
+        "OTLP endpoint that receives the proxy's spans (http://jaeger-collector.observability:4317, or https:// with GOFE_TRACE_COLLECTOR_CA): its requests, and its own operations (certificate requests, discovery refreshes, reloads, drains); empty: no traces.";
+    TRACE_COLLECTOR_CA = "GOFE_TRACE_COLLECTOR_CA", "",
+        "PEM file of the CA certificates that verify an https:// GOFE_TRACE_COLLECTOR (required for https; no system roots are built in, so a collector is trusted only as named).";
     TRACE_PROTOCOL = "GOFE_TRACE_PROTOCOL", "grpc",
         "OTLP transport to the collector: grpc or http/protobuf (the URL's path, or /v1/traces).";
     TRACE_SAMPLE_RATIO = "GOFE_TRACE_SAMPLE_RATIO", "1.0",
@@ -123,9 +139,33 @@ vars! {
     MAX_CONCURRENT_REQUESTS = "GOFE_MAX_CONCURRENT_REQUESTS", "1024",
         "Requests in flight per destination; beyond it, 503 at once with gofe-overloaded: true.";
     DISCOVERY = "GOFE_DISCOVERY", "dns",
-        "Endpoint sources, in order, comma-separated: dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint.";
+        "Endpoint sources, in order, comma-separated: registry (etcd, GOFE_REGISTRY), dns (the authority's A/AAAA records), file:PATH (a YAML file of destinations). The first that knows a destination gives its endpoints; with none, the original destination is the one endpoint. With GOFE_REGISTRY set and this unset: registry,dns.";
     POLICY_FILE = "GOFE_POLICY_FILE", "",
         "YAML file of per-destination policy overriding these defaults; re-read when it changes, a bad file is logged and the last good one stays.";
+    REGISTRY = "GOFE_REGISTRY", "",
+        "etcd (v3) endpoints of the registry and config center, comma-separated: http://h:2379,http://h2:2379 (https:// with TLS). Empty: no registry.";
+    REGISTRY_CA = "GOFE_REGISTRY_CA", "",
+        "PEM file of the CA that signed etcd's serving certificate; required with https:// endpoints.";
+    REGISTRY_CERT = "GOFE_REGISTRY_CERT", "",
+        "Client certificate (PEM) presented to etcd, when etcd asks for one; with GOFE_REGISTRY_KEY.";
+    REGISTRY_KEY = "GOFE_REGISTRY_KEY", "",
+        "The client certificate's key (PEM).";
+    REGISTRY_USER = "GOFE_REGISTRY_USER", "",
+        "etcd user, when etcd has authentication on; with GOFE_REGISTRY_PASSWORD_FILE.";
+    REGISTRY_PASSWORD_FILE = "GOFE_REGISTRY_PASSWORD_FILE", "",
+        "File holding the etcd user's password (a file, not a variable, so it stays out of /config and the process environment).";
+    REGISTRY_PREFIX = "GOFE_REGISTRY_PREFIX", "/gofe",
+        "Key prefix: endpoints under <prefix>/services/<authority>/<address>, policy under <prefix>/policy/<destination>. One etcd can hold several meshes under different prefixes.";
+    REGISTER = "GOFE_REGISTER", "",
+        "What this pod serves, registered once it is ready: service:port=app-port, comma-separated (api.demo:80=8080); @N after the app port gives a weight. Needs GOFE_REGISTRY and an identity.";
+    REGISTER_ADDRESS = "GOFE_REGISTER_ADDRESS", "",
+        "The IP others reach this pod on (Kubernetes: status.podIP). Empty: the address this host uses to reach etcd.";
+    REGISTER_TTL = "GOFE_REGISTER_TTL", "10s",
+        "Lease time to live, kept alive every third of it: a killed pod's endpoints disappear within it; short enough for that, long enough that two missed renewals do not drop a live pod.";
+    REGISTER_METADATA = "GOFE_REGISTER_METADATA", "",
+        "Labels carried by this pod's entries, version=v2,zone=a: shown in /endpoints and `gofe registry ls`.";
+    APP_PROBES = "GOFE_APP_PROBES", "",
+        "The application's own liveness, readiness and startup probes (JSON, written by the injector), which the admin server runs at /app-health/<container>/<livez|readyz|startupz> when the kubelet asks. Empty: the kubelet probes the application itself, which strict inbound mTLS would refuse.";
     DNS_REFRESH = "GOFE_DNS_REFRESH", "1s..60s",
         "DNS records are re-resolved when their TTL runs out, but no sooner than the first and no later than the second.";
     ISSUER_DIR = "GOFE_ISSUER_DIR", "/var/run/gofe/issuer",
@@ -159,12 +199,20 @@ pub const PROXY_VARS: &[&Var] = &[
     &OPAQUE_PORTS,
     &CONNECT_TIMEOUT,
     &IDLE_TIMEOUT,
+    &MAX_CONNECTIONS,
+    &HTTP_HEADER_READ_TIMEOUT,
+    &MAX_REQUEST_HEADERS,
+    &HTTP2_MAX_CONCURRENT_STREAMS,
+    &HTTP2_KEEPALIVE,
+    &HTTP_IDLE_TIMEOUT,
+    &TCP_IDLE_TIMEOUT,
     &SHUTDOWN_GRACE_PERIOD,
     &WORKER_THREADS,
     &LOG,
     &LOG_FORMAT,
     &ACCESS_LOG,
     &TRACE_COLLECTOR,
+    &TRACE_COLLECTOR_CA,
     &TRACE_PROTOCOL,
     &TRACE_SAMPLE_RATIO,
     &TRACE_TRUST_INCOMING,
@@ -182,6 +230,29 @@ pub const PROXY_VARS: &[&Var] = &[
     &DISCOVERY,
     &POLICY_FILE,
     &DNS_REFRESH,
+    &REGISTRY,
+    &REGISTRY_CA,
+    &REGISTRY_CERT,
+    &REGISTRY_KEY,
+    &REGISTRY_USER,
+    &REGISTRY_PASSWORD_FILE,
+    &REGISTRY_PREFIX,
+    &REGISTER,
+    &REGISTER_ADDRESS,
+    &REGISTER_TTL,
+    &REGISTER_METADATA,
+    &APP_PROBES,
+];
+
+/// The variables `gofe registry` reads: how to reach etcd.
+pub const REGISTRY_VARS: &[&Var] = &[
+    &REGISTRY,
+    &REGISTRY_CA,
+    &REGISTRY_CERT,
+    &REGISTRY_KEY,
+    &REGISTRY_USER,
+    &REGISTRY_PASSWORD_FILE,
+    &REGISTRY_PREFIX,
 ];
 
 /// The variables a destination's policy is made of: each may be overridden per

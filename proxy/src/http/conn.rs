@@ -2,6 +2,7 @@
 //! caches that spare its requests a lookup each (the destination and the metrics of
 //! the last authority, which a connection's requests nearly always share).
 
+use super::activity::Activity;
 use crate::addrs::{ClientAddr, DestKey, Direction};
 use crate::ctx::Ctx;
 use crate::endpoint::Endpoint;
@@ -14,6 +15,13 @@ use http::uri::Authority;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
+/// The HTTP version a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
 /// The port an authority without one means, for plain HTTP.
 const HTTP_PORT: u16 = 80;
 
@@ -22,6 +30,8 @@ type StatsKey = (Arc<str>, Option<Arc<SpiffeId>>);
 
 pub struct HttpConn {
     pub ctx: Arc<Ctx>,
+    /// Its requests in flight and its heads, for its timers.
+    pub activity: Arc<Activity>,
     pub direction: Direction,
     pub client: ClientAddr,
     pub target: ConnTarget,
@@ -45,6 +55,7 @@ impl HttpConn {
         direction: Direction,
         client: ClientAddr,
         target: ConnTarget,
+        version: HttpVersion,
     ) -> Self {
         let (app, inbound_label) = match target {
             ConnTarget::Inbound { app, orig_dst } => (
@@ -55,6 +66,7 @@ impl HttpConn {
         };
         Self {
             ctx,
+            activity: Activity::new(version == HttpVersion::Http1),
             direction,
             client,
             target,

@@ -47,6 +47,7 @@ fn failure_status<R: std::fmt::Debug>(f: &Failure<R>) -> StatusCode {
 fn send_status(e: &SendError) -> StatusCode {
     match e {
         SendError::Connect(ConnectError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+        SendError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     }
 }
@@ -100,6 +101,7 @@ impl ProxyError {
                 SendError::Handshake { .. } | SendError::Http { .. } => {
                     "the destination's connection failed".into()
                 }
+                SendError::Busy { .. } => "the destination is overloaded".into(),
             }
         }
         fn of_failure<R: std::fmt::Debug>(f: &Failure<R>) -> String {

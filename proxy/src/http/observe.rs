@@ -5,6 +5,7 @@
 //! gets when the proxy could not forward the request. Without tracing or the access
 //! log, a request's observation is one `Instant`.
 
+use super::activity::InFlight;
 use super::conn::HttpConn;
 use super::errors::ProxyError;
 use crate::addrs::{Direction, EndpointAddr};
@@ -62,6 +63,7 @@ where
         let authority = headers::authority(&req);
         let observe = Observe::start(&self.conn, &req, authority.as_ref());
         observe.inject(req.headers_mut());
+        let in_flight = self.conn.activity.request_started();
         ObservedFuture {
             inner: self.inner.call(req),
             request: Some(Observing {
@@ -69,6 +71,7 @@ where
                 grpc,
                 authority,
                 observe,
+                in_flight,
             }),
         }
     }
@@ -79,6 +82,8 @@ struct Observing {
     grpc: bool,
     authority: Option<Authority>,
     observe: Observe,
+    /// The request is in flight on its connection until its response ends.
+    in_flight: InFlight,
 }
 
 pin_project_lite::pin_project! {
@@ -127,6 +132,7 @@ fn respond(r: Observing, answer: HttpAnswer) -> Response<HttpBody> {
         stats,
         observe,
         _permit: permit,
+        _in_flight: r.in_flight,
     };
     let on_end = OnEnd::new(finish, parts.status, r.grpc, &parts.headers);
     Response::from_parts(
@@ -148,6 +154,7 @@ fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
         stats: r.conn.stats(r.authority.as_ref(), None),
         observe,
         _permit: None,
+        _in_flight: r.in_flight,
     };
     let on_end = OnEnd::new(finish, status, r.grpc, &headers);
     let mut rsp = Response::new(ResponseBody::full(body, Some(on_end)));
@@ -162,6 +169,7 @@ pub struct Finish {
     stats: Arc<RequestStats>,
     observe: Observe,
     _permit: Option<Permit>,
+    _in_flight: InFlight,
 }
 
 impl EndHook for Finish {

@@ -69,9 +69,10 @@ pub async fn forward(
     if switched {
         let server_side = hyper::upgrade::on(&mut rsp);
         let client = conn.client;
+        let tunnel = Tunnel::of(conn);
         conn.ctx.tasks.spawn(async move {
             match tokio::try_join!(client_side, server_side) {
-                Ok((c, s)) => tunnel::join(TokioIo::new(c), TokioIo::new(s)).await,
+                Ok((c, s)) => tunnel.run(TokioIo::new(c), TokioIo::new(s)).await,
                 Err(error) => debug!(%client, %error, "upgrade did not complete"),
             }
         });
@@ -137,13 +138,43 @@ pub async fn connect_explicit(
     let client_side = hyper::upgrade::on(&mut req);
     let client = conn.client;
     let server = connected.value.io;
+    let tunnel = Tunnel::of(conn);
     conn.ctx.tasks.spawn(async move {
         match client_side.await {
-            Ok(c) => tunnel::join(TokioIo::new(c), server).await,
+            Ok(c) => tunnel.run(TokioIo::new(c), server).await,
             Err(error) => debug!(%client, %error, "CONNECT tunnel did not open"),
         }
     });
     let mut a = Answer::new(Response::new(UpstreamBody::empty()), connected.endpoint);
     a.peer = connected.peer;
     Ok(a)
+}
+
+/// What a tunnel needs once its connection has switched: its idle timeout, and where
+/// to count it when that ends it.
+struct Tunnel {
+    idle: std::time::Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+    at: &'static str,
+}
+
+impl Tunnel {
+    fn of(conn: &HttpConn) -> Tunnel {
+        Tunnel {
+            idle: conn.ctx.config.limits.tcp_idle_timeout,
+            metrics: conn.ctx.metrics.clone(),
+            at: conn.direction.as_str(),
+        }
+    }
+
+    async fn run<A, B>(self, a: A, b: B)
+    where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        if let tunnel::Ended::Idle = tunnel::join(a, b, self.idle).await {
+            self.metrics
+                .limit_tripped(crate::metrics::Limit::TcpIdle, self.at);
+        }
+    }
 }

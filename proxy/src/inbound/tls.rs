@@ -6,8 +6,8 @@
 use crate::addrs::{ClientAddr, Direction};
 use crate::ctx::Ctx;
 use crate::detect::{self, Protocol};
-use crate::http::conn::HttpConn;
-use crate::http::server::{self, HttpVersion};
+use crate::http::conn::{HttpConn, HttpVersion};
+use crate::http::server;
 use crate::identity::ProxyIdentity;
 use crate::io::{AsTcp, Io, Prefixed};
 use crate::opaque;
@@ -89,7 +89,7 @@ pub async fn terminate<I: Io>(
                 Protocol::Http2 => HttpVersion::Http2,
                 _ => return opaque::forward(io, client, target, &ctx).await,
             };
-            let conn = HttpConn::new(ctx.clone(), Direction::Inbound, client, target)
+            let conn = HttpConn::new(ctx.clone(), Direction::Inbound, client, target, version)
                 .with_peer(Some(peer));
             return server::serve(io, version, Arc::new(conn)).await;
         }
@@ -98,7 +98,7 @@ pub async fn terminate<I: Io>(
             return;
         }
     };
-    let conn = HttpConn::new(ctx.clone(), Direction::Inbound, client, target)
+    let conn = HttpConn::new(ctx.clone(), Direction::Inbound, client, target, version)
         .with_peer(Some(peer))
         .refusing(refused);
     server::serve(tls, version, Arc::new(conn)).await;

@@ -3,19 +3,21 @@
 //! the one unused longest makes room).
 
 use super::destination::{Destination, now_secs};
-use super::discovery::file::{WatchError, Watched};
-use super::discovery::sources::{BoxTask, Discovery, DiscoveryError};
+use super::discovery::file::{Generation, WatchError, Watched};
+use super::discovery::registry::Registry;
+use super::discovery::sources::{Allowed, BoxTask, Discovery, DiscoveryError};
 use super::policies::Policies;
 use crate::addrs::DestKey;
 use crate::balance::balancer::Balancer;
 use crate::client::send::Client;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use gofe_identity::trust::TrustAnchors;
 use gofe_telemetry::prom::{Exposition, Kind};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,6 +37,7 @@ pub enum DestinationsError {
 
 pub struct Destinations {
     discovery: Discovery,
+    registry: Option<Arc<Registry>>,
     policies: Arc<Policies>,
     metrics: Arc<Metrics>,
     client: Arc<Client>,
@@ -42,32 +45,53 @@ pub struct Destinations {
 }
 
 impl Destinations {
-    /// The destinations of `config` (discovery, the policy file, the defaults); the
-    /// tasks returned keep the files current.
+    /// The destinations of `config` (discovery, the registry, the policy file, the
+    /// defaults); the tasks returned keep the files and the registry's mirror current.
+    /// `anchors` check the registry's entries.
     pub fn new(
         config: &Config,
         metrics: Arc<Metrics>,
         client: Arc<Client>,
+        anchors: Option<Arc<TrustAnchors>>,
     ) -> Result<(Destinations, Vec<BoxTask>), DestinationsError> {
-        let generation = Arc::new(AtomicU64::new(0));
+        let generation = Generation::default();
+        let registry = config.registry.clone().map(|r| {
+            Registry::new(
+                r,
+                anchors,
+                &config.trust_domain,
+                config.policy_vars.clone(),
+                generation.clone(),
+            )
+        });
         let (discovery, mut tasks) = Discovery::new(
             &config.discovery,
             config.dns_refresh,
             &config.policy_vars,
             generation.clone(),
+            registry.clone(),
         )?;
-        let mut files = Vec::new();
+        if let Some(r) = &registry {
+            tasks.push(Box::pin(r.clone().run()));
+        }
+        let mut policy_file = None;
         if let Some(path) = &config.policy_file {
             let (watched, task) =
                 Watched::start(path, config.policy_vars.clone(), generation.clone())?;
-            files.push(Arc::new(watched));
+            policy_file = Some(Arc::new(watched));
             tasks.push(Box::pin(task));
         }
-        files.extend(discovery.files().cloned());
-        let policies = Arc::new(Policies::new(files, generation, config.policy.clone()));
+        let policies = Arc::new(Policies::new(
+            policy_file,
+            registry.clone(),
+            discovery.files().cloned().collect(),
+            generation,
+            config.policy.clone(),
+        ));
         Ok((
             Destinations {
                 discovery,
+                registry,
                 policies,
                 metrics,
                 client,
@@ -87,7 +111,9 @@ impl Destinations {
         if let Some(d) = map.get(&key) {
             return d.clone();
         }
-        let balancer = Balancer::new(self.discovery.watch(key.clone()));
+        let policies = self.policies.clone();
+        let allowed: Allowed = Arc::new(move |k| policies.lookup(k).identities.clone());
+        let balancer = Balancer::new(self.discovery.watch(key.clone(), allowed));
         let d = Arc::new(Destination::new(
             key.clone(),
             balancer,
@@ -125,6 +151,11 @@ impl Destinations {
         });
     }
 
+    /// The registry, when GOFE_REGISTRY is set.
+    pub fn registry(&self) -> Option<&Arc<Registry>> {
+        self.registry.as_ref()
+    }
+
     /// Every destination, by name.
     pub fn all(&self) -> Vec<Arc<Destination>> {
         let mut all: Vec<Arc<Destination>> = self.map.read().values().cloned().collect();
@@ -151,6 +182,7 @@ impl Destinations {
                             "address": e.endpoint.addr.to_string(),
                             "weight": e.weight(),
                             "identity": e.endpoint.identity.as_ref().map(|i| i.to_string()),
+                            "metadata": &*e.endpoint.metadata,
                             "state": if ejected_until.is_some() { "ejected" } else { "ready" },
                             "ewma_ms": (e.ewma().as_secs_f64() * 1e6).round() / 1e3,
                             "in_flight": e.pending(),
@@ -159,7 +191,20 @@ impl Destinations {
                         })
                     })
                     .collect();
-                serde_json::json!({
+                let mut extra = serde_json::Map::new();
+                if let (Some(r), crate::endpoint::Source::Registry) = (&self.registry, set.source) {
+                    extra.insert(
+                        "state_age_seconds".into(),
+                        ((r.state_age().as_secs_f64() * 10.0).round() / 10.0).into(),
+                    );
+                    let rejected: Vec<serde_json::Value> = r
+                        .rejected(&d.key)
+                        .into_iter()
+                        .map(|(address, why)| serde_json::json!({"address": address, "reason": why}))
+                        .collect();
+                    extra.insert("rejected".into(), rejected.into());
+                }
+                let mut json = serde_json::json!({
                     "name": d.name.as_ref(),
                     "original_destinations": d.balancer.fallbacks().iter().map(|e| serde_json::json!({
                         "address": e.endpoint.addr.to_string(),
@@ -169,10 +214,16 @@ impl Destinations {
                     "lb": policy.lb.to_string(),
                     "in_flight": d.in_flight.load(Ordering::Relaxed),
                     "endpoints": endpoints,
-                })
+                });
+                json.as_object_mut().expect("an object").extend(extra);
+                json
             })
             .collect();
-        serde_json::json!({ "destinations": destinations })
+        let mut all = serde_json::json!({ "destinations": destinations });
+        if let Some(r) = &self.registry {
+            all["registry"] = r.to_json();
+        }
+        all
     }
 
     /// `gofe_endpoints{authority,state}`, and the files' reloads.
@@ -219,6 +270,9 @@ impl Destinations {
                 &[("authority", &authority), ("state", state)],
                 n,
             );
+        }
+        if let Some(r) = &self.registry {
+            r.render(e);
         }
     }
 }

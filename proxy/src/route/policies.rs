@@ -1,42 +1,57 @@
-//! Where destinations get their policy: the policy file, then the discovery files,
-//! then the environment's defaults. A generation number goes up whenever a file is
-//! reloaded, so that destinations know when to look again.
+//! Where destinations get their policy: the policy file, then the registry's pushed
+//! documents, then the discovery files, then the environment's defaults. A generation
+//! number goes up whenever one of them changes, so that destinations know when to look
+//! again.
 
-use super::discovery::file::Watched;
+use super::discovery::file::{Generation, Watched};
+use super::discovery::registry::Registry;
 use crate::addrs::DestKey;
 use crate::config::policy::Policy;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Policies {
-    files: Vec<Arc<Watched>>,
-    generation: Arc<AtomicU64>,
+    policy_file: Option<Arc<Watched>>,
+    registry: Option<Arc<Registry>>,
+    discovery_files: Vec<Arc<Watched>>,
+    generation: Generation,
     base: Arc<Policy>,
 }
 
 impl Policies {
-    pub fn new(files: Vec<Arc<Watched>>, generation: Arc<AtomicU64>, base: Policy) -> Self {
+    pub fn new(
+        policy_file: Option<Arc<Watched>>,
+        registry: Option<Arc<Registry>>,
+        discovery_files: Vec<Arc<Watched>>,
+        generation: Generation,
+        base: Policy,
+    ) -> Self {
         Self {
-            files,
+            policy_file,
+            registry,
+            discovery_files,
             generation,
             base: Arc::new(base),
         }
     }
 
     pub fn lookup(&self, key: &DestKey) -> Arc<Policy> {
-        self.files
+        let from_file =
+            |f: &Arc<Watched>| f.current().destinations.get(key).map(|e| e.policy.clone());
+        self.policy_file
             .iter()
-            .find_map(|f| f.current().destinations.get(key).map(|e| e.policy.clone()))
+            .find_map(from_file)
+            .or_else(|| self.registry.as_ref().and_then(|r| r.policy(key)))
+            .or_else(|| self.discovery_files.iter().find_map(from_file))
             .unwrap_or_else(|| self.base.clone())
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.get()
     }
 
-    /// The files policy comes from.
-    pub fn files(&self) -> &[Arc<Watched>] {
-        &self.files
+    /// The files policy comes from: the policy file, then the discovery files.
+    pub fn files(&self) -> impl Iterator<Item = &Arc<Watched>> {
+        self.policy_file.iter().chain(&self.discovery_files)
     }
 
     /// The defaults every destination starts from.

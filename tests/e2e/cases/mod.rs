@@ -5,7 +5,9 @@
 pub mod http;
 pub mod identity;
 pub mod iptables;
+pub mod kubernetes;
 pub mod lifecycle;
+pub mod registry;
 pub mod resilience;
 pub mod tcp;
 pub mod telemetry;
@@ -49,7 +51,13 @@ fn modules() -> Vec<Module> {
             telemetry::cases(),
             include_str!("telemetry.rs"),
         ),
+        (
+            "kubernetes",
+            kubernetes::cases(),
+            include_str!("kubernetes.rs"),
+        ),
         ("trust", trust::cases(), include_str!("trust.rs")),
+        ("registry", registry::cases(), include_str!("registry.rs")),
     ]
 }
 

@@ -42,7 +42,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(100);
 
 /// One request the load generator sends.
 #[derive(Clone)]
-struct Req {
+pub(crate) struct Req {
     method: &'static str,
     path: String,
     host: String,
@@ -52,7 +52,7 @@ struct Req {
 }
 
 impl Req {
-    fn get(host: &str) -> Req {
+    pub(crate) fn get(host: &str) -> Req {
         Req {
             method: "GET",
             path: "/".into(),
@@ -74,10 +74,10 @@ impl Req {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    served_by: String,
-    proxy_error: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) served_by: String,
+    pub(crate) proxy_error: String,
     overloaded: String,
     body: Bytes,
     elapsed: Duration,
@@ -86,7 +86,7 @@ struct Reply {
 /// Sends `n` copies of `req`, `concurrency` at a time on kept-alive HTTP/1.1
 /// connections, from inside `client` to `target` (iptables hands them to the sidecar,
 /// which routes by the Host header).
-fn send(
+pub(crate) fn send(
     client: &Pod,
     target: SocketAddr,
     req: &Req,
@@ -203,11 +203,11 @@ fn req_body(req: &Req) -> ReqBody {
     http_body_util::StreamBody::new(stream).boxed_unsync()
 }
 
-fn count_status(replies: &[Reply], status: u16) -> usize {
+pub(crate) fn count_status(replies: &[Reply], status: u16) -> usize {
     replies.iter().filter(|r| r.status == status).count()
 }
 
-fn by_server(replies: &[Reply]) -> HashMap<String, usize> {
+pub(crate) fn by_server(replies: &[Reply]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for r in replies {
         *m.entry(r.served_by.clone()).or_insert(0) += 1;
@@ -285,12 +285,15 @@ fn client_with_file<'w>(
     b.start()
 }
 
-fn served(pod: &Pod) -> anyhow::Result<u64> {
+pub(crate) fn served(pod: &Pod) -> anyhow::Result<u64> {
     Ok(pod.app_get(HTTP_PORT, "/control/served")?.trim().parse()?)
 }
 
 /// The client's view of `destination`'s endpoints, from `/endpoints`.
-fn endpoint_states(client: &Pod, destination: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+pub(crate) fn endpoint_states(
+    client: &Pod,
+    destination: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let (status, body) = client.admin("GET", "/endpoints")?;
     ensure!(status == 200, "/endpoints: {status}");
     let v: serde_json::Value = serde_json::from_str(&body)?;

@@ -20,6 +20,7 @@ crate::cases::register![
     latency_histogram_agrees_with_the_client,
     promtool_accepts_a_real_scrape,
     access_log_lines_and_log_level_changes,
+    operation_spans_reach_an_https_collector_over_grpc_and_http,
 ];
 
 /// Spans are exported within a second of ending; this allows for a slow machine.
@@ -291,11 +292,12 @@ pub fn sampling_follows_the_ratio_and_the_parent(w: &World) -> anyhow::Result<()
     ])?;
     client_and_server(&rx, sampled)?;
     // Spans go out in order, so had any of the 20 been sampled (by either proxy) it
-    // would have arrived before these.
+    // would have arrived before these. (The proxies' own operations are traces of
+    // their own, sampled by their own ratio: the server's certificate request is one.)
     let stray: Vec<_> = rx
         .spans()
         .into_iter()
-        .filter(|s| s.trace_id != sampled)
+        .filter(|s| s.trace_id != sampled && s.kind != otlp::INTERNAL)
         .collect();
     ensure!(
         stray.is_empty(),
@@ -318,9 +320,10 @@ pub fn sampling_follows_the_ratio_and_the_parent(w: &World) -> anyhow::Result<()
         client_and_server(&rx, t)?;
     }
     let exported = eventually("the client's exported span count", SPAN_TIMEOUT, || {
-        let n = all
-            .metrics()?
-            .sum("gofe_trace_spans_total", &[("result", "exported")]);
+        let n = all.metrics()?.sum(
+            "gofe_trace_spans_total",
+            &[("kind", "request"), ("result", "exported")],
+        );
         Ok((n >= 20.0).then_some(n))
     })?;
     ensure!(
@@ -435,7 +438,11 @@ pub fn a_dead_or_black_holed_collector_costs_requests_nothing(w: &World) -> anyh
     let deadline = Instant::now() + Duration::from_secs(60);
     let m = loop {
         let m = holed.metrics()?;
-        if m.sum("gofe_trace_spans_total", &[("result", "dropped")]) > 0.0 {
+        if m.sum(
+            "gofe_trace_spans_total",
+            &[("kind", "request"), ("result", "dropped")],
+        ) > 0.0
+        {
             break m;
         }
         ensure!(
@@ -444,8 +451,15 @@ pub fn a_dead_or_black_holed_collector_costs_requests_nothing(w: &World) -> anyh
         );
         sent += latencies(&holed, target, 1000)?.len() as f64;
     };
-    let queued = m.sum("gofe_trace_spans_total", &[("result", "queued")]);
-    let dropped = m.sum("gofe_trace_spans_total", &[("result", "dropped")]);
+    // Request spans only: the proxy's own operations (its certificate request) queue too.
+    let request = |result| {
+        m.sum(
+            "gofe_trace_spans_total",
+            &[("kind", "request"), ("result", result)],
+        )
+    };
+    let queued = request("queued");
+    let dropped = request("dropped");
     let exported = m.sum("gofe_trace_spans_total", &[("result", "exported")]);
     ensure!(
         queued + dropped == sent && exported == 0.0,
@@ -681,5 +695,144 @@ pub fn access_log_lines_and_log_level_changes(w: &World) -> anyhow::Result<()> {
     eventually("a debug line after the change", SPAN_TIMEOUT, || {
         Ok((client.proxy_log()?.matches("request failed").count() > 0).then_some(()))
     })?;
+    Ok(())
+}
+
+/// The proxies' own operations (the certificate request, the drain) arrive as spans
+/// beside the request spans, under the same service name, at a collector reached over
+/// TLS and verified with GOFE_TRACE_COLLECTOR_CA: gRPC from one sidecar,
+/// HTTP/protobuf from the other.
+pub fn operation_spans_reach_an_https_collector_over_grpc_and_http(
+    w: &World,
+) -> anyhow::Result<()> {
+    let otel = w.pod("otel").start()?;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["otel.test".into()])?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(otel.ip4.into()));
+    let cert = params.self_signed(&key)?;
+    let ca = w.dir().join("otel-ca.pem");
+    std::fs::write(&ca, cert.pem())?;
+    let rx = Receiver::start_tls_in_namespace(&otel.ns, otel.ip4, cert.pem(), key.serialize_pem())?;
+    ensure!(rx.grpc_url().starts_with("https://"), "{}", rx.grpc_url());
+    let ca = ca.display().to_string();
+    let client = w
+        .pod("client")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.grpc_url())
+        .env("GOFE_TRACE_COLLECTOR_CA", &ca)
+        .env("GOFE_SERVICE_NAME", "ops-client")
+        .start()?;
+    let policy = w.dir().join("policy.yaml");
+    let policy_with = |retry_on: &str| {
+        format!("destinations:\n  - name: api.test:80\n    policy:\n      retry_on: {retry_on}\n")
+    };
+    std::fs::write(&policy, policy_with("connect-failure"))?;
+    let server = w
+        .pod("server")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.http_url())
+        .env("GOFE_TRACE_PROTOCOL", "http/protobuf")
+        .env("GOFE_TRACE_COLLECTOR_CA", &ca)
+        .env("GOFE_SERVICE_NAME", "ops-server")
+        .env("GOFE_POLICY_FILE", &policy.display().to_string())
+        .start()?;
+    server.app("http", HTTP_PORT)?;
+    // A sidecar given another CA refuses the collector: nothing of it arrives, and its
+    // spans count as failed.
+    let other = rcgen::KeyPair::generate()?;
+    let other = rcgen::CertificateParams::new(vec!["otel.test".into()])?.self_signed(&other)?;
+    let other_ca = w.dir().join("other-ca.pem");
+    std::fs::write(&other_ca, other.pem())?;
+    let doubter = w
+        .pod("doubter")
+        .sidecar()
+        .env("GOFE_TRACE_COLLECTOR", &rx.grpc_url())
+        .env("GOFE_TRACE_COLLECTOR_CA", &other_ca.display().to_string())
+        .env("GOFE_SERVICE_NAME", "ops-doubter")
+        .start()?;
+    client.curl(&[&format!("http://{}:{HTTP_PORT}/", server.ip4)])?;
+    eventually("the doubter's exports fail", SPAN_TIMEOUT, || {
+        let m = doubter.metrics()?;
+        Ok((m.sum("gofe_trace_spans_total", &[("result", "failed")]) >= 1.0).then_some(()))
+    })?;
+    ensure!(
+        !rx.spans().iter().any(|s| s.service == "ops-doubter"),
+        "a collector the CA does not vouch for got spans"
+    );
+    for (service, via) in [("ops-client", "grpc"), ("ops-server", "http")] {
+        let spans = eventually(
+            &format!("{service}'s certificate request and request spans over {via}"),
+            SPAN_TIMEOUT,
+            || {
+                let spans: Vec<otlp::Span> = rx
+                    .spans()
+                    .into_iter()
+                    .filter(|s| s.service == service)
+                    .collect();
+                let certify = spans.iter().any(|s| s.name == "identity.certify");
+                let request = spans
+                    .iter()
+                    .any(|s| s.kind == otlp::CLIENT || s.kind == otlp::SERVER);
+                Ok((certify && request).then_some(spans))
+            },
+        )?;
+        let certify = spans
+            .iter()
+            .find(|s| s.name == "identity.certify")
+            .context("identity.certify")?;
+        ensure!(certify.via == via, "{certify:?}");
+        ensure!(
+            certify.attributes.get("kind").map(String::as_str) == Some("first")
+                && certify
+                    .attributes
+                    .get("identity")
+                    .is_some_and(|i| i.contains("/sa/")),
+            "{certify:?}"
+        );
+        ensure!(certify.end_ns > certify.start_ns, "{certify:?}");
+    }
+    // The client's lookup of the server's endpoints is a discovery refresh.
+    eventually("the client's discovery refresh", SPAN_TIMEOUT, || {
+        Ok(rx.spans().into_iter().find(|s| {
+            s.service == "ops-client"
+                && s.name == "discovery.refresh"
+                && s.attributes.get("destination") == Some(&format!("{}:{HTTP_PORT}", server.ip4))
+        }))
+    })?;
+    // Policy reloads: one taken, one refused (an error span).
+    let reloads = |status: i32| {
+        rx.spans()
+            .into_iter()
+            .filter(|s| {
+                s.service == "ops-server" && s.name == "config.reload" && s.status == status
+            })
+            .count()
+    };
+    std::fs::write(&policy, policy_with("5xx"))?;
+    eventually("the reload span", SPAN_TIMEOUT, || {
+        Ok((reloads(0) == 1).then_some(()))
+    })?;
+    std::fs::write(&policy, policy_with("5xx,sometimes"))?;
+    eventually("the refused reload's error span", SPAN_TIMEOUT, || {
+        Ok((reloads(2) == 1).then_some(()))
+    })?;
+    // The drain is a span too, sent before the proxy exits.
+    server.signal_proxy(nix::sys::signal::Signal::SIGTERM)?;
+    eventually("the server's drain span", SPAN_TIMEOUT, || {
+        Ok(rx
+            .spans()
+            .into_iter()
+            .find(|s| s.service == "ops-server" && s.name == "proxy.drain"))
+    })?;
+    let mut seen: Vec<String> = rx
+        .spans()
+        .iter()
+        .map(|s| format!("{} {} via {} {:?}", s.service, s.name, s.via, s.attributes))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    println!("spans at the https collector:\n{}", seen.join("\n"));
     Ok(())
 }

@@ -18,7 +18,7 @@ mod world;
 pub use capture::Capture;
 pub use http::{Metrics, raw_http};
 pub use pod::{App, Pod, PodBuilder};
-pub use setup::{eventually, has_tool, init, sh};
+pub use setup::{eventually, gofe_bin, has_tool, init, sh, testapp_bin};
 pub use world::{ISSUER_PORT, Issuer, World};
 
 pub const PROXY_UID: u32 = 2102;

@@ -150,6 +150,11 @@ pub(super) fn setup_ref() -> &'static Setup {
         .expect("harness initialised")
 }
 
+/// The test binary, which runs the test applications (GOFE_TESTAPP).
+pub fn testapp_bin() -> &'static Path {
+    &setup_ref().self_exe
+}
+
 pub fn gofe_bin() -> &'static Path {
     &setup_ref().gofe
 }

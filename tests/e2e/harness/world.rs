@@ -208,17 +208,28 @@ impl World {
 
     /// A projected service-account token for `pod`, as the kubelet would write it.
     pub fn token(&self, pod: &str) -> anyhow::Result<String> {
+        self.service_account_token("default", pod, gofe_identity::api::TOKEN_AUDIENCE)
+    }
+
+    /// A token for service account `sa` of `namespace` with `audience`, signed by the
+    /// key the issuer's JWKS trusts, as the API server signs projected tokens.
+    pub fn service_account_token(
+        &self,
+        namespace: &str,
+        sa: &str,
+        audience: &str,
+    ) -> anyhow::Result<String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs();
         let claims = serde_json::json!({
             "iss": "https://kubernetes.default.svc.cluster.local",
-            "sub": format!("system:serviceaccount:default:{pod}"),
-            "aud": [gofe_identity::api::TOKEN_AUDIENCE],
+            "sub": format!("system:serviceaccount:{namespace}:{sa}"),
+            "aud": [audience],
             "exp": now + 3600,
             "iat": now,
             "nbf": now,
-            "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": pod, "uid": "e2e"}},
+            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": sa, "uid": "e2e"}},
         });
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some("e2e".into());
@@ -237,7 +248,8 @@ impl World {
         }
     }
 
-    pub(super) fn spawn(&self, label: &str, mut cmd: Command) -> anyhow::Result<u32> {
+    /// Starts `cmd`, its output logged under `label`; killed when the world ends.
+    pub fn spawn(&self, label: &str, mut cmd: Command) -> anyhow::Result<u32> {
         let log = self.dir.join(format!("{label}.log"));
         let file = File::create(&log)?;
         cmd.stderr(file.try_clone()?).stdout(file);

@@ -26,6 +26,33 @@ pub enum WatchError {
     Parse { path: PathBuf, source: FileError },
 }
 
+/// A number that goes up whenever a source of policy changes (a file reloaded, a
+/// document pushed by the registry), waking whoever waits for it: destinations look at
+/// their policy again, discovery at the identities a policy allows.
+#[derive(Clone, Default)]
+pub struct Generation {
+    /// Read for every request (a plain atomic load on the hot path)...
+    counter: Arc<AtomicU64>,
+    /// ...and announced to the few that wait for a change.
+    changed: Arc<watch::Sender<()>>,
+}
+
+impl Generation {
+    pub fn bump(&self) {
+        self.counter.fetch_add(1, Ordering::AcqRel);
+        self.changed.send_replace(());
+    }
+
+    pub fn get(&self) -> u64 {
+        self.counter.load(Ordering::Acquire)
+    }
+
+    /// Sees every bump after this call.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+}
+
 /// A file kept parsed: the current table, replaced when the file changes and parses.
 pub struct Watched {
     pub path: PathBuf,
@@ -46,7 +73,7 @@ impl Watched {
     pub fn start(
         path: &Path,
         base: HashMap<String, String>,
-        generation: Arc<AtomicU64>,
+        generation: Generation,
     ) -> Result<
         (
             Watched,
@@ -77,14 +104,24 @@ impl Watched {
                 if text == last {
                     continue;
                 }
+                // A reload (policy or destinations) is an operation span, with the
+                // refusal as its error.
+                let span = tracing::info_span!(
+                    target: gofe_telemetry::ops::TARGET,
+                    "config.reload",
+                    path = %owned.display(),
+                    otel.status_code = tracing::field::Empty,
+                );
+                let _entered = span.enter();
                 match Table::parse(&text, &base) {
                     Ok(table) => {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
                         tx.send_replace(Arc::new(table));
-                        generation.fetch_add(1, Ordering::AcqRel);
+                        generation.bump();
                         counts.ok.inc();
                     }
                     Err(error) => {
+                        span.record("otel.status_code", "ERROR");
                         counts.refused.inc();
                         warn!(path = %owned.display(), %error, "keeping the last good version of the file")
                     }

@@ -1,12 +1,15 @@
 //! The endpoints of a destination, kept current. Sources are asked in the order
-//! GOFE_DISCOVERY lists them: `file:PATH` knows the destinations its file lists; `dns`
+//! GOFE_DISCOVERY lists them: `registry` knows the names with entries in etcd (those
+//! that verify and that the destination's policy allows); `file:PATH` knows the
+//! destinations its file lists; `dns`
 //! knows names with A/AAAA records (re-resolved as their TTL says, within bounds, the
 //! last good set kept when resolution fails). With no source knowing it, a destination
 //! named by an address is its own one endpoint, and a request to one named by a host
 //! goes to its own original destination.
 
 use super::dns::Dns;
-use super::file::{WatchError, Watched};
+use super::file::{Generation, WatchError, Watched};
+use super::registry::Registry;
 use crate::addrs::{DestKey, EndpointAddr};
 use crate::config::DiscoverySource;
 use crate::config::file::Table;
@@ -14,10 +17,9 @@ use crate::endpoint::{Endpoint, EndpointSet, Source};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 /// A task that keeps something current in the background.
 pub type BoxTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -32,13 +34,19 @@ pub enum DiscoveryError {
 enum Kind {
     Dns,
     File(Arc<Watched>),
+    Registry(Arc<Registry>),
 }
+
+/// Which identities may serve a destination, as its policy says now (the registry's
+/// entries are filtered by it).
+pub type Allowed = Arc<dyn Fn(&DestKey) -> Option<Vec<gofe_identity::SpiffeId>> + Send + Sync>;
 
 /// The configured sources.
 #[derive(Clone)]
 pub struct Discovery {
     sources: Vec<Kind>,
     dns: Option<Arc<Dns>>,
+    generation: Generation,
 }
 
 impl Discovery {
@@ -49,7 +57,8 @@ impl Discovery {
         sources: &[DiscoverySource],
         dns_refresh: (Duration, Duration),
         base_policy: &HashMap<String, String>,
-        generation: Arc<AtomicU64>,
+        generation: Generation,
+        registry: Option<Arc<Registry>>,
     ) -> Result<(Discovery, Vec<BoxTask>), DiscoveryError> {
         let mut kinds = Vec::new();
         let mut tasks: Vec<BoxTask> = Vec::new();
@@ -71,12 +80,19 @@ impl Discovery {
                     kinds.push(Kind::File(Arc::new(watched)));
                     tasks.push(Box::pin(task));
                 }
+                // (Its task is the caller's: the registry also serves policy.)
+                DiscoverySource::Registry => {
+                    if let Some(r) = &registry {
+                        kinds.push(Kind::Registry(r.clone()));
+                    }
+                }
             }
         }
         Ok((
             Discovery {
                 sources: kinds,
                 dns,
+                generation,
             },
             tasks,
         ))
@@ -86,28 +102,51 @@ impl Discovery {
     pub fn files(&self) -> impl Iterator<Item = &Arc<Watched>> {
         self.sources.iter().filter_map(|s| match s {
             Kind::File(w) => Some(w),
-            Kind::Dns => None,
+            Kind::Dns | Kind::Registry(_) => None,
+        })
+    }
+
+    fn registry(&self) -> Option<&Arc<Registry>> {
+        self.sources.iter().find_map(|s| match s {
+            Kind::Registry(r) => Some(r),
+            _ => None,
         })
     }
 
     /// Starts keeping the endpoints of `key` current. The task stops when the last
     /// receiver is dropped.
-    pub fn watch(&self, key: DestKey) -> watch::Receiver<Arc<EndpointSet>> {
+    /// `allowed` says which identities the destination's policy admits.
+    pub fn watch(&self, key: DestKey, allowed: Allowed) -> watch::Receiver<Arc<EndpointSet>> {
         let (tx, rx) = watch::channel(Arc::new(EndpointSet::pending()));
         let this = self.clone();
-        tokio::spawn(async move { this.keep(key, tx).await });
+        tokio::spawn(async move { this.keep(key, tx, allowed).await });
         rx
     }
 
-    async fn keep(self, key: DestKey, tx: watch::Sender<Arc<EndpointSet>>) {
+    async fn keep(self, key: DestKey, tx: watch::Sender<Arc<EndpointSet>>, allowed: Allowed) {
         let mut files: Vec<watch::Receiver<Arc<Table>>> =
             self.files().map(|w| w.subscribe()).collect();
+        // With the registry: its entries change, or a policy (the identities allowed).
+        let mut registry = self
+            .registry()
+            .map(|r| (r.subscribe(), self.generation.subscribe()));
         let mut failures = 0u32;
         loop {
             let last = tx.borrow().clone();
+            // Each lookup is an operation span: an operator sees which refresh was
+            // slow or failed, and what it found.
+            let span = tracing::info_span!(
+                target: gofe_telemetry::ops::TARGET,
+                "discovery.refresh",
+                destination = %key,
+                source = tracing::field::Empty,
+                endpoints = tracing::field::Empty,
+                changed = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
             // Nobody listening any more: stop, even in the middle of a lookup.
             let resolved = tokio::select! {
-                r = self.resolve(&key, &last) => r,
+                r = self.resolve(&key, &last, &allowed).instrument(span.clone()) => r,
                 _ = tx.closed() => return,
             };
             let (set, mut recheck, failed) = resolved;
@@ -120,6 +159,13 @@ impl Discovery {
             } else {
                 failures = 0;
             }
+            span.record("source", set.source.as_str());
+            span.record("endpoints", set.endpoints.len());
+            span.record("changed", *last != set);
+            if failed {
+                span.record("otel.status_code", "ERROR");
+            }
+            drop(span);
             if *last != set {
                 debug!(destination = %key, source = set.source.as_str(), endpoints = set.endpoints.len(), "endpoints changed");
                 tx.send_replace(Arc::new(set));
@@ -131,9 +177,24 @@ impl Discovery {
                 let changes = files.iter_mut().map(|f| Box::pin(f.changed()));
                 let _ = futures_util::future::select_all(changes).await;
             };
+            let registry_changed = async {
+                match &mut registry {
+                    Some((entries, policy)) => {
+                        let ok = tokio::select! {
+                            r = entries.changed() => r.is_ok(),
+                            r = policy.changed() => r.is_ok(),
+                        };
+                        if !ok {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = tx.closed() => return,
                 _ = file_changed => {}
+                _ = registry_changed => {}
                 _ = sleep_opt(recheck.take()) => {}
             }
         }
@@ -145,10 +206,21 @@ impl Discovery {
         &self,
         key: &DestKey,
         last: &EndpointSet,
+        allowed: &Allowed,
     ) -> (EndpointSet, Option<Duration>, bool) {
         let mut recheck = None;
         for source in &self.sources {
             match source {
+                Kind::Registry(r) => {
+                    let identities = allowed(key);
+                    if let Some(answer) = r.endpoints(key, identities.as_deref()) {
+                        let set = EndpointSet {
+                            endpoints: answer.endpoints,
+                            source: Source::Registry,
+                        };
+                        return (set, answer.recheck, false);
+                    }
+                }
                 Kind::File(w) => {
                     if let Some(endpoints) = w
                         .current()
@@ -223,6 +295,10 @@ fn fallback_set(key: &DestKey) -> EndpointSet {
 mod tests {
     use super::*;
 
+    fn none_allowed() -> Allowed {
+        Arc::new(|_| None)
+    }
+
     #[tokio::test]
     async fn a_file_destination_then_the_fallback() {
         let dir = std::env::temp_dir().join(format!("gofe-disc-{}", std::process::id()));
@@ -234,12 +310,13 @@ mod tests {
             (Duration::from_secs(1), Duration::from_secs(60)),
             &Default::default(),
             Default::default(),
+            None,
         )
         .unwrap();
         for t in tasks {
             tokio::spawn(t);
         }
-        let mut rx = d.watch(DestKey::parse("api:80").unwrap());
+        let mut rx = d.watch(DestKey::parse("api:80").unwrap(), none_allowed());
         let set = rx
             .wait_for(|s| s.source != Source::Pending)
             .await
@@ -247,7 +324,7 @@ mod tests {
             .clone();
         assert_eq!(set.source, Source::File);
         assert_eq!(set.endpoints.len(), 2);
-        let mut rx = d.watch(DestKey::parse("other:80").unwrap());
+        let mut rx = d.watch(DestKey::parse("other:80").unwrap(), none_allowed());
         let set = rx
             .wait_for(|s| s.source != Source::Pending)
             .await
@@ -258,7 +335,7 @@ mod tests {
             set.endpoints.is_empty(),
             "each request goes to its original destination"
         );
-        let mut rx = d.watch(DestKey::parse("10.9.9.9:5432").unwrap());
+        let mut rx = d.watch(DestKey::parse("10.9.9.9:5432").unwrap(), none_allowed());
         let set = rx
             .wait_for(|s| s.source != Source::Pending)
             .await
@@ -274,7 +351,7 @@ mod tests {
             "destinations: [{name: api:80, endpoints: [{address: 10.0.0.3:8080}]}]",
         )
         .unwrap();
-        let mut rx = d.watch(DestKey::parse("api:80").unwrap());
+        let mut rx = d.watch(DestKey::parse("api:80").unwrap(), none_allowed());
         let set = tokio::time::timeout(
             Duration::from_secs(10),
             rx.wait_for(|s| s.endpoints.len() == 1),

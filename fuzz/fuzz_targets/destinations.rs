@@ -1,7 +1,8 @@
 //! The policy file (GOFE_POLICY_FILE) and the discovery file (GOFE_DISCOVERY=file:...),
 //! one YAML shape, parsed by `gofe_proxy::config::file::Table::parse`: never a panic,
 //! whatever the text; and a file that parses, written back out from what was parsed
-//! (destination names as they show, endpoints, settings as stored), parses to the same
+//! (destination names as they show, endpoints, settings as stored, the identities
+//! allowed to serve it), parses to the same
 //! destinations, endpoints, settings and policies. What the proxy shows of a file
 //! (`/config`, `/endpoints`) is a file it would accept, meaning the same.
 #![no_main]
@@ -30,7 +31,7 @@ fn write(table: &Table) -> String {
                     })
                     .collect();
             }
-            let policy: serde_json::Map<String, Value> = entry
+            let mut policy: serde_json::Map<String, Value> = entry
                 .overrides
                 .iter()
                 .map(|(var, value)| {
@@ -41,6 +42,10 @@ fn write(table: &Table) -> String {
                     (key, json!(value))
                 })
                 .collect();
+            if let Some(ids) = &entry.policy.identities {
+                let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                policy.insert("identities".into(), json!(ids));
+            }
             d["policy"] = Value::Object(policy);
             d
         })

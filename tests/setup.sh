@@ -2,10 +2,10 @@
 # Installs what the tests need on Debian/Ubuntu: iproute2 and iptables (both backends)
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
-# manifests, etcd (Debian's etcd-server) for the registry's tests, and protoc
+# manifests, etcd (Debian's etcd-server) for the registry's tests, protoc
 # (protobuf-compiler), which the etcd client's build needs for etcd's API; for the attack
 # suite, slowhttptest and the Python h2 library (python3-h2, with hyperframe and hpack,
-# which write HTTP/2 frame by frame). The benchmark also
+# which write HTTP/2 frame by frame); and cargo-fuzz for the fuzz smoke. The benchmark also
 # uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
 set -euo pipefail
 need=()
@@ -45,4 +45,8 @@ if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
 fi
-echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc, slowhttptest, python3-h2 and kubernetes-validate are installed"
+# cargo-fuzz (crates.io) builds and runs fuzz/'s targets.
+if ! command -v cargo-fuzz >/dev/null; then
+  cargo install cargo-fuzz --locked
+fi
+echo "tests/setup.sh: ip, iptables, curl, h2load, promtool, etcd, protoc, slowhttptest, python3-h2, kubernetes-validate and cargo-fuzz are installed"

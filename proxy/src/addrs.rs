@@ -105,9 +105,19 @@ impl DestKey {
     /// The destination an authority names; `default_port` when it has none.
     pub fn from_authority(a: &http::uri::Authority, default_port: u16) -> DestKey {
         let port = a.port_u16().unwrap_or(default_port);
-        let host = a.host().trim_start_matches('[').trim_end_matches(']');
-        match host.parse::<IpAddr>() {
+        // The host as written, without the port: `Authority::host` cuts a host with a
+        // stray bracket (`x[fd00::1]:80`, which `http` accepts) at its first colon.
+        let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+        let host = a
+            .port()
+            .and_then(|p| host_port.strip_suffix(p.as_str()))
+            .and_then(|h| h.strip_suffix(':'))
+            .unwrap_or(host_port);
+        let unbracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        match unbracketed.unwrap_or(host).parse::<IpAddr>() {
             Ok(ip) => DestKey::Addr(SocketAddr::new(ip, port)),
+            // A bracketed host that is no address (`[fd00::1%25eth0]`, a typo) keeps its
+            // brackets, so that the name shows as an authority that names it again.
             Err(_) => DestKey::Name {
                 host: host.trim_end_matches('.').to_ascii_lowercase(),
                 port,
@@ -156,5 +166,30 @@ mod tests {
             DestKey::Addr("[fd00::1]:80".parse().unwrap())
         );
         assert!(DestKey::parse("a b").is_err());
+    }
+
+    /// Found by fuzzing: `[fz00::5]:8080` was named `fz00::5:8080`, which is no
+    /// authority, so a policy file could not name what it showed.
+    #[test]
+    fn a_bracketed_host_that_is_no_address_shows_as_a_name_that_parses_back() {
+        for text in ["[fz00::5]:8080", "[fe80::1%25eth0]:80", "[v1.x]"] {
+            let key = DestKey::parse(text).unwrap();
+            assert!(matches!(key, DestKey::Name { .. }), "{text}: {key:?}");
+            assert_eq!(DestKey::parse(&key.to_string()), Ok(key), "{text}");
+        }
+    }
+
+    /// Found by fuzzing (http_head): a request's `Host: ![fd00::5]:8080` went to a
+    /// destination named `![fd00:8080`, which names something else.
+    #[test]
+    fn a_host_with_a_stray_bracket_is_named_as_written() {
+        for (text, named) in [
+            ("![fd00::5]:8080", "![fd00::5]:8080"),
+            ("u@![fd00::5]", "![fd00::5]:80"),
+        ] {
+            let key = DestKey::parse(text).unwrap();
+            assert_eq!(key.to_string(), named);
+            assert_eq!(DestKey::parse(named), Ok(key), "{text}");
+        }
     }
 }

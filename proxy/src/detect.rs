@@ -151,15 +151,17 @@ impl Detector {
     /// Looks at what `buf` holds beyond the bytes already seen (`buf` only grows
     /// between calls); `None` means more bytes are needed.
     pub fn feed(&mut self, buf: &[u8]) -> Option<Protocol> {
-        let from = self.seen;
-        self.seen = buf.len();
         if buf.is_empty() {
             return None;
         }
         let n = buf.len().min(H2_PREFACE.len());
         if buf[..n] == H2_PREFACE[..n] {
+            // Bytes that are the preface so far are not yet seen as a request line:
+            // `PRI * HTTP/1.1` leaves the preface after its "HTTP/", which the HTTP/1
+            // scan must still find however the bytes were cut.
             return (buf.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
         }
+        let from = std::mem::replace(&mut self.seen, buf.len());
         if buf[0] == 0x16 && (buf.len() < 2 || buf[1] == 0x03) {
             return self.tls(buf, from);
         }
@@ -344,6 +346,18 @@ mod tests {
                 }
             ))
         );
+    }
+
+    /// Found by fuzzing: cut after "PRI * HTTP/", the line was judged without its
+    /// version and passed on as opaque bytes.
+    #[test]
+    fn a_request_line_that_begins_like_the_h2_preface_is_http_however_it_is_cut() {
+        let line = b"PRI * HTTP/1.1\r\nHost: a\r\n\r\n";
+        for cut in 1..line.len() {
+            let mut d = Detector::default();
+            let decided = d.feed(&line[..cut]).or_else(|| d.feed(line));
+            assert_eq!(decided, Some(Protocol::Http1), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -40,6 +40,18 @@ impl Cluster {
 
     /// A token as the kubelet would project it.
     fn token(&self, ns: &str, sa: &str, audience: &str, expires_in: i64) -> String {
+        self.token_with(ns, sa, audience, expires_in, "")
+    }
+
+    /// The same, with `extra` (raw JSON members, written as they are) in its claims.
+    fn token_with(
+        &self,
+        ns: &str,
+        sa: &str,
+        audience: &str,
+        expires_in: i64,
+        extra: &str,
+    ) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -57,7 +69,17 @@ impl Cluster {
         header.kid = Some("k1".into());
         let key = jsonwebtoken::EncodingKey::from_ec_pem(self.signing.serialize_pem().as_bytes())
             .unwrap();
-        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        let mut payload = claims.to_string();
+        if !extra.is_empty() {
+            payload.pop();
+            payload.push_str(&format!(",{extra}}}"));
+        }
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let head = b64(serde_json::to_string(&header).unwrap().as_bytes());
+        let signing_input = format!("{head}.{}", b64(payload.as_bytes()));
+        let signature =
+            jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, header.alg).unwrap();
+        format!("{signing_input}.{signature}")
     }
 
     fn write_token(&self, name: &str, token: &str) -> PathBuf {
@@ -197,6 +219,29 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+#[tokio::test]
+async fn refuses_a_token_whose_claims_are_not_json() {
+    // A lone surrogate in a claim the issuer does not read: the payload is no JSON, and
+    // a token is all JSON or nothing (found by fuzzing, target jwt).
+    let c = Cluster::new();
+    let (addr, _issuer) = c.issuer(false).await;
+    let name = "spiffe://cluster.local/ns/default/sa/web";
+    let fine = c.write_token(
+        "ok",
+        &c.token_with("default", "web", TOKEN_AUDIENCE, 600, r#""x":"\u00e9""#),
+    );
+    c.client(addr, name, &fine)
+        .certify()
+        .await
+        .expect("a well-formed extra claim");
+    let token = c.write_token(
+        "t",
+        &c.token_with("default", "web", TOKEN_AUDIENCE, 600, r#""x":"\ud800""#),
+    );
+    let (status, message) = refused(c.client(addr, name, &token).certify().await);
+    assert_eq!(status, 401, "{message}");
 }
 
 #[tokio::test]

@@ -94,11 +94,29 @@ pub enum DestKey {
 #[error("{0:?} is not host:port")]
 pub struct BadDestination(pub String);
 
+/// Whether an authority names a host and, if it says one, a port: `http` accepts
+/// `api.demo:t43` (a port that is no number) with no port, and the host it would then
+/// show (`api.demo:t43`) names nothing. Found by fuzzing (targets destinations and
+/// http_head).
+pub fn well_formed(a: &http::uri::Authority) -> bool {
+    let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+    match host_port.rsplit_once(':') {
+        // No colon, or only inside a bracketed IPv6 host.
+        None => true,
+        Some((_, port)) if port.contains(']') => true,
+        Some((_, "")) => true,
+        Some(_) => a.port_u16().is_some(),
+    }
+}
+
 impl DestKey {
     /// `host:port` (port 80 when absent), `ip:port` or `[ip6]:port`.
     pub fn parse(s: &str) -> Result<DestKey, BadDestination> {
-        let authority: http::uri::Authority =
-            s.parse().map_err(|_| BadDestination(s.to_string()))?;
+        let authority: http::uri::Authority = s
+            .parse()
+            .ok()
+            .filter(well_formed)
+            .ok_or_else(|| BadDestination(s.to_string()))?;
         Ok(DestKey::from_authority(&authority, 80))
     }
 
@@ -143,6 +161,28 @@ impl fmt::Display for DestKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_authority_whose_port_is_no_number_names_no_destination() {
+        for bad in [
+            "api.demo:dest8",
+            "api.demo:t43",
+            "1.2.3.4:x",
+            "api.demo:80:80",
+        ] {
+            assert!(DestKey::parse(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "api.demo",
+            "api.demo:8080",
+            "[fd00::1]",
+            "[fd00::1]:80",
+            "1.2.3.4:80",
+        ] {
+            let key = DestKey::parse(good).unwrap();
+            assert_eq!(DestKey::parse(&key.to_string()), Ok(key), "{good}");
+        }
+    }
 
     #[test]
     fn destination_keys_normalize() {

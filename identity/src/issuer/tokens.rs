@@ -294,8 +294,16 @@ impl TokenVerifier {
         }
         let mut last = None;
         for key in &candidates {
-            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => return self.identity_of(data.claims),
+            // The payload is read whole as JSON first: read straight into `Claims`,
+            // claims it does not name are skipped unchecked, and a token whose payload
+            // is no JSON (a lone surrogate in an unknown claim) was accepted. Found by
+            // fuzzing (target jwt).
+            match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
+                Ok(data) => {
+                    let claims = serde_json::from_value::<Claims>(data.claims)
+                        .map_err(|e| TokenError::Invalid(format!("claims: {e}")))?;
+                    return self.identity_of(claims);
+                }
                 Err(e) => last = Some(e),
             }
         }

@@ -2,6 +2,7 @@
 //! on their hop, the request target takes the form the next hop's HTTP version wants,
 //! and the authority is read the same way everywhere.
 
+use crate::addrs::well_formed;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Version};
@@ -100,14 +101,15 @@ pub fn drop_upgrade(headers: &mut HeaderMap) {
 }
 
 /// The request's authority: from the URI (HTTP/2, absolute-form, CONNECT), else the
-/// Host header.
+/// Host header; none when the one it has is not well formed (`api.demo:t43`).
 pub fn authority<B>(req: &Request<B>) -> Option<Authority> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.clone());
+        return well_formed(a).then(|| a.clone());
     }
     req.headers()
         .get(header::HOST)
         .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .filter(well_formed)
 }
 
 /// The request target an HTTP/1 upstream expects: origin-form (`/path?q`), except

@@ -514,7 +514,9 @@ pub fn latency_histogram_agrees_with_the_client(w: &World) -> anyhow::Result<()>
         le25 >= client_le25 && le25 <= 300.0,
         "le=0.025 holds {le25}; the client saw {client_le25} at or under 25 ms, 300 were sent at 5 ms"
     );
-    for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
+    // The application holds 300 responses 5 ms and 30 for 40 ms: p50 is one of the
+    // first, p99 one of the second.
+    for (q, label, app_delay) in [(0.5, "0.5", 0.005), (0.99, "0.99", 0.040)] {
         let proxy = quantile_gauge(&cm, label)?;
         let seen = quantile(&measured, q).as_secs_f64();
         eprintln!(
@@ -523,11 +525,13 @@ pub fn latency_histogram_agrees_with_the_client(w: &World) -> anyhow::Result<()>
             proxy * 1e3,
             seen * 1e3
         );
-        // The proxy measures less than the client (not the hop from the client to its
-        // sidecar), within the histogram's precision, and not much less.
+        // The proxy measures no more than the client (not the hop from the client to
+        // its sidecar) and no less than the application took, within the histogram's
+        // precision. (A bound on the gap to the client's figure failed under load: the
+        // hop to the sidecar is scheduling, not the proxy's measurement.)
         ensure!(
-            proxy <= seen * 1.001 + 1e-6 && seen - proxy <= 0.005,
-            "p{}: the proxy says {proxy} s, the client measured {seen} s",
+            proxy <= seen * 1.001 + 1e-6 && proxy >= app_delay * 0.999,
+            "p{}: the proxy says {proxy} s, the client measured {seen} s, the application held each response {app_delay} s",
             q * 100.0
         );
     }

@@ -326,10 +326,10 @@ pub fn attack_twenty_thousand_held_connections_are_bounded(w: &World) -> anyhow:
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     const WANT: u64 = 1 << 20;
-    if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err() {
-        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
+    if setrlimit(Resource::RLIMIT_NOFILE, WANT, WANT).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

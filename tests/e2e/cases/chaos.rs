@@ -1,10 +1,11 @@
 //! The chaos matrix: one fault at a time under steady load (500 requests a second of
 //! HTTP/1.1 GETs) from a client pod's application through its sidecar to server pods
 //! with sidecars, over mesh mTLS. Each case counts what the client saw fail and prints
-//! one line, `chaos: <fault>: <ok>/<total> ok, <failed> failed (<why>)`. Every fault
-//! here has a protection that makes zero failures possible (draining, retries, the
-//! last good configuration, pooled connections outliving a certificate, telemetry off
-//! the request path), so every case asserts zero.
+//! one line, `chaos: <fault>: <ok>/<total> ok, <failed> failed (<why>)`. Where a
+//! protection makes zero failures possible (draining, retries, the last good
+//! configuration, telemetry off the request path) the case asserts zero; where nothing
+//! can (a sidecar whose certificate expired while the issuer was down; a policy file
+//! emptied, which is a valid file) it asserts a stated bound, and its comment says why.
 //!
 //! Also the soak (`soak_...`): skipped unless SOAK_SECONDS is set; tests/soak.sh runs it.
 

@@ -210,7 +210,8 @@ pub fn chaos_sigterm_of_a_server_sidecar_while_its_app_drains(w: &World) -> anyh
 /// required because the client's sidecar retries idempotent requests whose connection
 /// was reset (GOFE_RETRY_ON=...,reset) and connects refused by the dead pod, on the two
 /// others, until outlier detection ejects it. Without `reset` the requests in flight
-/// on the killed endpoint reach the client as 502s (checked by hand: see the report).
+/// on the killed endpoint reach the client as 502s (checked by removing it: 11 of 3101
+/// failed, "502 Bad Gateway: request to <a> failed: connection error").
 pub fn chaos_kill_9_of_one_of_three_endpoints(w: &World) -> anyhow::Result<()> {
     let servers = meshed_servers(
         w,

@@ -3,6 +3,7 @@
 //! any case function a module forgot to list.
 
 pub mod attacks;
+pub mod chaos;
 pub mod http;
 pub mod identity;
 pub mod iptables;
@@ -60,6 +61,7 @@ fn modules() -> Vec<Module> {
         ),
         ("trust", trust::cases(), include_str!("trust.rs")),
         ("registry", registry::cases(), include_str!("registry.rs")),
+        ("chaos", chaos::cases(), include_str!("chaos.rs")),
     ]
 }
 

@@ -227,15 +227,15 @@ fn servers<'w>(w: &'w World, specs: &[(&str, &[(&str, &str)])]) -> anyhow::Resul
     Ok(pods)
 }
 
-fn addr(pod: &Pod) -> SocketAddr {
+pub(crate) fn addr(pod: &Pod) -> SocketAddr {
     SocketAddr::from((pod.ip4, HTTP_PORT))
 }
 
 /// A destination in a file: its name, endpoint addresses and policy.
-type DestSpec<'a> = (&'a str, Vec<String>, &'a [(&'a str, &'a str)]);
+pub(crate) type DestSpec<'a> = (&'a str, Vec<String>, &'a [(&'a str, &'a str)]);
 
 /// A destinations file.
-fn destinations(dests: &[DestSpec<'_>]) -> String {
+pub(crate) fn destinations(dests: &[DestSpec<'_>]) -> String {
     let mut y = String::from("destinations:\n");
     for (name, endpoints, policy) in dests {
         y += &format!("  - name: {name}\n");
@@ -255,12 +255,12 @@ fn destinations(dests: &[DestSpec<'_>]) -> String {
     y
 }
 
-fn endpoints_of(pods: &[&Pod]) -> Vec<String> {
+pub(crate) fn endpoints_of(pods: &[&Pod]) -> Vec<String> {
     pods.iter().map(|p| addr(p).to_string()).collect()
 }
 
 /// Writes `text` to `path` whole (a reader never sees half of it).
-fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;

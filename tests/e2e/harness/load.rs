@@ -9,11 +9,11 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long one request may take before it counts as failed.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// Keep-alive connections the load is spread over.
+/// Keep-alive connections the load is spread over (by default).
 const CONNECTIONS: u32 = 8;
 
 #[derive(Default)]
@@ -28,6 +28,7 @@ pub struct Steady {
     counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
 }
 
 /// What the traffic came to.
@@ -37,11 +38,23 @@ pub struct Outcome {
     pub failed: u64,
     /// The first few failures, for the report.
     pub errors: Vec<String>,
+    /// How long the traffic ran.
+    pub elapsed: Duration,
 }
 
 impl Outcome {
     pub fn success_ratio(&self) -> f64 {
         self.ok as f64 / (self.ok + self.failed).max(1) as f64
+    }
+
+    /// Requests sent, answered or not.
+    pub fn total(&self) -> u64 {
+        self.ok + self.failed
+    }
+
+    /// Requests a second, on average.
+    pub fn rate(&self) -> f64 {
+        self.total() as f64 / self.elapsed.as_secs_f64().max(0.001)
     }
 }
 
@@ -53,6 +66,19 @@ impl Steady {
         rate: u32,
         host: &str,
         path: &str,
+    ) -> anyhow::Result<Steady> {
+        Self::start_with(pod, target, rate, host, path, CONNECTIONS)
+    }
+
+    /// As `start`, over `connections` keep-alive connections (a rate that one
+    /// connection's round trips cannot carry, or slow answers, need more).
+    pub fn start_with(
+        pod: &Pod<'_>,
+        target: (Ipv4Addr, u16),
+        rate: u32,
+        host: &str,
+        path: &str,
+        connections: u32,
     ) -> anyhow::Result<Steady> {
         let netns = File::open(format!("/run/netns/{}", pod.ns))?;
         let counts = Arc::new(Counts::default());
@@ -70,8 +96,8 @@ impl Steady {
                 return;
             };
             rt.block_on(async move {
-                let every = Duration::from_secs_f64(f64::from(CONNECTIONS) / f64::from(rate));
-                let tasks: Vec<_> = (0..CONNECTIONS)
+                let every = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
+                let tasks: Vec<_> = (0..connections)
                     .map(|_| {
                         let (c, s) = (c.clone(), s.clone());
                         let (host, path) = (host.clone(), path.clone());
@@ -89,12 +115,18 @@ impl Steady {
             counts,
             stop,
             thread: Some(thread),
+            started: Instant::now(),
         })
     }
 
     /// Requests answered so far.
     pub fn ok(&self) -> u64 {
         self.counts.ok.load(Ordering::Relaxed)
+    }
+
+    /// Requests failed so far.
+    pub fn failed(&self) -> u64 {
+        self.counts.failed.load(Ordering::Relaxed)
     }
 
     pub fn stop(mut self) -> anyhow::Result<Outcome> {
@@ -108,6 +140,7 @@ impl Steady {
             ok: self.counts.ok.load(Ordering::Relaxed),
             failed: self.counts.failed.load(Ordering::Relaxed),
             errors: self.counts.errors.lock().unwrap().clone(),
+            elapsed: self.started.elapsed(),
         })
     }
 }

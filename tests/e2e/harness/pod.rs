@@ -211,6 +211,7 @@ impl<'w> Pod<'w> {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {label}"))?;
+        let pid = child.id();
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::<String>::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -229,7 +230,7 @@ impl<'w> Pod<'w> {
         ready_rx
             .recv_timeout(START_TIMEOUT)
             .map_err(|_| anyhow!("{label} did not become ready: {}", self.world.logs()))?;
-        Ok(App { lines })
+        Ok(App { lines, pid })
     }
 
     /// Runs `f` on a thread inside this pod's network namespace.
@@ -378,6 +379,8 @@ impl<'w> Pod<'w> {
 
 pub struct App {
     pub(super) lines: Arc<Mutex<Vec<String>>>,
+    /// The application's process (`World::kill` ends it).
+    pub pid: u32,
 }
 
 impl App {

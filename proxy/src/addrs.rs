@@ -101,11 +101,11 @@ pub struct BadDestination(pub String);
 pub fn well_formed(a: &http::uri::Authority) -> bool {
     let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
     match host_port.rsplit_once(':') {
-        // No colon, or only inside a bracketed IPv6 host.
-        None => true,
+        None => !host_port.is_empty(),
+        // The only colons are inside a bracketed IPv6 host.
         Some((_, port)) if port.contains(']') => true,
-        Some((_, "")) => true,
-        Some(_) => a.port_u16().is_some(),
+        // A host, and a port that is a number (`host:` and `:80` are refused too).
+        Some((host, port)) => !host.is_empty() && !port.is_empty() && a.port_u16().is_some(),
     }
 }
 

@@ -34,8 +34,11 @@ impl SendError {
         matches!(self, SendError::Http { source, .. } if source.is_user())
     }
 
-    /// Whether the peer refused the stream (HTTP/2 REFUSED_STREAM), so that it was not
-    /// processed.
+    /// Whether the peer refused the stream, so that it was not processed: HTTP/2
+    /// REFUSED_STREAM, or a stream cut by the peer's graceful GOAWAY (NO_ERROR) — h2
+    /// fails that way only streams above the GOAWAY's last stream id and streams opened
+    /// after it arrived, which the peer never processed (RFC 9113 §6.8). Found by the
+    /// chaos case that stops a server's sidecar under load.
     pub fn is_refused_stream(&self) -> bool {
         let SendError::Http { source, .. } = self else {
             return false;
@@ -44,7 +47,10 @@ impl SendError {
             std::error::Error::source(source);
         while let Some(c) = cause {
             if let Some(h2) = c.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away()
+                        && h2.is_remote()
+                        && h2.reason() == Some(h2::Reason::NO_ERROR));
             }
             cause = c.source();
         }

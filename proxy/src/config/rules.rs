@@ -776,7 +776,7 @@ pub fn routes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RouteSpec>, D::Erro
         }
     }
     // Stable: equal precedence keeps the order listed.
-    routes.sort_by(|a, b| b.matches.precedence().cmp(&a.matches.precedence()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.matches.precedence()));
     Ok(routes)
 }
 

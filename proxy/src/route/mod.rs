@@ -8,4 +8,5 @@ pub mod destinations;
 pub mod discovery;
 pub mod inbound;
 pub mod policies;
+pub mod split;
 pub mod target;

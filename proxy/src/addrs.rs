@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 macro_rules! addr_newtype {
     ($(#[$doc:meta])* $name:ident) => {
@@ -93,6 +94,15 @@ pub enum DestKey {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not host:port")]
 pub struct BadDestination(pub String);
+
+/// Who a client is, for its own rate-limit bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// A meshed client's identity (SPIFFE ID).
+    Identity(Arc<str>),
+    /// An unmeshed client: its source IP.
+    Ip(IpAddr),
+}
 
 impl DestKey {
     /// `host:port` (port 80 when absent), `ip:port` or `[ip6]:port`.

@@ -174,6 +174,19 @@ impl Balancer {
         *guard = (Some(set.clone()), Arc::new(list));
     }
 
+    /// Whether the destination may serve a request now: false only once discovery
+    /// has answered and every endpoint it named is out (ejected or failing its health
+    /// checks), or it named none. A split sends such a backend nothing.
+    pub fn might_serve(&self) -> bool {
+        let set = self.feed.borrow().clone();
+        if !set.source.knows() {
+            return true;
+        }
+        self.sync(&set);
+        let now = Instant::now();
+        self.endpoints().iter().any(|e| !e.ejected(now))
+    }
+
     pub fn endpoints(&self) -> Arc<Vec<Arc<EndpointState>>> {
         self.endpoints.read().1.clone()
     }

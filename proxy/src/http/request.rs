@@ -7,6 +7,7 @@
 
 use super::conn::HttpConn;
 use super::errors::ProxyError;
+use super::routed;
 use super::upgrade;
 use crate::addrs::Direction;
 use crate::body::request::RequestBody;
@@ -126,21 +127,25 @@ async fn forward(
         }
     }
 
-    let answer = match target {
+    let mut answer = match target {
         Target::App => {
             let app = conn
                 .app
                 .clone()
                 .expect("an inbound connection has an application");
             let stack = conn.ctx.inbound.stack(app.addr.port());
-            stack.oneshot(Call::new(req).to(app)).await
+            let call = Call::new(req).to(app).from_client(conn.client_key());
+            stack.oneshot(call).await?
         }
         Target::Destination(d) => {
             let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
-            d.http_stack().oneshot(call).await
+            let routes = d.routes();
+            match routes.pick(&call.req) {
+                Some(i) => Box::pin(routed::forward(&conn, &d, routes.clone(), i, call)).await?,
+                None => d.http_stack().oneshot(call).await?,
+            }
         }
     };
-    let mut answer = answer?;
     headers::strip_hop_by_hop(answer.value.headers_mut(), false);
     Ok(answer)
 }

@@ -6,13 +6,21 @@
 //! everyone, one per client (its mesh identity, else its source IP) in a bounded map,
 //! and overrides by identity.
 
+pub use crate::addrs::ClientKey;
+use crate::call::{Answer, Call, Failure};
+pub use crate::call::{Refused, Scope};
 use crate::config::rules::{Bucket, RateLimit};
+use futures_util::future::Either;
+use gofe_telemetry::metrics::Counter;
 use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::fmt::Debug;
+use std::future::Ready;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tower::{Layer, Service};
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
@@ -90,39 +98,6 @@ impl Gcra {
     fn full_at(&self) -> u64 {
         self.tat.load(Ordering::Relaxed)
     }
-}
-
-/// Who a client is, for its own bucket.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// A meshed client's identity (SPIFFE ID).
-    Identity(Arc<str>),
-    /// An unmeshed client: its source IP.
-    Ip(IpAddr),
-}
-
-/// Which bucket refused a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    Total,
-    Client,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Total => "total",
-            Scope::Client => "client",
-        }
-    }
-}
-
-/// A request refused by a rate limit.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Refused {
-    pub scope: Scope,
-    pub bucket: Bucket,
-    pub retry_after: Duration,
 }
 
 /// The buckets of one rate limit.
@@ -235,6 +210,82 @@ impl Limiter {
     }
 }
 
+/// The rate limit layer: a request over the limit fails at once (429, or gRPC
+/// RESOURCE_EXHAUSTED) and is counted in `gofe_rate_limited_total`. Without a limiter
+/// it passes everything.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Option<Arc<Limiter>>,
+    what: Arc<str>,
+    refused: Option<Arc<Counter>>,
+}
+
+impl RateLimitLayer {
+    /// `what` names the limit in errors; `refused` counts the refusals.
+    pub fn new(limiter: Option<Arc<Limiter>>, what: Arc<str>, refused: Arc<Counter>) -> Self {
+        Self {
+            refused: limiter.is_some().then_some(refused),
+            limiter,
+            what,
+        }
+    }
+
+    /// Lets everything through.
+    pub fn none() -> Self {
+        Self {
+            limiter: None,
+            what: "".into(),
+            refused: None,
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimited<S>;
+
+    fn layer(&self, inner: S) -> RateLimited<S> {
+        RateLimited {
+            inner,
+            cfg: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimited<S> {
+    inner: S,
+    cfg: RateLimitLayer,
+}
+
+impl<S, R, T> Service<Call<R>> for RateLimited<S>
+where
+    S: Service<Call<R>, Response = Answer<T>, Error = Failure<R>>,
+    R: Debug,
+{
+    type Response = Answer<T>;
+    type Error = Failure<R>;
+    type Future = Either<Ready<Result<Answer<T>, Failure<R>>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure<R>>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: Call<R>) -> Self::Future {
+        if let Some(limiter) = &self.cfg.limiter
+            && let Err(refused) = limiter.check(call.client.as_ref(), now_nanos())
+        {
+            if let Some(c) = &self.cfg.refused {
+                c.inc();
+            }
+            return Either::Left(std::future::ready(Err(Failure::RateLimited {
+                what: self.cfg.what.clone(),
+                refused,
+            })));
+        }
+        Either::Right(self.inner.call(call))
+    }
+}
+
 enum ClientBucket<'a> {
     Override(&'a Gcra),
     Own(Arc<Gcra>),
@@ -250,42 +301,11 @@ impl std::ops::Deref for ClientBucket<'_> {
     }
 }
 
-/// The version of the IETF httpapi draft whose `RateLimit` and `RateLimit-Policy`
-/// fields a refusal carries.
-pub const RATELIMIT_DRAFT: &str = "draft-ietf-httpapi-ratelimit-headers-08";
-
-impl Refused {
-    /// Whole seconds to wait, rounded up (at least 1): `Retry-After`.
-    pub fn retry_after_secs(&self) -> u64 {
-        self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0)
-    }
-
-    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-08 §4): the quota
-    /// as requests per one-second window, the burst as an extension parameter.
-    pub fn policy_field(&self) -> String {
-        format!(
-            "\"{}\";q={};w=1;burst={}",
-            self.scope.as_str(),
-            self.bucket.requests_per_second.ceil() as u64,
-            self.bucket.burst
-        )
-    }
-
-    /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-08 §5): nothing remains,
-    /// and when it resets.
-    pub fn limit_field(&self) -> String {
-        format!(
-            "\"{}\";r=0;t={}",
-            self.scope.as_str(),
-            self.retry_after_secs().max(1)
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::rules::Override;
+    use std::net::IpAddr;
 
     const SEC: u64 = 1_000_000_000;
 

@@ -3,6 +3,7 @@
 //! policy changes. The retry budget outlives a policy change unless its terms changed.
 
 use super::policies::Policies;
+use super::routes::Routes;
 use crate::addrs::DestKey;
 use crate::balance::balancer::Balancer;
 use crate::client::send::Client;
@@ -27,6 +28,7 @@ struct Built {
     parts: Outbound,
     http: HttpStack,
     connect: ConnectStack,
+    routes: Arc<Routes>,
 }
 
 impl Built {
@@ -35,6 +37,11 @@ impl Built {
             generation,
             http: parts.http(),
             connect: parts.connect(),
+            routes: Arc::new(Routes::new(
+                &parts.name,
+                &parts.policy.rules,
+                &parts.metrics,
+            )),
             parts,
         }
     }
@@ -125,6 +132,11 @@ impl Destination {
     /// The stack a request to this destination goes through.
     pub fn http_stack(&self) -> HttpStack {
         self.current(|b| b.http.clone())
+    }
+
+    /// The routes of its traffic rules.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.current(|b| b.routes.clone())
     }
 
     /// The stack a connection of its own to this destination goes through.

@@ -151,6 +151,11 @@ impl Destinations {
         });
     }
 
+    /// Where destinations (and inbound ports) get their policy.
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
+    }
+
     /// The registry, when GOFE_REGISTRY is set.
     pub fn registry(&self) -> Option<&Arc<Registry>> {
         self.registry.as_ref()

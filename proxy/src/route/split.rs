@@ -148,7 +148,9 @@ mod tests {
     #[test]
     fn unkeyed_draws_follow_the_weights() {
         let n = 100_000;
-        let v2 = (0..n).filter(|_| pick(&two(90, 10), None) == Some(1)).count();
+        let v2 = (0..n)
+            .filter(|_| pick(&two(90, 10), None) == Some(1))
+            .count();
         let share = v2 as f64 / n as f64;
         assert!((0.095..0.105).contains(&share), "{share}");
     }

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use support::*;
 use tokio::net::TcpListener;
@@ -25,6 +25,8 @@ struct Named {
     addr: SocketAddr,
     requests: Arc<AtomicUsize>,
     hosts: Arc<std::sync::Mutex<Vec<String>>>,
+    /// What `/healthz` says: 200 while true, 503 after.
+    healthy: Arc<AtomicBool>,
 }
 
 async fn named(name: &'static str) -> Named {
@@ -32,19 +34,25 @@ async fn named(name: &'static str) -> Named {
     let addr = l.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
     let hosts = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (count, seen) = (requests.clone(), hosts.clone());
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (count, seen, health) = (requests.clone(), hosts.clone(), healthy.clone());
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            let (count, seen) = (count.clone(), seen.clone());
+            let (count, seen, health) = (count.clone(), seen.clone(), health.clone());
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                if req.uri().path() == "/healthz" {
+                    let mut rsp = Response::new(Full::new(Bytes::from(name)));
+                    if !health.load(Ordering::SeqCst) {
+                        *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    return std::future::ready(Ok::<_, std::convert::Infallible>(rsp));
+                }
                 count.fetch_add(1, Ordering::SeqCst);
                 if let Some(h) = req.headers().get("host").and_then(|h| h.to_str().ok()) {
                     seen.lock().unwrap().push(h.to_string());
                 }
-                async move {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(name))))
-                }
+                std::future::ready(Ok(Response::new(Full::new(Bytes::from(name)))))
             });
             tokio::spawn(async move {
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -56,6 +64,7 @@ async fn named(name: &'static str) -> Named {
         addr,
         requests,
         hosts,
+        healthy,
     }
 }
 
@@ -352,5 +361,96 @@ inbound:
         }
     }
     assert!((3..=4).contains(&ok), "{ok}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_health_check_takes_an_endpoint_out_and_back_and_panic_mode_serves_all() {
+    let (a, b) = (named("a").await, named("b").await);
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}, {{address: "{}"}}]
+    policy:
+      lb: round-robin
+      retry_limit: 0
+      health_check:
+        protocol: http
+        path: /healthz
+        interval: 50ms
+        timeout: 1s
+        unhealthy_threshold: 2
+        healthy_threshold: 2
+"#,
+        a.addr, b.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let served = |n: usize| {
+        let via = proxy.addrs.outbound;
+        async move {
+            let mut by = HashMap::<String, usize>::new();
+            for _ in 0..n {
+                let rsp = get(via, "http://api.test/", &[]).await.unwrap();
+                assert_eq!(rsp.status, 200);
+                *by.entry(rsp.body).or_default() += 1;
+            }
+            by
+        }
+    };
+    assert_eq!(served(10).await.len(), 2);
+    let state = || async {
+        let json = admin(proxy.addrs.admin, "/endpoints").await.1;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["destinations"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["state"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    b.healthy.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.contains(&"unhealthy".to_string())
+    })
+    .await;
+    let by = served(20).await;
+    assert_eq!(by.get("a"), Some(&20), "{by:?}");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gofe_endpoints",
+            &[("authority", "api.test:80"), ("state", "unhealthy")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "gofe_health_checks_total",
+            &[("endpoint", &b.addr.to_string()), ("result", "unhealthy")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+    // Every endpoint failing: all of them serve (panic mode).
+    a.healthy.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.iter().all(|s| s == "unhealthy")
+    })
+    .await;
+    assert_eq!(served(10).await.len(), 2, "panic mode");
+    // Back after two passes.
+    a.healthy.store(true, Ordering::SeqCst);
+    b.healthy.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.iter().all(|s| s == "ready")
+    })
+    .await;
+    assert_eq!(served(10).await.len(), 2);
     proxy.stop().await;
 }

@@ -184,7 +184,9 @@ impl Balancer {
         }
         self.sync(&set);
         let now = Instant::now();
-        self.endpoints().iter().any(|e| !e.ejected(now))
+        self.endpoints()
+            .iter()
+            .any(|e| !e.ejected(now) && e.is_healthy())
     }
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<EndpointState>>> {
@@ -214,7 +216,9 @@ impl Balancer {
         };
         let (mut any_ready, mut any_fresh, mut any_untried) = (false, false, false);
         for (f, e) in flags.iter_mut().zip(all.iter()) {
-            let ready = !e.ejected(now);
+            // Failing health checks counts as out; when every endpoint is out, all of
+            // them serve (panic mode, as Envoy's) rather than none.
+            let ready = !e.ejected(now) && e.is_healthy();
             let untried = !tried.contains(&e.endpoint.addr);
             let fresh = ready && untried;
             *f = u8::from(ready) | (u8::from(fresh) << 1) | (u8::from(untried) << 2);

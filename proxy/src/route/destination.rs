@@ -6,6 +6,7 @@ use super::policies::Policies;
 use super::routes::Routes;
 use crate::addrs::DestKey;
 use crate::balance::balancer::Balancer;
+use crate::balance::health::Checker;
 use crate::client::send::Client;
 use crate::config::policy::Policy;
 use crate::metrics::Metrics;
@@ -29,11 +30,26 @@ struct Built {
     http: HttpStack,
     connect: ConnectStack,
     routes: Arc<Routes>,
+    /// Stops the health checker (if the policy has one) when this version goes.
+    _health: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Built {
     fn new(generation: u64, parts: Outbound) -> Built {
+        let health = parts.policy.rules.health_check.clone().map(|check| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let checker = Checker {
+                check,
+                balancer: parts.balancer.clone(),
+                name: parts.name.clone(),
+                client: parts.client.clone(),
+                metrics: parts.metrics.clone(),
+            };
+            tokio::spawn(checker.run(stop.clone()));
+            stop.drop_guard()
+        });
         Built {
+            _health: health,
             generation,
             http: parts.http(),
             connect: parts.connect(),

@@ -188,7 +188,8 @@ impl Destinations {
                             "weight": e.weight(),
                             "identity": e.endpoint.identity.as_ref().map(|i| i.to_string()),
                             "metadata": &*e.endpoint.metadata,
-                            "state": if ejected_until.is_some() { "ejected" } else { "ready" },
+                            "state": if ejected_until.is_some() { "ejected" } else if !e.is_healthy() { "unhealthy" } else { "ready" },
+                            "healthy": e.is_healthy(),
                             "ewma_ms": (e.ewma().as_secs_f64() * 1e6).round() / 1e3,
                             "in_flight": e.pending(),
                             "ejected_for_ms": ejected_until.map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
@@ -253,20 +254,23 @@ impl Destinations {
         }
         let mut counts: BTreeMap<(Arc<str>, &'static str), u64> = BTreeMap::new();
         for d in self.all() {
-            let (mut ready, mut ejected) = (0, 0);
+            let (mut ready, mut ejected, mut unhealthy) = (0, 0, 0);
             for ep in d.balancer.endpoints().iter() {
                 if ep.ejection().0.is_some() {
                     ejected += 1;
+                } else if !ep.is_healthy() {
+                    unhealthy += 1;
                 } else {
                     ready += 1;
                 }
             }
             *counts.entry((d.name.clone(), "ready")).or_default() += ready;
             *counts.entry((d.name.clone(), "ejected")).or_default() += ejected;
+            *counts.entry((d.name.clone(), "unhealthy")).or_default() += unhealthy;
         }
         e.family(
             "gofe_endpoints",
-            "Endpoints of each destination, ready or ejected by outlier detection.",
+            "Endpoints of each destination: ready, ejected by outlier detection, or unhealthy (failing active health checks).",
             Kind::Gauge,
         );
         for ((authority, state), n) in counts {

@@ -217,7 +217,10 @@ pub(crate) fn by_server(replies: &[Reply]) -> HashMap<String, usize> {
 
 /// Servers without sidecars running the HTTP test app, each with its variables
 /// (GOFE_TESTAPP_STATUS, GOFE_TESTAPP_DELAY_MS).
-fn servers<'w>(w: &'w World, specs: &[(&str, &[(&str, &str)])]) -> anyhow::Result<Vec<Pod<'w>>> {
+pub(crate) fn servers<'w>(
+    w: &'w World,
+    specs: &[(&str, &[(&str, &str)])],
+) -> anyhow::Result<Vec<Pod<'w>>> {
     let mut pods = Vec::new();
     for (name, env) in specs {
         let pod = w.pod(name).start()?;
@@ -227,7 +230,7 @@ fn servers<'w>(w: &'w World, specs: &[(&str, &[(&str, &str)])]) -> anyhow::Resul
     Ok(pods)
 }
 
-fn addr(pod: &Pod) -> SocketAddr {
+pub(crate) fn addr(pod: &Pod) -> SocketAddr {
     SocketAddr::from((pod.ip4, HTTP_PORT))
 }
 
@@ -260,7 +263,7 @@ fn endpoints_of(pods: &[&Pod]) -> Vec<String> {
 }
 
 /// Writes `text` to `path` whole (a reader never sees half of it).
-fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
@@ -269,7 +272,7 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// A client pod whose sidecar reads `file` as its discovery source.
-fn client_with_file<'w>(
+pub(crate) fn client_with_file<'w>(
     w: &'w World,
     file: &Path,
     env: &[(&str, &str)],
@@ -317,7 +320,7 @@ fn endpoint_state(
         .with_context(|| format!("{endpoint} is not an endpoint of {destination}"))
 }
 
-fn world_file(w: &World, name: &str) -> PathBuf {
+pub(crate) fn world_file(w: &World, name: &str) -> PathBuf {
     w.dir().join(name)
 }
 

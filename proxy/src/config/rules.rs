@@ -762,6 +762,104 @@ impl Rules {
     }
 }
 
+fn value_json(m: &ValueMatch) -> serde_json::Value {
+    match m {
+        ValueMatch::Exact(e) => serde_json::json!({ "exact": e }),
+        ValueMatch::Regex(r) => serde_json::json!({ "regex": r.0.as_str() }),
+        ValueMatch::Present => serde_json::json!({ "present": true }),
+    }
+}
+
+fn bucket_json(b: &Bucket) -> serde_json::Value {
+    serde_json::json!({ "requests_per_second": b.requests_per_second, "burst": b.burst })
+}
+
+fn rate_json(r: &RateLimit) -> serde_json::Value {
+    serde_json::json!({
+        "total": r.total.as_ref().map(bucket_json),
+        "per_client": r.per_client.as_ref().map(bucket_json),
+        "overrides": r.overrides.iter().map(|o| serde_json::json!({
+            "client": o.client.to_string(),
+            "bucket": bucket_json(&o.bucket),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn priority_json(p: &Priority) -> serde_json::Value {
+    serde_json::json!({ "header": p.header.as_str(), "shed_first": p.shed_first })
+}
+
+impl Rules {
+    /// The rules in force, for `/endpoints` (routes in precedence order).
+    pub fn to_json(&self) -> serde_json::Value {
+        let routes: Vec<serde_json::Value> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let m = &r.matches;
+                serde_json::json!({
+                    "name": &*r.name,
+                    "match": {
+                        "path": m.path.as_ref().map(|p| match p {
+                            PathMatch::Exact(e) => serde_json::json!({ "exact": e }),
+                            PathMatch::Prefix(e) => serde_json::json!({ "prefix": e }),
+                            PathMatch::Regex(e) => serde_json::json!({ "regex": e.0.as_str() }),
+                        }),
+                        "method": m.method.as_ref().map(|m| m.as_str()),
+                        "headers": m.headers.iter().map(|(k, v)| (k.to_string(), value_json(v))).collect::<serde_json::Map<_, _>>(),
+                        "query": m.query.iter().map(|(k, v)| (k.clone(), value_json(v))).collect::<serde_json::Map<_, _>>(),
+                    },
+                    "backends": r.backends.iter().map(|b| serde_json::json!({
+                        "destination": b.destination.to_string(),
+                        "weight": b.weight,
+                    })).collect::<Vec<_>>(),
+                    "sticky": r.sticky.as_ref().map(|s| match s {
+                        Sticky::Cookie { name, ttl } => serde_json::json!({ "cookie": name, "ttl_seconds": ttl.as_secs() }),
+                        Sticky::Header(h) => serde_json::json!({ "header": h.as_str() }),
+                    }),
+                    "mirror": r.mirror.as_ref().map(|m| serde_json::json!({
+                        "destination": m.destination.to_string(),
+                        "percent": m.percent,
+                    })),
+                    "fault": r.fault.as_ref().map(|f| serde_json::json!({
+                        "abort": f.abort.as_ref().map(|a| serde_json::json!({ "percent": a.percent, "status": a.status.as_u16() })),
+                        "delay": f.delay.as_ref().map(|d| serde_json::json!({ "percent": d.percent, "ms": d.duration.as_millis() as u64 })),
+                    })),
+                    "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                    "rate_limit": r.rate_limit.as_ref().map(rate_json),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "routes": routes,
+            "rate_limit": self.rate_limit.as_ref().map(rate_json),
+            "health_check": self.health_check.as_ref().map(|h| serde_json::json!({
+                "protocol": format!("{:?}", h.protocol).to_ascii_lowercase(),
+                "path": h.path,
+                "service": h.service,
+                "interval_ms": h.interval.as_millis() as u64,
+                "timeout_ms": h.timeout.as_millis() as u64,
+                "unhealthy_threshold": h.unhealthy_threshold,
+                "healthy_threshold": h.healthy_threshold,
+                "expected_statuses": h.expected_statuses,
+            })),
+            "priority": self.priority.as_ref().map(priority_json),
+        })
+    }
+}
+
+impl InboundRules {
+    /// The port's rules in force.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "port": self.port,
+            "rate_limit": self.rate_limit.as_ref().map(rate_json),
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "priority": self.priority.as_ref().map(priority_json),
+        })
+    }
+}
+
 /// Routes as listed, deserialized and put in precedence order.
 pub fn routes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RouteSpec>, D::Error> {
     use serde::de::Error;

@@ -221,11 +221,20 @@ impl Destinations {
                     "in_flight": d.in_flight.load(Ordering::Relaxed),
                     "endpoints": endpoints,
                 });
+                if !policy.rules.is_empty() {
+                    extra.insert("rules".into(), policy.rules.to_json());
+                }
                 json.as_object_mut().expect("an object").extend(extra);
                 json
             })
             .collect();
-        let mut all = serde_json::json!({ "destinations": destinations });
+        let inbound: Vec<serde_json::Value> = self
+            .policies
+            .all_inbound()
+            .iter()
+            .map(|r| r.to_json())
+            .collect();
+        let mut all = serde_json::json!({ "destinations": destinations, "inbound": inbound });
         if let Some(r) = &self.registry {
             all["registry"] = r.to_json();
         }

@@ -98,16 +98,4 @@ impl InboundRoutes {
             client: self.client.clone(),
         })
     }
-
-    /// The rules in force, by port (for `/config`).
-    pub fn rules_in_force(&self) -> Vec<Arc<InboundRules>> {
-        let mut v: Vec<_> = self
-            .ports
-            .lock()
-            .values()
-            .filter_map(|p| p.rules.clone())
-            .collect();
-        v.sort_by_key(|r| r.port);
-        v
-    }
 }

@@ -52,6 +52,17 @@ impl Policies {
             .find_map(|f| f.current().inbound.get(&port).cloned())
     }
 
+    /// Every inbound port's rules in force, by port.
+    pub fn all_inbound(&self) -> Vec<Arc<InboundRules>> {
+        let mut by_port = std::collections::BTreeMap::new();
+        for f in self.files() {
+            for (port, r) in &f.current().inbound {
+                by_port.entry(*port).or_insert_with(|| r.clone());
+            }
+        }
+        by_port.into_values().collect()
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.get()
     }

@@ -203,6 +203,7 @@ async fn canary(dir: &std::path::Path) -> anyhow::Result<()> {
     write(&file, &canary_file(v1.addr, v2.addr, 50))?;
     let until = Instant::now() + Duration::from_secs(5);
     let mut moved;
+    let mut seen_change = false;
     loop {
         moved = Vec::new();
         for (cookie, version) in &users {
@@ -211,9 +212,12 @@ async fn canary(dir: &std::path::Path) -> anyhow::Result<()> {
                 moved.push(v);
             }
         }
-        if !moved.is_empty() || Instant::now() > until {
+        // A pass that began before the reload sees part of the users on the old
+        // weights: once any has moved, one more pass sees them all on the new.
+        if (!moved.is_empty() && seen_change) || Instant::now() > until {
             break;
         }
+        seen_change = !moved.is_empty();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let to_v2 = moved.iter().filter(|v| *v == "v2").count();

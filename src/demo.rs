@@ -28,6 +28,9 @@
 //! register themselves, a fourth one as a `gofe proxy` process of its own that is
 //! killed (kill -9) a few seconds in, so that its lease expires; web's sidecar finds
 //! api there and gets its policy pushed from there, and a policy change is pushed live.
+//!
+//! Then three traffic-rules stories (`demo_rules`): a canary rollout with sticky users,
+//! a client over its rate limit, and a replica whose health check fails.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -764,6 +767,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<Option<EtcdProcess>> {
     );
     println!("  README \"Kubernetes\" installs the issuer, the injector webhook and Jaeger");
     let _ = std::fs::remove_dir_all(&identity.dir);
+    crate::demo_rules::stories().await?;
     Ok(etcd)
 }
 

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 macro_rules! addr_newtype {
     ($(#[$doc:meta])* $name:ident) => {
@@ -107,6 +108,15 @@ pub fn well_formed(a: &http::uri::Authority) -> bool {
         // A host, and a port that is a number (`host:` and `:80` are refused too).
         Some((host, port)) => !host.is_empty() && !port.is_empty() && a.port_u16().is_some(),
     }
+}
+
+/// Who a client is, for its own rate-limit bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// A meshed client's identity (SPIFFE ID).
+    Identity(Arc<str>),
+    /// An unmeshed client: its source IP.
+    Ip(IpAddr),
 }
 
 impl DestKey {

@@ -4,11 +4,12 @@
 //! own (opaque TCP, tunnels, upgrades) travel the same layers as `Call<Request>` and
 //! `Call<ConnectTo>`.
 
-use crate::addrs::{EndpointAddr, OrigDstAddr};
+use crate::addrs::{ClientKey, EndpointAddr, OrigDstAddr};
 use crate::body::request::RequestBody;
 use crate::client::body::UpstreamBody;
 use crate::client::error::SendError;
 use crate::client::pool::Peer;
+use crate::config::rules::Bucket;
 use crate::endpoint::Endpoint;
 use http::{Request, Response};
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub struct Call<R> {
     /// Where the application was sending the request, used while discovery knows no
     /// endpoint.
     pub orig_dst: Option<OrigDstAddr>,
+    /// Who sent it, for rate limits per client (inbound).
+    pub client: Option<ClientKey>,
 }
 
 impl<R> Call<R> {
@@ -34,7 +37,13 @@ impl<R> Call<R> {
             endpoint: None,
             tried: Vec::new(),
             orig_dst: None,
+            client: None,
         }
+    }
+
+    pub fn from_client(mut self, client: Option<ClientKey>) -> Call<R> {
+        self.client = client;
+        self
     }
 
     pub fn with_orig_dst(mut self, orig_dst: Option<OrigDstAddr>) -> Call<R> {
@@ -74,6 +83,16 @@ pub struct Answer<T> {
     pub retries: u32,
     /// When the request timeout ends: the response body must be done by then.
     pub deadline: Option<tokio::time::Instant>,
+    /// The route that took the request and the backend it went to, when a traffic
+    /// rule applied.
+    pub routed: Option<Routed>,
+}
+
+/// The names a routed request is counted under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Routed {
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
 }
 
 impl<T> Answer<T> {
@@ -85,6 +104,7 @@ impl<T> Answer<T> {
             permit: None,
             retries: 0,
             deadline: None,
+            routed: None,
         }
     }
 }
@@ -138,6 +158,32 @@ pub enum Failure<R: std::fmt::Debug> {
     Overloaded { destination: Arc<str>, limit: usize },
     #[error("no endpoints for {destination}")]
     NoEndpoints { destination: Arc<str> },
+    #[error("{what} is over its rate limit ({} requests a second, burst {}); retry after {:?}", refused.bucket.requests_per_second, refused.bucket.burst, refused.retry_after)]
+    RateLimited { what: Arc<str>, refused: Refused },
+}
+
+/// Which bucket refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Total,
+    Client,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Total => "total",
+            Scope::Client => "client",
+        }
+    }
+}
+
+/// A request refused by a rate limit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refused {
+    pub scope: Scope,
+    pub bucket: Bucket,
+    pub retry_after: Duration,
 }
 
 impl<R: std::fmt::Debug> Failure<R> {
@@ -178,6 +224,38 @@ impl<R: std::fmt::Debug> Failure<R> {
                 endpoint: Some(endpoint),
             },
         }
+    }
+}
+
+/// The version of the IETF httpapi draft whose `RateLimit` and `RateLimit-Policy`
+/// fields a refusal carries.
+pub const RATELIMIT_DRAFT: &str = "draft-ietf-httpapi-ratelimit-headers-08";
+
+impl Refused {
+    /// Whole seconds to wait, rounded up (at least 1): `Retry-After`.
+    pub fn retry_after_secs(&self) -> u64 {
+        (self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0)).max(1)
+    }
+
+    /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-08 §4): the quota
+    /// as requests per one-second window, the burst as an extension parameter.
+    pub fn policy_field(&self) -> String {
+        format!(
+            "\"{}\";q={};w=1;burst={}",
+            self.scope.as_str(),
+            self.bucket.requests_per_second.ceil() as u64,
+            self.bucket.burst
+        )
+    }
+
+    /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers-08 §5): nothing remains,
+    /// and when it resets.
+    pub fn limit_field(&self) -> String {
+        format!(
+            "\"{}\";r=0;t={}",
+            self.scope.as_str(),
+            self.retry_after_secs()
+        )
     }
 }
 

@@ -195,7 +195,12 @@ impl Proxy {
             None
         };
         let ctx = Arc::new(Ctx {
-            inbound: InboundRoutes::new(client.clone(), Arc::new(config.policy.clone())),
+            inbound: InboundRoutes::new(
+                client.clone(),
+                Arc::new(config.policy.clone()),
+                Some(destinations.policies().clone()),
+                metrics.clone(),
+            ),
             inbound_policy: InboundPolicy {
                 identity: identity.clone(),
                 mode: config.inbound_mtls,

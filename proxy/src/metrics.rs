@@ -36,6 +36,9 @@ pub struct RequestLabels {
     pub authority: Arc<str>,
     pub tls: bool,
     pub peer_identity: Arc<str>,
+    /// The traffic rule's route and backend (outbound); empty when none applied.
+    pub route: Arc<str>,
+    pub backend: Arc<str>,
 }
 
 /// Response counts of one label set, by HTTP status and gRPC status. Statuses are
@@ -167,6 +170,8 @@ impl Requests {
                 authority: OVERFLOW.into(),
                 tls: l.tls,
                 peer_identity: OVERFLOW.into(),
+                route: OVERFLOW.into(),
+                backend: OVERFLOW.into(),
             })
         };
         Self([family(), family()])
@@ -208,6 +213,14 @@ pub struct Metrics {
     ejections: Family<(Arc<str>, Arc<str>), Counter>,
     /// By limit and where it tripped.
     limits: Family<(Limit, &'static str), Counter>,
+    /// By direction, authority and route.
+    rate_limited: Family<(Direction, Arc<str>, Arc<str>), Counter>,
+    /// By direction, authority and priority.
+    shed: Family<(Direction, Arc<str>, Arc<str>), Counter>,
+    /// By mirror authority and result.
+    mirrored: Family<(Arc<str>, &'static str), Counter>,
+    /// By authority, endpoint and result.
+    health_checks: Family<(Arc<str>, Arc<str>, &'static str), Counter>,
 }
 
 /// A bound that held against a client: what `gofe_limits_tripped_total` counts.
@@ -284,6 +297,16 @@ impl Metrics {
             retry_budget_exhausted: Family::new(MAX_LABEL_SETS, |_| OVERFLOW.into()),
             ejections: Family::new(MAX_LABEL_SETS, |_| (OVERFLOW.into(), OVERFLOW.into())),
             limits: Family::new(MAX_LABEL_SETS, |l| *l),
+            rate_limited: Family::new(MAX_LABEL_SETS, |(d, _, _)| {
+                (*d, OVERFLOW.into(), OVERFLOW.into())
+            }),
+            shed: Family::new(MAX_LABEL_SETS, |(d, _, _)| {
+                (*d, OVERFLOW.into(), OVERFLOW.into())
+            }),
+            mirrored: Family::new(MAX_LABEL_SETS, |(_, r)| (OVERFLOW.into(), r)),
+            health_checks: Family::new(MAX_LABEL_SETS, |(_, _, r)| {
+                (OVERFLOW.into(), OVERFLOW.into(), r)
+            }),
         }
     }
 
@@ -383,6 +406,41 @@ impl Metrics {
             .inc();
     }
 
+    /// The counter of requests refused by the rate limit of `authority` (`route`:
+    /// the route's, else empty).
+    pub fn rate_limited(
+        &self,
+        direction: Direction,
+        authority: &Arc<str>,
+        route: &Arc<str>,
+    ) -> Arc<Counter> {
+        self.rate_limited
+            .get(&(direction, authority.clone(), route.clone()))
+    }
+
+    /// The counter of requests of `priority` shed at `authority`'s concurrency limit.
+    pub fn shed(
+        &self,
+        direction: Direction,
+        authority: &Arc<str>,
+        priority: &Arc<str>,
+    ) -> Arc<Counter> {
+        self.shed
+            .get(&(direction, authority.clone(), priority.clone()))
+    }
+
+    /// A copy of a request sent to `authority` (the mirror) ended with `result`.
+    pub fn mirrored(&self, authority: &Arc<str>, result: &'static str) {
+        self.mirrored.get(&(authority.clone(), result)).inc();
+    }
+
+    /// An active health check of `endpoint` ended with `result` (healthy, unhealthy).
+    pub fn health_checked(&self, authority: &Arc<str>, endpoint: &Arc<str>, result: &'static str) {
+        self.health_checks
+            .get(&(authority.clone(), endpoint.clone(), result))
+            .inc();
+    }
+
     pub fn render(&self, e: &mut Exposition) {
         e.family(
             "gofe_requests_total",
@@ -417,6 +475,8 @@ impl Metrics {
                         ("grpc_status", &grpc),
                         ("tls", if l.tls { "true" } else { "false" }),
                         ("peer_identity", &l.peer_identity),
+                        ("route", &l.route),
+                        ("backend", &l.backend),
                     ],
                     n,
                 );
@@ -432,6 +492,8 @@ impl Metrics {
                         ("authority", &*l.authority),
                         ("tls", if l.tls { "true" } else { "false" }),
                         ("peer_identity", &*l.peer_identity),
+                        ("route", &*l.route),
+                        ("backend", &*l.backend),
                     ],
                     stats.latency.snapshot(),
                 )
@@ -586,6 +648,78 @@ impl Metrics {
         }
 
         e.family(
+            "gofe_rate_limited_total",
+            "Requests refused by a rate limit (429), by direction, authority and route.",
+            Kind::Counter,
+        );
+        let mut limited = self.rate_limited.snapshot();
+        limited.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((direction, authority, route), c) in limited {
+            e.sample(
+                "gofe_rate_limited_total",
+                &[
+                    ("direction", direction.as_str()),
+                    ("authority", &authority),
+                    ("route", &route),
+                ],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_shed_total",
+            "Requests refused at a concurrency limit (503 with gofe-overloaded), by priority.",
+            Kind::Counter,
+        );
+        let mut shed = self.shed.snapshot();
+        shed.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((direction, authority, priority), c) in shed {
+            e.sample(
+                "gofe_shed_total",
+                &[
+                    ("direction", direction.as_str()),
+                    ("authority", &authority),
+                    ("priority", &priority),
+                ],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_mirrored_total",
+            "Copies of requests sent to a mirror, by result (ok, error, skipped: a body too large to copy).",
+            Kind::Counter,
+        );
+        let mut mirrored = self.mirrored.snapshot();
+        mirrored.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((authority, result), c) in mirrored {
+            e.sample(
+                "gofe_mirrored_total",
+                &[("authority", &authority), ("result", result)],
+                c.get(),
+            );
+        }
+
+        e.family(
+            "gofe_health_checks_total",
+            "Active health checks, by endpoint and result (healthy, unhealthy).",
+            Kind::Counter,
+        );
+        let mut checks = self.health_checks.snapshot();
+        checks.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((authority, endpoint, result), c) in checks {
+            e.sample(
+                "gofe_health_checks_total",
+                &[
+                    ("authority", &authority),
+                    ("endpoint", &endpoint),
+                    ("result", result),
+                ],
+                c.get(),
+            );
+        }
+
+        e.family(
             "gofe_metrics_label_sets_overflowed_total",
             "Label sets folded into \"other\" because a family reached its cap.",
             Kind::Counter,
@@ -653,6 +787,8 @@ mod tests {
                 authority: format!("host-{i}.example:80").into(),
                 tls: false,
                 peer_identity: "".into(),
+                route: "".into(),
+                backend: "".into(),
             });
             stats.record(StatusCode::OK, None);
             stats.latency.record(std::time::Duration::from_millis(1));
@@ -665,6 +801,8 @@ mod tests {
             authority: "api:80".into(),
             tls: false,
             peer_identity: "".into(),
+            route: "".into(),
+            backend: "".into(),
         });
         outbound.record(StatusCode::OK, None);
         assert_eq!(m.requests.overflowed(Direction::Outbound), 0);
@@ -673,6 +811,8 @@ mod tests {
             authority: OVERFLOW.into(),
             tls: false,
             peer_identity: OVERFLOW.into(),
+            route: OVERFLOW.into(),
+            backend: OVERFLOW.into(),
         });
         assert_eq!(other.total(), 200);
         assert_eq!(other.latency.snapshot().count, 200);
@@ -680,7 +820,7 @@ mod tests {
         m.render(&mut e);
         let text = e.finish();
         assert!(text.contains(
-            "gofe_request_duration_seconds_count{direction=\"inbound\",authority=\"other\",tls=\"false\",peer_identity=\"other\"} 200"
+            "gofe_request_duration_seconds_count{direction=\"inbound\",authority=\"other\",tls=\"false\",peer_identity=\"other\",route=\"other\",backend=\"other\"} 200"
         ));
         assert!(text.contains(
             "gofe_metrics_label_sets_overflowed_total{metric=\"gofe_requests_total\",direction=\"inbound\"} 200"
@@ -696,6 +836,8 @@ mod tests {
                 authority: "web:80".into(),
                 tls: false,
                 peer_identity: "".into(),
+                route: "".into(),
+                backend: "".into(),
             })
             .record(StatusCode::OK, None);
         m.open(Direction::Inbound).inc();
@@ -703,7 +845,7 @@ mod tests {
         m.render(&mut e);
         let text = e.finish();
         assert!(text.contains(
-            "gofe_requests_total{direction=\"outbound\",authority=\"web:80\",status_code=\"200\",grpc_status=\"\",tls=\"false\",peer_identity=\"\"} 1"
+            "gofe_requests_total{direction=\"outbound\",authority=\"web:80\",status_code=\"200\",grpc_status=\"\",tls=\"false\",peer_identity=\"\",route=\"\",backend=\"\"} 1"
         ), "{text}");
         assert!(text.contains("gofe_tcp_connections_open{direction=\"inbound\"} 1"));
         assert!(

@@ -544,6 +544,8 @@ pub struct ResponseInfo<'a> {
     pub endpoint: Option<SocketAddr>,
     /// Why the proxy failed the request, when it did.
     pub error: Option<&'a str>,
+    /// The traffic rule's route and backend, when one applied.
+    pub route: Option<(&'a str, &'a str)>,
 }
 
 /// One request's span, from its start to the end of its response body.
@@ -610,6 +612,12 @@ impl RequestSpan {
         }
         self.span
             .set_attribute(KeyValue::new("gofe.retries", i64::from(response.retries)));
+        if let Some((route, backend)) = response.route {
+            self.span
+                .set_attribute(KeyValue::new("gofe.route", route.to_string()));
+            self.span
+                .set_attribute(KeyValue::new("gofe.backend", backend.to_string()));
+        }
         if let (Some(e), SpanKind::Client) = (response.endpoint, &self.kind) {
             self.span
                 .set_attribute(KeyValue::new("network.peer.address", e.ip().to_string()));

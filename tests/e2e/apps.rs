@@ -7,7 +7,9 @@
 //!   it misbehaves on command (`/control/status/503`, `/control/delay/50`, or
 //!   GOFE_TESTAPP_STATUS / GOFE_TESTAPP_DELAY_MS from the start; GOFE_TESTAPP_EARLY=1
 //!   fails without reading the request body) and counts what it served
-//!   (`/control/served`)
+//!   (`/control/served`, and of those the copies a mirror sent, `/control/shadow`);
+//!   `/healthz` answers 200 until `/control/health/503` (grpc.health.v1 says
+//!   NOT_SERVING too), without the other routes failing
 //! - `banner`: speaks first (a greeting), then echoes lines
 //! - `halfclose`: reads to EOF, then answers with what it got and closes
 //! - `speakfirst`: writes, half-closes, then reads to EOF and prints what it read
@@ -110,6 +112,10 @@ struct HttpState {
     delay_ms: AtomicU64,
     /// ...without reading the request body first (GOFE_TESTAPP_EARLY=1).
     early: bool,
+    /// What `/healthz` answers (0: 200).
+    health_status: AtomicU64,
+    /// Requests served whose Host ends in `-shadow` (a mirror's copies).
+    shadow: AtomicU64,
 }
 
 fn env_u64(name: &str) -> u64 {
@@ -129,6 +135,8 @@ async fn http(listener: TcpListener, name: String) -> std::io::Result<()> {
         fail_status: AtomicU64::new(env_u64("GOFE_TESTAPP_STATUS")),
         delay_ms: AtomicU64::new(env_u64("GOFE_TESTAPP_DELAY_MS")),
         early: env_u64("GOFE_TESTAPP_EARLY") == 1,
+        health_status: AtomicU64::new(0),
+        shadow: AtomicU64::new(0),
     });
     let conn_ids = AtomicU64::new(0);
     loop {
@@ -181,6 +189,14 @@ async fn route(
             "ok" => {
                 state.fail_status.store(0, Ordering::SeqCst);
                 state.delay_ms.store(0, Ordering::SeqCst);
+                state.health_status.store(0, Ordering::SeqCst);
+            }
+            "health" => state.health_status.store(n, Ordering::SeqCst),
+            "shadow" => {
+                return text(
+                    StatusCode::OK,
+                    state.shadow.load(Ordering::SeqCst).to_string(),
+                );
             }
             "served" => {
                 return text(
@@ -193,12 +209,32 @@ async fn route(
         return text(StatusCode::OK, "ok\n");
     }
     if is_grpc && path.starts_with(crate::grpc::HEALTH_PREFIX) {
-        let serving = state.fail_status.load(Ordering::SeqCst) == 0;
+        let serving = state.fail_status.load(Ordering::SeqCst) == 0
+            && state.health_status.load(Ordering::SeqCst) == 0;
         return crate::grpc::health(req, serving)
             .await
             .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     }
+    if path == "/healthz" {
+        let code = state.health_status.load(Ordering::SeqCst) as u16;
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        return text(status, "health\n");
+    }
     state.served.fetch_add(1, Ordering::SeqCst);
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    if host
+        .split(':')
+        .next()
+        .is_some_and(|h| h.ends_with("-shadow"))
+    {
+        state.shadow.fetch_add(1, Ordering::SeqCst);
+    }
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -174,6 +174,21 @@ impl Balancer {
         *guard = (Some(set.clone()), Arc::new(list));
     }
 
+    /// Whether the destination may serve a request now: false only once discovery
+    /// has answered and every endpoint it named is out (ejected or failing its health
+    /// checks), or it named none. A split sends such a backend nothing.
+    pub fn might_serve(&self) -> bool {
+        let set = self.feed.borrow().clone();
+        if !set.source.knows() {
+            return true;
+        }
+        self.sync(&set);
+        let now = Instant::now();
+        self.endpoints()
+            .iter()
+            .any(|e| !e.ejected(now) && e.is_healthy())
+    }
+
     pub fn endpoints(&self) -> Arc<Vec<Arc<EndpointState>>> {
         self.endpoints.read().1.clone()
     }
@@ -201,7 +216,9 @@ impl Balancer {
         };
         let (mut any_ready, mut any_fresh, mut any_untried) = (false, false, false);
         for (f, e) in flags.iter_mut().zip(all.iter()) {
-            let ready = !e.ejected(now);
+            // Failing health checks counts as out; when every endpoint is out, all of
+            // them serve (panic mode, as Envoy's) rather than none.
+            let ready = !e.ejected(now) && e.is_healthy();
             let untried = !tried.contains(&e.endpoint.addr);
             let fresh = ready && untried;
             *f = u8::from(ready) | (u8::from(fresh) << 1) | (u8::from(untried) << 2);

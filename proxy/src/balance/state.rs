@@ -7,7 +7,7 @@ use super::outlier::Outlier;
 use crate::endpoint::Endpoint;
 use parking_lot::Mutex;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -17,6 +17,10 @@ pub struct EndpointState {
     pub(super) ewma: Mutex<PeakEwma>,
     pending: AtomicUsize,
     pub(super) outlier: Mutex<Outlier>,
+    /// Active health checks: failing ones leave the balancer until they pass again.
+    healthy: AtomicBool,
+    /// Checks failed and passed in a row.
+    checks: Mutex<(u32, u32)>,
 }
 
 impl EndpointState {
@@ -26,7 +30,36 @@ impl EndpointState {
             ewma: Mutex::new(PeakEwma::new(Instant::now())),
             pending: AtomicUsize::new(0),
             outlier: Mutex::new(Outlier::default()),
+            healthy: AtomicBool::new(true),
+            checks: Mutex::new((0, 0)),
         }
+    }
+
+    /// Whether its active health checks pass (true when it has none).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records one active health check: `unhealthy_threshold` failures in a row take
+    /// the endpoint out, `healthy_threshold` passes in a row bring it back. Returns the
+    /// new state when it changed.
+    pub fn checked(&self, passed: bool, unhealthy_after: u32, healthy_after: u32) -> Option<bool> {
+        let mut c = self.checks.lock();
+        let healthy = self.is_healthy();
+        if passed {
+            *c = (0, c.1.saturating_add(1));
+            if !healthy && c.1 >= healthy_after {
+                self.healthy.store(true, Ordering::Release);
+                return Some(true);
+            }
+        } else {
+            *c = (c.0.saturating_add(1), 0);
+            if healthy && c.0 >= unhealthy_after {
+                self.healthy.store(false, Ordering::Release);
+                return Some(false);
+            }
+        }
+        None
     }
 
     pub fn weight(&self) -> u32 {

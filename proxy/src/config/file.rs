@@ -20,6 +20,7 @@
 
 use super::env::BadVar;
 use super::policy::Policy;
+use super::rules::{self, HealthCheck, InboundRules, RouteSpec, Rules};
 use crate::addrs::{BadDestination, DestKey, EndpointAddr};
 use crate::endpoint::Endpoint;
 use gofe_identity::SpiffeId;
@@ -33,6 +34,8 @@ use std::sync::Arc;
 struct Doc {
     #[serde(default)]
     destinations: Vec<DestDoc>,
+    #[serde(default)]
+    inbound: Vec<InboundRules>,
 }
 
 #[derive(Deserialize)]
@@ -42,7 +45,75 @@ struct DestDoc {
     #[serde(default)]
     endpoints: Option<Vec<EndpointDoc>>,
     #[serde(default)]
-    policy: BTreeMap<String, serde_yaml::Value>,
+    policy: PolicyDoc,
+}
+
+/// A destination's `policy:`: settings named like the variables (scalars, checked by
+/// the variables' parsers), `identities`, and the traffic rules, which are
+/// deserialized as they are read so that a mistake in them names its line.
+#[derive(Default)]
+struct PolicyDoc {
+    settings: BTreeMap<String, serde_yaml::Value>,
+    rules: Rules,
+}
+
+struct Routes(Vec<RouteSpec>);
+struct Health(HealthCheck);
+
+impl<'de> Deserialize<'de> for Routes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        rules::routes(d).map(Routes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Health {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        rules::health_check(d).map(Health)
+    }
+}
+
+impl<'de> Deserialize<'de> for PolicyDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PolicyDoc;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of policy settings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PolicyDoc, A::Error> {
+                use serde::de::Error;
+                let mut doc = PolicyDoc::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    let dup = match key.as_str() {
+                        "routes" => {
+                            let had = !doc.rules.routes.is_empty();
+                            doc.rules.routes = map.next_value::<Routes>()?.0;
+                            had
+                        }
+                        "rate_limit" => doc.rules.rate_limit.replace(map.next_value()?).is_some(),
+                        "health_check" => doc
+                            .rules
+                            .health_check
+                            .replace(map.next_value::<Health>()?.0)
+                            .is_some(),
+                        "priority" => doc.rules.priority.replace(map.next_value()?).is_some(),
+                        _ => {
+                            let v = map.next_value()?;
+                            doc.settings.insert(key.clone(), v).is_some()
+                        }
+                    };
+                    if dup {
+                        return Err(A::Error::custom(format!("{key} is given twice")));
+                    }
+                }
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -75,6 +146,8 @@ pub enum FileError {
     },
     #[error("destination {0:?} is listed twice")]
     Duplicate(String),
+    #[error("inbound port {0} is listed twice")]
+    DuplicatePort(u16),
 }
 
 /// What is wrong with one destination of a file.
@@ -123,6 +196,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Table {
     pub destinations: HashMap<DestKey, Entry>,
+    /// The inbound ports' rules (`inbound:`), by port.
+    pub inbound: HashMap<u16, Arc<InboundRules>>,
 }
 
 fn scalar(v: &serde_yaml::Value) -> Option<String> {
@@ -155,7 +230,7 @@ impl Table {
             };
             let mut overrides = HashMap::new();
             let mut identities = None;
-            for (k, v) in &d.policy {
+            for (k, v) in &d.policy.settings {
                 if k == "identities" {
                     identities = Some(identity_list(v).map_err(in_dest)?);
                     continue;
@@ -168,6 +243,7 @@ impl Table {
             let mut policy = Policy::with_overrides(base, &overrides)
                 .map_err(|bad| in_dest(Problem::Values(bad)))?;
             policy.identities = identities;
+            policy.rules = Arc::new(d.policy.rules);
             let entry = Entry {
                 endpoints,
                 overrides,
@@ -177,7 +253,17 @@ impl Table {
                 return Err(FileError::Duplicate(d.name));
             }
         }
-        Ok(Table { destinations })
+        let mut inbound = HashMap::new();
+        for i in doc.inbound {
+            let port = i.port;
+            if inbound.insert(port, Arc::new(i)).is_some() {
+                return Err(FileError::DuplicatePort(port));
+            }
+        }
+        Ok(Table {
+            destinations,
+            inbound,
+        })
     }
 }
 

@@ -115,6 +115,8 @@ pub struct Policy {
     /// The identities that may serve the destination (`identities:` in a policy
     /// document); registry entries naming any other are refused. None: any of the mesh.
     pub identities: Option<Vec<gofe_identity::SpiffeId>>,
+    /// Routes, rate limit, health check, priorities: only from policy documents.
+    pub rules: std::sync::Arc<super::rules::Rules>,
 }
 
 fn optional(d: Duration) -> Option<Duration> {
@@ -209,6 +211,7 @@ impl Policy {
                     .ok_or_else(|| "expected a number of requests above zero".to_string())
             }),
             identities: None,
+            rules: Default::default(),
         }
     }
 

@@ -3,7 +3,8 @@
 //! the last authority, which a connection's requests nearly always share).
 
 use super::activity::Activity;
-use crate::addrs::{ClientAddr, DestKey, Direction};
+use crate::addrs::{ClientAddr, ClientKey, DestKey, Direction};
+use crate::call::Routed;
 use crate::ctx::Ctx;
 use crate::endpoint::Endpoint;
 use crate::metrics::{RequestLabels, RequestStats};
@@ -26,7 +27,7 @@ pub enum HttpVersion {
 const HTTP_PORT: u16 = 80;
 
 /// The labels that pick a connection's last request counters.
-type StatsKey = (Arc<str>, Option<Arc<SpiffeId>>);
+type StatsKey = (Arc<str>, Option<Arc<SpiffeId>>, Option<Routed>);
 
 pub struct HttpConn {
     pub ctx: Arc<Ctx>,
@@ -101,6 +102,14 @@ impl HttpConn {
         }
     }
 
+    /// Who the client is for rate limits: its mesh identity, else its address.
+    pub fn client_key(&self) -> Option<ClientKey> {
+        Some(match &self.peer {
+            Some(p) => ClientKey::Identity(p.to_string().into()),
+            None => ClientKey::Ip(self.client.addr().ip()),
+        })
+    }
+
     /// The outbound destination a request to `authority` goes to: the authority's
     /// when it has one, else the original destination's.
     pub fn destination(&self, authority: Option<&Authority>) -> Option<Arc<Destination>> {
@@ -132,6 +141,7 @@ impl HttpConn {
         &self,
         authority: Option<&Authority>,
         upstream_peer: Option<&Arc<SpiffeId>>,
+        routed: Option<&Routed>,
     ) -> Arc<RequestStats> {
         let peer = match self.direction {
             Direction::Inbound => self.peer.as_ref(),
@@ -151,9 +161,10 @@ impl HttpConn {
             }
         };
         let mut last = self.last_stats.lock();
-        if let Some(((a, p), s)) = last.as_ref()
+        if let Some(((a, p, r), s)) = last.as_ref()
             && a.as_ref() == label
             && p.as_ref() == peer
+            && r.as_ref() == routed
         {
             return s.clone();
         }
@@ -165,8 +176,10 @@ impl HttpConn {
             peer_identity: peer
                 .map(|p| Arc::from(p.to_string()))
                 .unwrap_or_else(|| Arc::from("")),
+            route: routed.map_or_else(|| Arc::from(""), |r| r.route.clone()),
+            backend: routed.map_or_else(|| Arc::from(""), |r| r.backend.clone()),
         });
-        *last = Some(((label, peer.cloned()), stats.clone()));
+        *last = Some(((label, peer.cloned(), routed.cloned()), stats.clone()));
         stats
     }
 }

@@ -10,7 +10,8 @@ use crate::call::{ConnectFailure, Failure, HttpFailure};
 use crate::client::error::SendError;
 use crate::connect::error::ConnectError;
 use crate::proto::grpc;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use std::sync::Arc;
 
 pub const PROXY_ERROR_HEADER: &str = "gofe-proxy-error";
 /// On a 503 the proxy answered itself because the destination had too many requests
@@ -32,6 +33,9 @@ pub enum ProxyError {
     Call(#[from] HttpFailure),
     #[error(transparent)]
     Connect(#[from] ConnectFailure),
+    /// A fault injected on purpose by a route's `fault: {abort}`.
+    #[error("fault injected by route {route}: abort with {status}")]
+    Fault { route: Arc<str>, status: StatusCode },
 }
 
 /// A failure's status, whatever was attempted.
@@ -41,6 +45,7 @@ fn failure_status<R: std::fmt::Debug>(f: &Failure<R>) -> StatusCode {
         Failure::Client { .. } => StatusCode::BAD_REQUEST,
         Failure::TryTimeout { .. } | Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         Failure::Overloaded { .. } | Failure::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        Failure::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
     }
 }
 
@@ -60,6 +65,7 @@ impl ProxyError {
             ProxyError::Send(e) => send_status(e),
             ProxyError::Call(f) => failure_status(f),
             ProxyError::Connect(f) => failure_status(f),
+            ProxyError::Fault { status, .. } => *status,
         }
     }
 
@@ -86,6 +92,7 @@ impl ProxyError {
             StatusCode::FORBIDDEN => grpc::PERMISSION_DENIED,
             StatusCode::BAD_REQUEST => grpc::INVALID_ARGUMENT,
             StatusCode::GATEWAY_TIMEOUT => grpc::DEADLINE_EXCEEDED,
+            StatusCode::TOO_MANY_REQUESTS => grpc::RESOURCE_EXHAUSTED,
             _ => grpc::UNAVAILABLE,
         }
     }
@@ -113,6 +120,10 @@ impl ProxyError {
                 }
                 Failure::Overloaded { .. } => "the destination is overloaded".into(),
                 Failure::NoEndpoints { .. } => "the destination has no endpoints".into(),
+                Failure::RateLimited { refused, .. } => format!(
+                    "over the rate limit ({} requests a second)",
+                    refused.bucket.requests_per_second
+                ),
             }
         }
         match self {
@@ -121,6 +132,7 @@ impl ProxyError {
             ProxyError::Send(e) => of_send(e),
             ProxyError::Call(f) => of_failure(f),
             ProxyError::Connect(f) => of_failure(f),
+            ProxyError::Fault { .. } => "fault injected".into(),
         }
     }
 
@@ -138,6 +150,16 @@ impl ProxyError {
         headers.insert(PROXY_ERROR_HEADER, reason.clone());
         if self.overloaded() {
             headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+        }
+        if let ProxyError::Call(Failure::RateLimited { refused, .. }) = self {
+            // The fields of draft-ietf-httpapi-ratelimit-headers-08 (RATELIMIT_DRAFT).
+            let value = |s: String| HeaderValue::from_str(&s).expect("digits and quotes");
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refused.retry_after_secs()),
+            );
+            headers.insert("ratelimit-policy", value(refused.policy_field()));
+            headers.insert("ratelimit", value(refused.limit_field()));
         }
         if grpc {
             headers.insert("content-type", HeaderValue::from_static("application/grpc"));
@@ -196,6 +218,32 @@ mod tests {
         let (_, headers, _) = refused.response(false, false);
         let why = headers[PROXY_ERROR_HEADER].to_str().unwrap();
         assert!(!why.contains("spiffe") && !why.contains("GOFE_"), "{why}");
+    }
+
+    #[test]
+    fn over_the_rate_limit_is_429_with_the_drafts_fields_or_resource_exhausted() {
+        use crate::call::{Refused, Scope};
+        use crate::config::rules::Bucket;
+        let e = ProxyError::Call(Failure::RateLimited {
+            what: "api:80".into(),
+            refused: Refused {
+                scope: Scope::Total,
+                bucket: Bucket {
+                    requests_per_second: 200.0,
+                    burst: 50,
+                },
+                retry_after: Duration::from_millis(1500),
+            },
+        });
+        let (status, headers, _) = e.response(false, false);
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], "2");
+        assert_eq!(headers["ratelimit-policy"], "\"total\";q=200;w=1;burst=50");
+        assert_eq!(headers["ratelimit"], "\"total\";r=0;t=2");
+        let (status, headers, body) = e.response(true, false);
+        assert_eq!(status, StatusCode::OK, "trailers-only");
+        assert_eq!(headers["grpc-status"], "8");
+        assert!(body.is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::conn::HttpConn;
 use super::errors::ProxyError;
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
-use crate::call::{Answer, HttpAnswer, Permit};
+use crate::call::{Answer, HttpAnswer, Permit, Routed};
 use crate::client::body::UpstreamBody;
 use crate::config::TraceTrust;
 use crate::metrics::RequestStats;
@@ -123,10 +123,13 @@ fn respond(r: Observing, answer: HttpAnswer) -> Response<HttpBody> {
         permit,
         retries,
         deadline,
+        routed,
     } = answer;
     let mut observe = r.observe;
-    observe.answered(endpoint, peer.as_ref(), retries);
-    let stats = r.conn.stats(r.authority.as_ref(), peer.as_ref());
+    observe.answered(endpoint, peer.as_ref(), retries, routed.as_ref());
+    let stats = r
+        .conn
+        .stats(r.authority.as_ref(), peer.as_ref(), routed.as_ref());
     let (parts, body) = rsp.into_parts();
     let finish = Finish {
         stats,
@@ -151,7 +154,7 @@ fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
     let detail = r.conn.direction == Direction::Outbound;
     let (status, headers, body) = error.response(r.grpc, detail);
     let finish = Finish {
-        stats: r.conn.stats(r.authority.as_ref(), None),
+        stats: r.conn.stats(r.authority.as_ref(), None, None),
         observe,
         _permit: None,
         _in_flight: r.in_flight,
@@ -193,6 +196,7 @@ struct Extra {
     endpoint: Option<EndpointAddr>,
     peer: Option<Arc<SpiffeId>>,
     error: Option<String>,
+    routed: Option<Routed>,
 }
 
 struct Access {
@@ -275,6 +279,7 @@ impl Observe {
                     Direction::Outbound => None,
                 },
                 error: None,
+                routed: None,
             })),
         }
     }
@@ -293,8 +298,10 @@ impl Observe {
         endpoint: Option<EndpointAddr>,
         peer: Option<&Arc<SpiffeId>>,
         retries: u32,
+        routed: Option<&Routed>,
     ) {
         if let Some(e) = &mut self.extra {
+            e.routed = routed.cloned();
             e.endpoint = endpoint.or(e.endpoint);
             if let Some(p) = peer {
                 e.peer = Some(p.clone());
@@ -329,6 +336,7 @@ impl Observe {
             endpoint,
             peer,
             error,
+            routed,
         } = *extra;
         let peer = peer.map(|p| p.to_string());
         let error = error.or_else(|| match (status, completed) {
@@ -347,6 +355,7 @@ impl Observe {
                 retries,
                 endpoint: endpoint.map(|e| e.addr()),
                 error: error.as_deref(),
+                route: routed.as_ref().map(|r| (&*r.route, &*r.backend)),
             });
         }
         if let Some(a) = access {
@@ -371,6 +380,10 @@ impl Observe {
             }
             if let Some(p) = peer {
                 fields.insert("peer_identity".into(), p.into());
+            }
+            if let Some(r) = &routed {
+                fields.insert("route".into(), r.route.to_string().into());
+                fields.insert("backend".into(), r.backend.to_string().into());
             }
             if let Some(t) = trace_id {
                 fields.insert("trace_id".into(), t.into());

@@ -7,6 +7,7 @@
 
 use super::conn::HttpConn;
 use super::errors::ProxyError;
+use super::routed;
 use super::upgrade;
 use crate::addrs::Direction;
 use crate::body::request::RequestBody;
@@ -140,7 +141,11 @@ async fn forward(
         }
         Target::Destination(d) => {
             let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
-            d.http_stack().oneshot(call).await?
+            let routes = d.routes();
+            match routes.pick(&call.req) {
+                Some(i) => Box::pin(routed::forward(&conn, &d, routes.clone(), i, call)).await?,
+                None => d.http_stack().oneshot(call).await?,
+            }
         }
     };
     headers::strip_hop_by_hop(answer.value.headers_mut(), false);
@@ -170,7 +175,8 @@ async fn to_app(
             Some(share)
         }
     };
-    let mut answer = stack.oneshot(Call::new(req).to(app)).await?;
+    let call = Call::new(req).to(app).from_client(conn.client_key());
+    let mut answer = stack.oneshot(call).await?;
     if let (Some(permit), Some(share)) = (answer.permit.as_mut(), share) {
         permit.join(share);
     }

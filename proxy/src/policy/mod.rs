@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod limit;
+pub mod rate;
 pub mod retry;
 pub mod share;
 pub mod stack;

@@ -188,6 +188,7 @@ where
                     endpoint: None,
                     tried: tried.clone(),
                     orig_dst,
+                    client: None,
                 };
                 match inner.ready().await?.call(call).await {
                     Ok(mut a) => {
@@ -384,6 +385,7 @@ where
                 endpoint: None,
                 tried: tried.clone(),
                 orig_dst,
+                client: None,
             })
             .await;
         let endpoint = match &result {

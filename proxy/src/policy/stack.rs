@@ -1,13 +1,15 @@
 //! The stacks of layers, built once per destination (again when its policy changes)
 //! and once per inbound port, then cloned for each request.
 //!
-//! Outbound requests: concurrency limit → request timeout → retries → balancer →
-//! per-try timeout → the endpoint. Outbound connections of their own (opaque TCP,
-//! tunnels, upgrades): retries of connects → balancer → the connection. Inbound
-//! requests: concurrency limit → request timeout → the application.
+//! Outbound requests: rate limit → concurrency limit (with priorities) → request
+//! timeout → retries → balancer → per-try timeout → the endpoint. Outbound connections
+//! of their own (opaque TCP, tunnels, upgrades): retries of connects → balancer → the
+//! connection. Inbound requests: rate limit (total, per client) → concurrency limit
+//! (with priorities) → request timeout → the application.
 
 use super::budget::RetryBudget;
 use super::limit::{Limit, LimitLayer};
+use super::rate::{Limiter, RateLimitLayer, RateLimited};
 use super::retry::{Retry, RetryConnect, RetryLayer, RetryStats};
 use super::timeout::{Timeout, TimeoutLayer};
 use crate::addrs::Direction;
@@ -15,6 +17,7 @@ use crate::balance::balancer::Balancer;
 use crate::balance::layer::{Balance, BalanceLayer};
 use crate::client::send::Client;
 use crate::config::policy::Policy;
+use crate::config::rules::{InboundRules, RateLimit};
 use crate::forward::endpoint::{Connect, Forward};
 use crate::metrics::Metrics;
 use std::sync::Arc;
@@ -22,9 +25,9 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 use tower::Layer;
 
-pub type HttpStack = Limit<Timeout<Retry<Balance<Timeout<Forward>>>>>;
+pub type HttpStack = RateLimited<Limit<Timeout<Retry<Balance<Timeout<Forward>>>>>>;
 pub type ConnectStack = RetryConnect<Balance<Connect>>;
-pub type InboundStack = Limit<Timeout<Forward>>;
+pub type InboundStack = RateLimited<Limit<Timeout<Forward>>>;
 
 /// What an outbound destination's stacks are made of.
 #[derive(Clone)]
@@ -69,12 +72,24 @@ impl Outbound {
         let balanced = self.balance(true).layer(attempt);
         let retried = self.retry().layer(balanced);
         let timed = TimeoutLayer::request(p.request_timeout).layer(retried);
-        LimitLayer::new(
+        let limited = LimitLayer::new(
             self.in_flight.clone(),
             p.max_concurrent_requests,
             self.name.clone(),
         )
-        .layer(timed)
+        .with_priority(
+            p.rules.priority.clone(),
+            self.metrics.clone(),
+            Direction::Outbound,
+        )
+        .layer(timed);
+        rate_limit(
+            p.rules.rate_limit.as_ref(),
+            &self.name,
+            Direction::Outbound,
+            &self.metrics,
+        )
+        .layer(limited)
     }
 
     pub fn connect(&self) -> ConnectStack {
@@ -84,15 +99,54 @@ impl Outbound {
     }
 }
 
+/// The rate limit layer of `limit` (None: none), counting under `name`.
+fn rate_limit(
+    limit: Option<&RateLimit>,
+    name: &Arc<str>,
+    direction: Direction,
+    metrics: &Metrics,
+) -> RateLimitLayer {
+    match limit {
+        Some(r) => RateLimitLayer::new(
+            Some(Arc::new(Limiter::new(r))),
+            name.clone(),
+            metrics.rate_limited(direction, name, &"".into()),
+        ),
+        None => RateLimitLayer::none(),
+    }
+}
+
+/// What an inbound port's stack is made of.
+pub struct Inbound {
+    pub name: Arc<str>,
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Option<Duration>,
+    pub rules: Option<Arc<InboundRules>>,
+    pub metrics: Arc<Metrics>,
+    pub client: Arc<Client>,
+}
+
 /// The stack of an inbound port: requests to the application in this pod.
-pub fn inbound(
-    name: Arc<str>,
-    in_flight: Arc<AtomicUsize>,
-    max_concurrent_requests: usize,
-    request_timeout: Option<Duration>,
-    client: Arc<Client>,
-) -> InboundStack {
-    let app = Forward::new(client, Direction::Inbound);
-    let timed = TimeoutLayer::request(request_timeout).layer(app);
-    LimitLayer::new(in_flight, max_concurrent_requests, name).layer(timed)
+pub fn inbound(i: Inbound) -> InboundStack {
+    let app = Forward::new(i.client, Direction::Inbound);
+    let timed = TimeoutLayer::request(i.request_timeout).layer(app);
+    let rules = i.rules.as_deref();
+    let max = rules
+        .and_then(|r| r.max_concurrent_requests)
+        .unwrap_or(i.max_concurrent_requests);
+    let limited = LimitLayer::new(i.in_flight, max, i.name.clone())
+        .with_priority(
+            rules.and_then(|r| r.priority.clone()),
+            i.metrics.clone(),
+            Direction::Inbound,
+        )
+        .layer(timed);
+    rate_limit(
+        rules.and_then(|r| r.rate_limit.as_ref()),
+        &i.name,
+        Direction::Inbound,
+        &i.metrics,
+    )
+    .layer(limited)
 }

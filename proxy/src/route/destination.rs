@@ -3,8 +3,10 @@
 //! policy changes. The retry budget outlives a policy change unless its terms changed.
 
 use super::policies::Policies;
+use super::routes::Routes;
 use crate::addrs::DestKey;
 use crate::balance::balancer::Balancer;
+use crate::balance::health::Checker;
 use crate::client::send::Client;
 use crate::config::policy::Policy;
 use crate::metrics::Metrics;
@@ -27,14 +29,35 @@ struct Built {
     parts: Outbound,
     http: HttpStack,
     connect: ConnectStack,
+    routes: Arc<Routes>,
+    /// Stops the health checker (if the policy has one) when this version goes.
+    _health: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Built {
     fn new(generation: u64, parts: Outbound) -> Built {
+        let health = parts.policy.rules.health_check.clone().map(|check| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let checker = Checker {
+                check,
+                balancer: parts.balancer.clone(),
+                name: parts.name.clone(),
+                client: parts.client.clone(),
+                metrics: parts.metrics.clone(),
+            };
+            tokio::spawn(checker.run(stop.clone()));
+            stop.drop_guard()
+        });
         Built {
+            _health: health,
             generation,
             http: parts.http(),
             connect: parts.connect(),
+            routes: Arc::new(Routes::new(
+                &parts.name,
+                &parts.policy.rules,
+                &parts.metrics,
+            )),
             parts,
         }
     }
@@ -125,6 +148,11 @@ impl Destination {
     /// The stack a request to this destination goes through.
     pub fn http_stack(&self) -> HttpStack {
         self.current(|b| b.http.clone())
+    }
+
+    /// The routes of its traffic rules.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.current(|b| b.routes.clone())
     }
 
     /// The stack a connection of its own to this destination goes through.

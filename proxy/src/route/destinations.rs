@@ -151,6 +151,11 @@ impl Destinations {
         });
     }
 
+    /// Where destinations (and inbound ports) get their policy.
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
+    }
+
     /// The registry, when GOFE_REGISTRY is set.
     pub fn registry(&self) -> Option<&Arc<Registry>> {
         self.registry.as_ref()
@@ -183,7 +188,8 @@ impl Destinations {
                             "weight": e.weight(),
                             "identity": e.endpoint.identity.as_ref().map(|i| i.to_string()),
                             "metadata": &*e.endpoint.metadata,
-                            "state": if ejected_until.is_some() { "ejected" } else { "ready" },
+                            "state": if ejected_until.is_some() { "ejected" } else if !e.is_healthy() { "unhealthy" } else { "ready" },
+                            "healthy": e.is_healthy(),
                             "ewma_ms": (e.ewma().as_secs_f64() * 1e6).round() / 1e3,
                             "in_flight": e.pending(),
                             "ejected_for_ms": ejected_until.map(|u| u.saturating_duration_since(Instant::now()).as_millis() as u64),
@@ -215,11 +221,20 @@ impl Destinations {
                     "in_flight": d.in_flight.load(Ordering::Relaxed),
                     "endpoints": endpoints,
                 });
+                if !policy.rules.is_empty() {
+                    extra.insert("rules".into(), policy.rules.to_json());
+                }
                 json.as_object_mut().expect("an object").extend(extra);
                 json
             })
             .collect();
-        let mut all = serde_json::json!({ "destinations": destinations });
+        let inbound: Vec<serde_json::Value> = self
+            .policies
+            .all_inbound()
+            .iter()
+            .map(|r| r.to_json())
+            .collect();
+        let mut all = serde_json::json!({ "destinations": destinations, "inbound": inbound });
         if let Some(r) = &self.registry {
             all["registry"] = r.to_json();
         }
@@ -248,20 +263,23 @@ impl Destinations {
         }
         let mut counts: BTreeMap<(Arc<str>, &'static str), u64> = BTreeMap::new();
         for d in self.all() {
-            let (mut ready, mut ejected) = (0, 0);
+            let (mut ready, mut ejected, mut unhealthy) = (0, 0, 0);
             for ep in d.balancer.endpoints().iter() {
                 if ep.ejection().0.is_some() {
                     ejected += 1;
+                } else if !ep.is_healthy() {
+                    unhealthy += 1;
                 } else {
                     ready += 1;
                 }
             }
             *counts.entry((d.name.clone(), "ready")).or_default() += ready;
             *counts.entry((d.name.clone(), "ejected")).or_default() += ejected;
+            *counts.entry((d.name.clone(), "unhealthy")).or_default() += unhealthy;
         }
         e.family(
             "gofe_endpoints",
-            "Endpoints of each destination, ready or ejected by outlier detection.",
+            "Endpoints of each destination: ready, ejected by outlier detection, or unhealthy (failing active health checks).",
             Kind::Gauge,
         );
         for ((authority, state), n) in counts {

@@ -8,4 +8,6 @@ pub mod destinations;
 pub mod discovery;
 pub mod inbound;
 pub mod policies;
+pub mod routes;
+pub mod split;
 pub mod target;

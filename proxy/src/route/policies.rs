@@ -7,6 +7,7 @@ use super::discovery::file::{Generation, Watched};
 use super::discovery::registry::Registry;
 use crate::addrs::DestKey;
 use crate::config::policy::Policy;
+use crate::config::rules::InboundRules;
 use std::sync::Arc;
 
 pub struct Policies {
@@ -43,6 +44,23 @@ impl Policies {
             .or_else(|| self.registry.as_ref().and_then(|r| r.policy(key)))
             .or_else(|| self.discovery_files.iter().find_map(from_file))
             .unwrap_or_else(|| self.base.clone())
+    }
+
+    /// The rules of inbound `port`: the policy file's, then the discovery files'.
+    pub fn inbound(&self, port: u16) -> Option<Arc<InboundRules>> {
+        self.files()
+            .find_map(|f| f.current().inbound.get(&port).cloned())
+    }
+
+    /// Every inbound port's rules in force, by port.
+    pub fn all_inbound(&self) -> Vec<Arc<InboundRules>> {
+        let mut by_port = std::collections::BTreeMap::new();
+        for f in self.files() {
+            for (port, r) in &f.current().inbound {
+                by_port.entry(*port).or_insert_with(|| r.clone());
+            }
+        }
+        by_port.into_values().collect()
     }
 
     pub fn generation(&self) -> u64 {

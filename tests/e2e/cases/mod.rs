@@ -11,6 +11,7 @@ pub mod kubernetes;
 pub mod lifecycle;
 pub mod registry;
 pub mod resilience;
+pub mod rules;
 pub mod tcp;
 pub mod telemetry;
 pub mod trust;
@@ -62,6 +63,7 @@ fn modules() -> Vec<Module> {
         ("trust", trust::cases(), include_str!("trust.rs")),
         ("registry", registry::cases(), include_str!("registry.rs")),
         ("chaos", chaos::cases(), include_str!("chaos.rs")),
+        ("rules", rules::cases(), include_str!("rules.rs")),
     ]
 }
 

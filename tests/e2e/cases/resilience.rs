@@ -217,7 +217,10 @@ pub(crate) fn by_server(replies: &[Reply]) -> HashMap<String, usize> {
 
 /// Servers without sidecars running the HTTP test app, each with its variables
 /// (GOFE_TESTAPP_STATUS, GOFE_TESTAPP_DELAY_MS).
-fn servers<'w>(w: &'w World, specs: &[(&str, &[(&str, &str)])]) -> anyhow::Result<Vec<Pod<'w>>> {
+pub(crate) fn servers<'w>(
+    w: &'w World,
+    specs: &[(&str, &[(&str, &str)])],
+) -> anyhow::Result<Vec<Pod<'w>>> {
     let mut pods = Vec::new();
     for (name, env) in specs {
         let pod = w.pod(name).start()?;
@@ -269,7 +272,7 @@ pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// A client pod whose sidecar reads `file` as its discovery source.
-fn client_with_file<'w>(
+pub(crate) fn client_with_file<'w>(
     w: &'w World,
     file: &Path,
     env: &[(&str, &str)],
@@ -317,7 +320,7 @@ fn endpoint_state(
         .with_context(|| format!("{endpoint} is not an endpoint of {destination}"))
 }
 
-fn world_file(w: &World, name: &str) -> PathBuf {
+pub(crate) fn world_file(w: &World, name: &str) -> PathBuf {
     w.dir().join(name)
 }
 

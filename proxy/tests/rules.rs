@@ -1,0 +1,456 @@
+//! Traffic rules on the data path in this process, as an ordinary user: routes and
+//! their precedence, weighted and sticky splits over backend destinations, mirrors,
+//! faults, rate limits outbound and inbound, priority shedding. Real proxies and
+//! servers on loopback; the discovery file names every destination's endpoints.
+
+mod support;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use support::*;
+use tokio::net::TcpListener;
+
+const DISABLED: (&str, &str) = ("GOFE_IDENTITY_DISABLED", "true");
+
+/// A server that answers with its name (and counts what it got, with the Host
+/// headers it saw).
+struct Named {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    hosts: Arc<std::sync::Mutex<Vec<String>>>,
+    /// What `/healthz` says: 200 while true, 503 after.
+    healthy: Arc<AtomicBool>,
+}
+
+async fn named(name: &'static str) -> Named {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let hosts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let (count, seen, health) = (requests.clone(), hosts.clone(), healthy.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (count, seen, health) = (count.clone(), seen.clone(), health.clone());
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                if req.uri().path() == "/healthz" {
+                    let mut rsp = Response::new(Full::new(Bytes::from(name)));
+                    if !health.load(Ordering::SeqCst) {
+                        *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    return std::future::ready(Ok::<_, std::convert::Infallible>(rsp));
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                if let Some(h) = req.headers().get("host").and_then(|h| h.to_str().ok()) {
+                    seen.lock().unwrap().push(h.to_string());
+                }
+                std::future::ready(Ok(Response::new(Full::new(Bytes::from(name)))))
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    Named {
+        addr,
+        requests,
+        hosts,
+        healthy,
+    }
+}
+
+/// A discovery file (endpoints and policy) in a directory kept while the test runs.
+struct Rules {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Rules {
+    fn write(text: &str) -> Rules {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("destinations.yaml");
+        std::fs::write(&path, text).unwrap();
+        Rules { _dir: dir, path }
+    }
+
+    fn discovery(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+}
+
+#[tokio::test]
+async fn routes_split_by_weight_and_keep_sticky_users_on_their_backend() {
+    let (v1, v2) = (named("v1").await, named("v2").await);
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api-v1.test:80
+    endpoints: [{{address: "{}"}}]
+  - name: api-v2.test:80
+    endpoints: [{{address: "{}"}}]
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      routes:
+        - name: canary
+          match: {{path: {{prefix: /api}}}}
+          backends:
+            - {{destination: api-v1.test:80, weight: 90}}
+            - {{destination: api-v2.test:80, weight: 10}}
+        - name: sticky
+          match: {{path: {{prefix: /app}}}}
+          backends:
+            - {{destination: api-v1.test:80, weight: 50}}
+            - {{destination: api-v2.test:80, weight: 50}}
+          sticky: {{cookie: gofe-sticky, ttl: 1h}}
+        - name: by-header
+          match: {{path: {{prefix: /app}}, headers: {{x-v2: {{present: true}}}}}}
+          backends: [{{destination: api-v2.test:80}}]
+"#,
+        v1.addr, v2.addr, v1.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+
+    let n = 2000;
+    let mut on_v2 = 0;
+    for _ in 0..n {
+        let rsp = get(proxy.addrs.outbound, "http://api.test/api/x", &[])
+            .await
+            .unwrap();
+        assert_eq!(rsp.status, 200);
+        on_v2 += usize::from(rsp.body == "v2");
+    }
+    let share = on_v2 as f64 / n as f64;
+    assert!((0.07..0.13).contains(&share), "v2 got {share}");
+
+    // No route: the destination itself.
+    let rsp = get(proxy.addrs.outbound, "http://api.test/other", &[])
+        .await
+        .unwrap();
+    assert_eq!(rsp.body, "v1");
+
+    // A user without a cookie gets one, and stays where it sent them.
+    let mut users_on = HashMap::new();
+    for _ in 0..40 {
+        let first = get(proxy.addrs.outbound, "http://api.test/app", &[])
+            .await
+            .unwrap();
+        let cookie = first.headers["set-cookie"].to_str().unwrap().to_string();
+        assert!(cookie.contains("Max-Age=3600"), "{cookie}");
+        let pair = cookie.split(';').next().unwrap().to_string();
+        for _ in 0..5 {
+            let again = get(
+                proxy.addrs.outbound,
+                "http://api.test/app",
+                &[("cookie", &pair)],
+            )
+            .await
+            .unwrap();
+            assert!(!again.headers.contains_key("set-cookie"));
+            assert_eq!(again.body, first.body, "{pair} moved");
+        }
+        *users_on.entry(first.body).or_insert(0) += 1;
+    }
+    assert_eq!(users_on.len(), 2, "users on both backends: {users_on:?}");
+
+    // More headers matched wins.
+    let rsp = get(proxy.addrs.outbound, "http://api.test/app", &[("x-v2", "")])
+        .await
+        .unwrap();
+    assert_eq!(rsp.body, "v2");
+
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gofe_requests_total",
+            &[
+                ("authority", "api.test"),
+                ("route", "canary"),
+                ("backend", "api-v2.test:80")
+            ]
+        ),
+        Some(on_v2 as f64),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_without_endpoints_gets_no_traffic() {
+    let v1 = named("v1").await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api-v1.test:80
+    endpoints: [{{address: "{}"}}]
+  - name: api-v2.test:80
+    endpoints: []
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      routes:
+        - name: all
+          backends:
+            - {{destination: api-v1.test:80, weight: 1}}
+            - {{destination: api-v2.test:80, weight: 99}}
+"#,
+        v1.addr, v1.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    // The first request makes the backend known; after that it is known empty.
+    let _ = get(proxy.addrs.outbound, "http://api.test/", &[]).await;
+    for _ in 0..50 {
+        let rsp = get(proxy.addrs.outbound, "http://api.test/", &[])
+            .await
+            .unwrap();
+        assert_eq!((rsp.status, rsp.body.as_str()), (200, "v1"));
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_mirror_gets_a_shadow_copy_and_faults_abort() {
+    let (api, shadow) = (named("api").await, named("shadow").await);
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      routes:
+        - name: mirrored
+          match: {{path: {{exact: /m}}}}
+          mirror: {{destination: shadow.test:80, percent: 100}}
+        - name: broken
+          match: {{path: {{exact: /broken}}}}
+          fault: {{abort: {{percent: 100, status: 418}}}}
+  - name: shadow.test:80
+    endpoints: [{{address: "{}"}}]
+"#,
+        api.addr, shadow.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    for _ in 0..10 {
+        let rsp = get(proxy.addrs.outbound, "http://api.test/m", &[])
+            .await
+            .unwrap();
+        assert_eq!(rsp.body, "api");
+    }
+    eventually(Duration::from_secs(10), || async {
+        shadow.requests.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    assert!(
+        shadow
+            .hosts
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|h| h == "api.test-shadow"),
+        "{:?}",
+        shadow.hosts.lock().unwrap()
+    );
+    let rsp = get(proxy.addrs.outbound, "http://api.test/broken", &[])
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 418);
+    eventually(Duration::from_secs(10), || async {
+        sample(
+            &proxy.metrics().await,
+            "gofe_mirrored_total",
+            &[("authority", "shadow.test:80"), ("result", "ok")],
+        ) == Some(10.0)
+    })
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn over_an_outbound_rate_limit_is_429_with_retry_after_and_ratelimit_fields() {
+    let api = named("api").await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      rate_limit: {{requests_per_second: 1, burst: 5}}
+"#,
+        api.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let mut statuses = Vec::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let rsp = get(proxy.addrs.outbound, "http://api.test/", &[])
+            .await
+            .unwrap();
+        statuses.push(rsp.status);
+        if rsp.status == 429 {
+            refused = Some(rsp);
+        }
+    }
+    // The burst, then (within a second) nothing more.
+    assert_eq!(&statuses[..5], &[200; 5]);
+    assert!(statuses[5..].iter().filter(|s| **s == 429).count() >= 2);
+    let r = refused.unwrap();
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.headers["ratelimit-policy"], "\"total\";q=1;w=1;burst=5");
+    assert_eq!(r.headers["ratelimit"], "\"total\";r=0;t=1");
+    let metrics = proxy.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "gofe_rate_limited_total",
+            &[("direction", "outbound"), ("authority", "api.test:80")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_inbound_port_limits_each_unmeshed_client_by_its_address() {
+    let app = App::start().await;
+    let port = app.addr.port();
+    let rules = Rules::write(&format!(
+        r#"
+inbound:
+  - port: {port}
+    rate_limit:
+      per_client: {{requests_per_second: 1, burst: 3}}
+"#
+    ));
+    let policy = rules.path.display().to_string();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_POLICY_FILE", &policy)]);
+    proxy.inbound_for(app.addr);
+    proxy.ready().await;
+    let mut ok = 0;
+    for _ in 0..6 {
+        let rsp = get(proxy.addrs.inbound, "http://web/", &[]).await.unwrap();
+        if rsp.status == 200 {
+            ok += 1;
+        } else {
+            assert_eq!(rsp.status, 429);
+            assert!(
+                rsp.headers["ratelimit"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("\"client\"")
+            );
+        }
+    }
+    assert!((3..=4).contains(&ok), "{ok}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_health_check_takes_an_endpoint_out_and_back_and_panic_mode_serves_all() {
+    let (a, b) = (named("a").await, named("b").await);
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}, {{address: "{}"}}]
+    policy:
+      lb: round-robin
+      retry_limit: 0
+      health_check:
+        protocol: http
+        path: /healthz
+        interval: 50ms
+        timeout: 1s
+        unhealthy_threshold: 2
+        healthy_threshold: 2
+"#,
+        a.addr, b.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let served = |n: usize| {
+        let via = proxy.addrs.outbound;
+        async move {
+            let mut by = HashMap::<String, usize>::new();
+            for _ in 0..n {
+                let rsp = get(via, "http://api.test/", &[]).await.unwrap();
+                assert_eq!(rsp.status, 200);
+                *by.entry(rsp.body).or_default() += 1;
+            }
+            by
+        }
+    };
+    assert_eq!(served(10).await.len(), 2);
+    let state = || async {
+        let json = admin(proxy.addrs.admin, "/endpoints").await.1;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["destinations"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["state"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    b.healthy.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.contains(&"unhealthy".to_string())
+    })
+    .await;
+    let by = served(20).await;
+    assert_eq!(by.get("a"), Some(&20), "{by:?}");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gofe_endpoints",
+            &[("authority", "api.test:80"), ("state", "unhealthy")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "gofe_health_checks_total",
+            &[("endpoint", &b.addr.to_string()), ("result", "unhealthy")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+    // Every endpoint failing: all of them serve (panic mode).
+    a.healthy.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.iter().all(|s| s == "unhealthy")
+    })
+    .await;
+    assert_eq!(served(10).await.len(), 2, "panic mode");
+    // Back after two passes.
+    a.healthy.store(true, Ordering::SeqCst);
+    b.healthy.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), || async {
+        state().await.iter().all(|s| s == "ready")
+    })
+    .await;
+    assert_eq!(served(10).await.len(), 2);
+    proxy.stop().await;
+}

@@ -94,14 +94,14 @@ impl Watched {
         let reloads = Arc::new(Reloads::default());
         let counts = reloads.clone();
         let task = async move {
-            let mut last = text;
+            let mut last = text.into_bytes();
             let mut tick = tokio::time::interval(RELOAD_INTERVAL);
             loop {
                 tick.tick().await;
-                let Ok(text) = tokio::fs::read_to_string(&owned).await else {
+                let Ok(bytes) = tokio::fs::read(&owned).await else {
                     continue;
                 };
-                if text == last {
+                if bytes == last {
                     continue;
                 }
                 // A reload (policy or destinations) is an operation span, with the
@@ -113,7 +113,17 @@ impl Watched {
                     otel.status_code = tracing::field::Empty,
                 );
                 let _entered = span.enter();
-                match Table::parse(&text, &base) {
+                // An empty file is refused, not read as "no policy": a writer that
+                // truncates before it writes shows one for a moment (the chaos case
+                // lost requests to it). `destinations: []` clears a file on purpose.
+                let parsed = match std::str::from_utf8(&bytes) {
+                    Err(e) => Err(format!("not UTF-8 text: {e}")),
+                    Ok(text) if text.trim().is_empty() => {
+                        Err("the file is empty (write `destinations: []` to clear it)".to_string())
+                    }
+                    Ok(text) => Table::parse(text, &base).map_err(|e| e.to_string()),
+                };
+                match parsed {
                     Ok(table) => {
                         info!(path = %owned.display(), destinations = table.destinations.len(), "file reloaded");
                         tx.send_replace(Arc::new(table));
@@ -126,7 +136,7 @@ impl Watched {
                         warn!(path = %owned.display(), %error, "keeping the last good version of the file")
                     }
                 }
-                last = text;
+                last = bytes;
             }
         };
         Ok((

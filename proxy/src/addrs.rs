@@ -101,12 +101,14 @@ pub struct BadDestination(pub String);
 /// http_head).
 pub fn well_formed(a: &http::uri::Authority) -> bool {
     let host_port = a.as_str().rsplit('@').next().unwrap_or_default();
+    // A host of dots only (`.`) is none: trailing dots are dropped from names.
+    let named = |host: &str| !host.trim_end_matches('.').is_empty();
     match host_port.rsplit_once(':') {
-        None => !host_port.is_empty(),
+        None => named(host_port),
         // The only colons are inside a bracketed IPv6 host.
         Some((_, port)) if port.contains(']') => true,
         // A host, and a port that is a number (`host:` and `:80` are refused too).
-        Some((host, port)) => !host.is_empty() && !port.is_empty() && a.port_u16().is_some(),
+        Some((host, port)) => named(host) && !port.is_empty() && a.port_u16().is_some(),
     }
 }
 
@@ -179,6 +181,11 @@ mod tests {
             "api.demo:t43",
             "1.2.3.4:x",
             "api.demo:80:80",
+            ":",
+            ":80",
+            "api.demo:",
+            ".",
+            "..:80",
         ] {
             assert!(DestKey::parse(bad).is_err(), "{bad}");
         }

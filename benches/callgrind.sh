@@ -9,7 +9,8 @@
 #   bash benches/callgrind.sh [GOFE_BINARY]       # default target/release/gofe
 #
 # Env: N1 (default 2000), N2 (default 12000), KEEP=1 keeps the callgrind outputs (for
-# callgrind_annotate) in the work directory it prints.
+# callgrind_annotate) in the work directory it prints, PROXIES (default "gofe haproxy")
+# and PROTOCOLS (default "h1 h2") choose what is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gofe=$(realpath "${1:-target/release/gofe}")
@@ -115,8 +116,8 @@ EOF
 echo "# callgrind, one hop plaintext, $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD), N = $n1 and $n2"
 echo "| proxy | protocol | instructions per request |"
 echo "|---|---|---:|"
-for proto in h1 h2; do
-  for who in gofe haproxy; do
+for proto in ${PROTOCOLS:-h1 h2}; do
+  for who in ${PROXIES:-gofe haproxy}; do
     [ "$who" = haproxy ] && ! command -v haproxy >/dev/null && continue
     a=$("${who}_run" "$proto" "$n1")
     b=$("${who}_run" "$proto" "$n2")

@@ -195,7 +195,7 @@ pub fn check_mesh_round_trip(req: &Request<()>, fallback: &str) {
             .filter(|n| {
                 **n != header::HOST
                     && **n != header::TRANSFER_ENCODING
-                    && n.as_str() != mesh::ORIG_PROTO
+                    && **n != mesh::ORIG_PROTO
             })
             .map(|n| {
                 let values = h.get_all(n).iter().map(|v| v.as_bytes().to_vec());

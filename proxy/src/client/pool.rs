@@ -210,14 +210,14 @@ impl Pool {
 /// Every endpoint's pools.
 pub struct Pools {
     idle_timeout: Duration,
-    pools: RwLock<HashMap<(EndpointAddr, Kind), Arc<Pool>>>,
+    pools: RwLock<HashMap<(EndpointAddr, Kind), Arc<Pool>, foldhash::fast::RandomState>>,
 }
 
 impl Pools {
     pub fn new(idle_timeout: Duration) -> Self {
         Self {
             idle_timeout,
-            pools: RwLock::new(HashMap::new()),
+            pools: RwLock::new(HashMap::default()),
         }
     }
 

@@ -129,7 +129,7 @@ impl Client {
         };
         let connector = &self.connector;
         let connect = || connector.open(direction, addr, decision, ALPN_H2);
-        mesh::to_mesh(&mut req, &addr.to_string());
+        mesh::to_mesh(&mut req, addr);
         let pool = self.pools.get(addr, Kind::Mesh);
         match h2::send(&pool, self.h2, req, expected, connect).await {
             Ok((rsp, peer, slot)) => {

@@ -12,6 +12,7 @@ use crate::proto::mesh::CLIENT_ID;
 use crate::route::destination::Destination;
 use crate::route::target::ConnTarget;
 use gofe_identity::SpiffeId;
+use http::HeaderValue;
 use http::uri::Authority;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -44,6 +45,10 @@ pub struct HttpConn {
     inbound_label: Option<Arc<str>>,
     /// The mesh identity of the client, for an inbound connection over mTLS.
     pub peer: Option<Arc<SpiffeId>>,
+    /// The peer's identity as its requests carry it to the application and to the
+    /// rate limits, made once for the connection rather than once a request.
+    peer_header: Option<HeaderValue>,
+    peer_key: Option<Arc<str>>,
     /// Why requests on this connection are refused (inbound policy), if they are.
     pub refused: Option<String>,
     last_stats: Mutex<Option<(StatsKey, Arc<RequestStats>)>>,
@@ -74,6 +79,8 @@ impl HttpConn {
             app,
             inbound_label,
             peer: None,
+            peer_header: None,
+            peer_key: None,
             refused: None,
             last_stats: Mutex::new(None),
             last_destination: Mutex::new(None),
@@ -81,6 +88,9 @@ impl HttpConn {
     }
 
     pub fn with_peer(mut self, peer: Option<Arc<SpiffeId>>) -> Self {
+        let text = peer.as_ref().map(|p| p.to_string());
+        self.peer_header = text.as_deref().and_then(|t| HeaderValue::from_str(t).ok());
+        self.peer_key = text.map(Arc::from);
         self.peer = peer;
         self
     }
@@ -95,17 +105,16 @@ impl HttpConn {
     /// client could use to name it, are gone.
     pub fn identify_client(&self, headers: &mut http::HeaderMap) {
         if self.direction == Direction::Inbound
-            && let Some(peer) = &self.peer
-            && let Ok(v) = http::HeaderValue::from_str(&peer.to_string())
+            && let Some(v) = &self.peer_header
         {
-            headers.insert(CLIENT_ID, v);
+            headers.insert(CLIENT_ID, v.clone());
         }
     }
 
     /// Who the client is for rate limits: its mesh identity, else its address.
     pub fn client_key(&self) -> Option<ClientKey> {
-        Some(match &self.peer {
-            Some(p) => ClientKey::Identity(p.to_string().into()),
+        Some(match &self.peer_key {
+            Some(p) => ClientKey::Identity(p.clone()),
             None => ClientKey::Ip(self.client.addr().ip()),
         })
     }

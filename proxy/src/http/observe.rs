@@ -45,9 +45,13 @@ impl<S> Observed<S> {
     }
 }
 
+/// A request with its authority, read once (`headers::authority`) for both the
+/// observation and the forwarding.
+pub type WithAuthority = (Request<Incoming>, Option<Authority>);
+
 impl<S> Service<Request<Incoming>> for Observed<S>
 where
-    S: Service<Request<Incoming>, Response = HttpAnswer, Error = ProxyError>,
+    S: Service<WithAuthority, Response = HttpAnswer, Error = ProxyError>,
 {
     type Response = Response<HttpBody>;
     type Error = Infallible;
@@ -65,7 +69,7 @@ where
         observe.inject(req.headers_mut());
         let in_flight = self.conn.activity.request_started();
         ObservedFuture {
-            inner: self.inner.call(req),
+            inner: self.inner.call((req, authority.clone())),
             request: Some(Observing {
                 conn: self.conn.clone(),
                 grpc,

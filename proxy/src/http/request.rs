@@ -7,6 +7,7 @@
 
 use super::conn::HttpConn;
 use super::errors::ProxyError;
+use super::observe::WithAuthority;
 use super::routed;
 use super::upgrade;
 use crate::addrs::Direction;
@@ -14,11 +15,12 @@ use crate::body::request::RequestBody;
 use crate::call::{Call, Failure, HttpAnswer};
 use crate::endpoint::Endpoint;
 use crate::metrics::Limit;
-use crate::proto::headers;
+use crate::proto::headers::{self, Found};
 use crate::proto::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
 use crate::route::destination::Destination;
 use crate::route::target::ConnTarget;
 use futures_util::future::BoxFuture;
+use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Version, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -37,7 +39,7 @@ impl Forwarder {
     }
 }
 
-impl Service<Request<Incoming>> for Forwarder {
+impl Service<WithAuthority> for Forwarder {
     type Response = HttpAnswer;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<HttpAnswer, ProxyError>>;
@@ -46,8 +48,8 @@ impl Service<Request<Incoming>> for Forwarder {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        Box::pin(forward(self.conn.clone(), req))
+    fn call(&mut self, (req, authority): WithAuthority) -> Self::Future {
+        Box::pin(forward(self.conn.clone(), req, authority))
     }
 }
 
@@ -59,27 +61,29 @@ enum Target {
     Destination(Arc<Destination>),
 }
 
+/// `authority` is the request's (`headers::authority`).
 async fn forward(
     conn: Arc<HttpConn>,
     mut req: Request<Incoming>,
+    authority: Option<Authority>,
 ) -> Result<HttpAnswer, ProxyError> {
     if let Some(reason) = &conn.refused {
         return Err(ProxyError::Forbidden(reason.clone()));
     }
-    let authority = headers::authority(&req);
-    match conn.direction {
-        Direction::Inbound => {
-            // Only this proxy says who the client is (set below, once the hop-by-hop
-            // headers, which a client could use to name it, are gone).
-            req.headers_mut().remove(CLIENT_ID);
-            req.headers_mut().remove(CLIENT_ID_UNDERSCORED);
-            if conn.peer.is_some() {
-                mesh::from_mesh(&mut req);
-            } else {
-                req.headers_mut().remove(ORIG_PROTO);
-            }
-        }
-        Direction::Outbound => {
+    // What below acts on, in one pass over the names instead of a lookup each.
+    let found = Found::scan(req.headers());
+    if conn.direction == Direction::Inbound && found.any(Found::CLIENT_ID) {
+        // Only this proxy says who the client is (set below, once the hop-by-hop
+        // headers, which a client could use to name it, are gone).
+        req.headers_mut().remove(CLIENT_ID);
+        req.headers_mut().remove(CLIENT_ID_UNDERSCORED);
+    }
+    if found.any(Found::ORIG_PROTO) {
+        // A request that crossed the mesh is turned back; anyone else's claim to have
+        // is dropped.
+        if conn.direction == Direction::Inbound && conn.peer.is_some() {
+            mesh::from_mesh(&mut req);
+        } else {
             req.headers_mut().remove(ORIG_PROTO);
         }
     }
@@ -102,10 +106,11 @@ async fn forward(
 
     // An h2c upgrade would turn the connection into HTTP/2 the proxies never see: the
     // request goes on as a plain HTTP/1.1 request instead.
-    if headers::is_upgrade_to(&req, "h2c") {
+    let upgrade = found.any(Found::UPGRADE);
+    if upgrade && headers::is_upgrade_to(&req, "h2c") {
         headers::drop_upgrade(req.headers_mut());
     }
-    if req.method() == Method::CONNECT || headers::is_upgrade(&req) {
+    if req.method() == Method::CONNECT || (upgrade && headers::is_upgrade(&req)) {
         let via = match target {
             Target::App => upgrade::Via::App,
             Target::Destination(d) => upgrade::Via::Destination(d),

@@ -16,33 +16,117 @@ const HOP_BY_HOP: [HeaderName; 5] = [
     header::UPGRADE,
 ];
 
+/// The headers a proxy must act on that a message carries, found in one pass over its
+/// names. Most messages carry none of them (beyond a gRPC `TE`), and then nothing
+/// else needs to look: each `HeaderMap` lookup hashes a name and probes, and a request
+/// and its response would otherwise take a dozen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Found(u16);
+
+impl Found {
+    pub const CONNECTION: Found = Found(1);
+    pub const KEEP_ALIVE: Found = Found(1 << 1);
+    pub const PROXY_CONNECTION: Found = Found(1 << 2);
+    pub const TRANSFER_ENCODING: Found = Found(1 << 3);
+    pub const UPGRADE: Found = Found(1 << 4);
+    pub const TE: Found = Found(1 << 5);
+    /// `gofe-client-id` or `gofe_client_id`.
+    pub const CLIENT_ID: Found = Found(1 << 6);
+    pub const ORIG_PROTO: Found = Found(1 << 7);
+    /// Those `strip_hop_by_hop` acts on.
+    const HOP_BY_HOP: Found = Found(0b11_1111);
+
+    /// One pass over the names of `headers`.
+    pub fn scan(headers: &HeaderMap) -> Found {
+        let mut found = 0;
+        for name in headers.keys() {
+            found |= match name.as_str() {
+                "connection" => Self::CONNECTION.0,
+                "keep-alive" => Self::KEEP_ALIVE.0,
+                "proxy-connection" => Self::PROXY_CONNECTION.0,
+                "transfer-encoding" => Self::TRANSFER_ENCODING.0,
+                "upgrade" => Self::UPGRADE.0,
+                "te" => Self::TE.0,
+                "gofe-client-id" | "gofe_client_id" => Self::CLIENT_ID.0,
+                "gofe-orig-proto" => Self::ORIG_PROTO.0,
+                _ => 0,
+            };
+        }
+        Found(found)
+    }
+
+    /// Whether any of `these` was found.
+    pub fn any(self, these: Found) -> bool {
+        self.0 & these.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Found {
+    type Output = Found;
+    fn bitor(self, other: Found) -> Found {
+        Found(self.0 | other.0)
+    }
+}
+
 /// Removes hop-by-hop headers, including any the `Connection` header names. `TE:
 /// trailers` is end-to-end in practice (gRPC needs it) and is kept; other TE values go.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive for a protocol
 /// switch.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let upgrade = if keep_upgrade {
+    let found = Found::scan(headers);
+    if !found.any(Found::HOP_BY_HOP) {
+        return;
+    }
+    if found == Found::TE {
+        // gRPC's `TE: trailers` alone, as it should be: the common case among requests
+        // that have any of these.
+        let mut te = headers.get_all(header::TE).iter();
+        if let (Some(v), None) = (te.next(), te.next())
+            && v == "trailers"
+        {
+            return;
+        }
+    }
+    let upgrade = if keep_upgrade && found.any(Found::UPGRADE) {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| n != header::TE)
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if found.any(Found::CONNECTION) {
+        // The headers `Connection` names go too, except `TE` (below); those removed
+        // anyway (`keep-alive`, nginx's every response) spare a parse and a lookup.
+        let named: Vec<HeaderName> = token_strs(headers, &header::CONNECTION)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("te")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
     // A message framed by Transfer-Encoding has no meaningful Content-Length (RFC 9112
     // §6.3); the next hop frames it afresh.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if found.any(Found::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    let bits = [
+        Found::CONNECTION,
+        Found::KEEP_ALIVE,
+        Found::PROXY_CONNECTION,
+        Found::TRANSFER_ENCODING,
+        Found::UPGRADE,
+    ];
+    for (h, bit) in HOP_BY_HOP.iter().zip(bits) {
+        if found.any(bit) {
+            headers.remove(h);
+        }
     }
-    if headers.contains_key(header::TE) {
-        let trailers = tokens(headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    if found.any(Found::TE) && headers.contains_key(header::TE) {
+        let trailers = token_strs(headers, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         } else {
@@ -53,6 +137,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
     }
+}
+
+/// The comma-separated tokens of every `name` header line, trimmed, none empty.
+fn token_strs<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// The comma-separated tokens of every `name` header line.
@@ -169,6 +264,29 @@ mod tests {
         h.insert("content-length", "10".parse().unwrap());
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn one_pass_finds_what_the_proxy_acts_on() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.insert("x-a", "1".parse().unwrap());
+        assert_eq!(Found::scan(&h), Found::default());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("gofe_client_id", "x".parse().unwrap());
+        h.insert("gofe-orig-proto", "HTTP/1.1".parse().unwrap());
+        let found = Found::scan(&h);
+        assert!(found.any(Found::TE) && found.any(Found::CLIENT_ID));
+        assert!(found.any(Found::ORIG_PROTO) && !found.any(Found::CONNECTION));
+        // `TE: trailers` alone stays as it is; any other TE is reduced or goes.
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+        h.append("te", "deflate".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get_all("te").iter().collect::<Vec<_>>(), ["trailers"]);
+        h.insert("te", "deflate".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("te"));
     }
 
     #[test]

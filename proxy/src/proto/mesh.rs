@@ -5,24 +5,24 @@
 //! HTTP/2 cross unchanged.
 
 use super::headers;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 /// Names the HTTP version a request had before it crossed the mesh.
-pub const ORIG_PROTO: &str = "gofe-orig-proto";
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("gofe-orig-proto");
 /// The peer identity handed to the application on inbound requests.
-pub const CLIENT_ID: &str = "gofe-client-id";
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("gofe-client-id");
 /// The same name as CGI-style stacks (PHP, WSGI) would read it: removed from clients'
 /// requests too, so it cannot stand in for the real one.
-pub const CLIENT_ID_UNDERSCORED: &str = "gofe_client_id";
+pub const CLIENT_ID_UNDERSCORED: HeaderName = HeaderName::from_static("gofe_client_id");
 
 const HTTP11: &str = "HTTP/1.1";
 const HTTP11_ABSOLUTE: &str = "HTTP/1.1; absolute-form";
 
 /// An application's request, made fit for the HTTP/2 hop between proxies. A request
 /// without a usable Host is given `fallback` (the endpoint's address) as its
-/// authority, as HTTP/2 requires one.
-pub fn to_mesh<B>(req: &mut Request<B>, fallback: &str) {
+/// authority, as HTTP/2 requires one (formatted only then).
+pub fn to_mesh<B>(req: &mut Request<B>, fallback: impl std::fmt::Display) {
     if req.version() == Version::HTTP_2 {
         return;
     }
@@ -34,7 +34,7 @@ pub fn to_mesh<B>(req: &mut Request<B>, fallback: &str) {
         req.headers_mut()
             .remove(header::HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .or_else(|| http::uri::Authority::try_from(fallback).ok())
+            .or_else(|| http::uri::Authority::try_from(fallback.to_string()).ok())
     };
     *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());
     *req.version_mut() = Version::HTTP_2;

@@ -29,7 +29,7 @@ pub struct InboundRoutes {
     policy: Arc<Policy>,
     policies: Option<Arc<Policies>>,
     metrics: Arc<Metrics>,
-    ports: Mutex<HashMap<u16, Port>>,
+    ports: Mutex<HashMap<u16, Port, foldhash::fast::RandomState>>,
 }
 
 impl InboundRoutes {
@@ -45,7 +45,7 @@ impl InboundRoutes {
             policy,
             policies,
             metrics,
-            ports: Mutex::new(HashMap::new()),
+            ports: Mutex::new(HashMap::default()),
         }
     }
 

@@ -30,7 +30,8 @@
 //! api there and gets its policy pushed from there, and a policy change is pushed live.
 //!
 //! Then three traffic-rules stories (`demo_rules`): a canary rollout with sticky users,
-//! a client over its rate limit, and a replica whose health check fails.
+//! a client over its rate limit, and a replica whose health check fails; and the limits
+//! (`demo_limits`): a slowloris flood held off while a polite client's requests flow.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -768,6 +769,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<Option<EtcdProcess>> {
     println!("  README \"Kubernetes\" installs the issuer, the injector webhook and Jaeger");
     let _ = std::fs::remove_dir_all(&identity.dir);
     crate::demo_rules::stories().await?;
+    crate::demo_limits::story().await?;
     Ok(etcd)
 }
 

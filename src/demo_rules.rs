@@ -27,13 +27,13 @@ use tokio::net::{TcpListener, TcpSocket};
 
 /// A server answering with its name; `/healthz` answers `health`, other paths
 /// `status` (both settable while it runs).
-struct Server {
-    addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
     health: Arc<AtomicU16>,
     status: Arc<AtomicU16>,
 }
 
-async fn server(name: &'static str) -> anyhow::Result<Server> {
+pub(crate) async fn server(name: &'static str) -> anyhow::Result<Server> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let health = Arc::new(AtomicU16::new(200));
@@ -70,7 +70,7 @@ async fn server(name: &'static str) -> anyhow::Result<Server> {
 }
 
 /// A sidecar with `vars` over loopback defaults.
-fn sidecar(vars: &[(&str, String)]) -> anyhow::Result<(Proxy, gofe_proxy::ProxyAddrs)> {
+pub(crate) fn sidecar(vars: &[(&str, String)]) -> anyhow::Result<(Proxy, gofe_proxy::ProxyAddrs)> {
     let mut map: HashMap<String, String> = [
         ("GOFE_OUTBOUND_LISTEN", "127.0.0.1:0"),
         ("GOFE_INBOUND_LISTEN", "127.0.0.1:0"),
@@ -86,9 +86,9 @@ fn sidecar(vars: &[(&str, String)]) -> anyhow::Result<(Proxy, gofe_proxy::ProxyA
     Ok((proxy, addrs))
 }
 
-type Conn = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+pub(crate) type Conn = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn connect(to: SocketAddr, from: Option<&str>) -> anyhow::Result<Conn> {
+pub(crate) async fn connect(to: SocketAddr, from: Option<&str>) -> anyhow::Result<Conn> {
     let socket = TcpSocket::new_v4()?;
     if let Some(ip) = from {
         socket.bind(SocketAddr::new(ip.parse()?, 0))?;
@@ -100,7 +100,7 @@ async fn connect(to: SocketAddr, from: Option<&str>) -> anyhow::Result<Conn> {
 }
 
 /// One GET: status, body, and the cookie set, if any.
-async fn get(
+pub(crate) async fn get(
     conn: &mut Conn,
     host: &str,
     headers: &[(&str, &str)],

@@ -1,12 +1,14 @@
 //! `gofe`: the commands behind the one binary's CLI, and the Kubernetes-facing glue:
 //! `init` (iptables), `inject` (and its `webhook`, and `app_probes`, the probe
 //! rewriting), `await_ready`, `identity_cmd` (the issuer), `registry_cmd` (the etcd
-//! registry), `demo` (and `demo_rules`, its traffic-rules stories). The binary (main.rs) only parses the command line and runs them.
+//! registry), `demo` (and `demo_rules`, its traffic-rules stories, and `demo_limits`, a
+//! flood held off). The binary (main.rs) only parses the command line and runs them.
 #![forbid(unsafe_code)]
 
 pub mod app_probes;
 pub mod await_ready;
 pub mod demo;
+pub mod demo_limits;
 pub mod demo_rules;
 pub mod identity_cmd;
 pub mod init;

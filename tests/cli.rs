@@ -250,6 +250,37 @@ fn demo_runs_and_drains_cleanly() {
         } else {
             assert!(text.contains("no etcd on the PATH"), "{text}");
         }
+        // The traffic-rules stories: the polite client is never limited, and no request
+        // fails on the replica whose health check fails.
+        assert!(text.contains("2. rate limit 20/s per client"), "{text}");
+        assert!(text.contains("ok, 0 got 429\n"), "the polite client: {text}");
+        assert!(text.contains("requests failed: 0"), "the health check: {text}");
+        // The limits story: a slowloris flood meets the connection cap and the head
+        // timeout (each counted), and every one of the polite client's requests passes.
+        let polite = text
+            .lines()
+            .find(|l| l.contains("polite client:") && l.contains("during the flood"))
+            .unwrap_or_else(|| panic!("no limits story: {text}"));
+        let counts: Vec<u64> = polite
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert!(
+            counts.len() >= 2 && counts[0] == counts[1] && counts[0] > 0,
+            "{polite}"
+        );
+        let sidecar = text
+            .lines()
+            .find(|l| l.contains("flood connections closed at once at the cap"))
+            .unwrap_or_else(|| panic!("no limits counts: {text}"));
+        let tripped: Vec<u64> = sidecar
+            .split_whitespace()
+            .filter_map(|w| w.trim_end_matches(',').parse().ok())
+            .collect();
+        assert!(
+            tripped.len() >= 2 && tripped[0] > 0 && tripped[1] > 0,
+            "both bounds held and were counted: {sidecar}"
+        );
         // The histograms count what the client sent, per sidecar and direction.
         let web_inbound = text
             .lines()

@@ -454,3 +454,131 @@ destinations:
     assert_eq!(served(10).await.len(), 2);
     proxy.stop().await;
 }
+
+/// A bare HTTP/2 client, frame by frame, so that a request's body can be sent after its
+/// answer has arrived (as a client's proxy does when the answer overtakes the body).
+mod raw_h2 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    const DATA: u8 = 0x0;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+
+    pub struct Frame {
+        pub kind: u8,
+        pub stream: u32,
+    }
+
+    pub struct Conn(TcpStream);
+
+    impl Conn {
+        pub async fn open(to: std::net::SocketAddr) -> Conn {
+            let mut s = TcpStream::connect(to).await.unwrap();
+            // Each frame at once: the test is about their order, not Nagle's.
+            s.set_nodelay(true).unwrap();
+            s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            let mut c = Conn(s);
+            c.frame(SETTINGS, 0, 0, &[]).await;
+            c
+        }
+
+        async fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let len = payload.len() as u32;
+            let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            self.0.write_all(&f).await.unwrap();
+        }
+
+        /// A POST of `authority`'s `/` on `stream`, its body still to come.
+        pub async fn post_head(&mut self, stream: u32, authority: &str) {
+            // :method POST, :scheme http, :path / (static table), :authority literal.
+            let mut block = vec![0x83, 0x86, 0x84, 0x01, authority.len() as u8];
+            block.extend_from_slice(authority.as_bytes());
+            block.extend_from_slice(&[0x00, 14]);
+            block.extend_from_slice(b"content-length");
+            block.extend_from_slice(&[1, b'1']);
+            self.frame(HEADERS, END_HEADERS, stream, &block).await;
+        }
+
+        /// The body of `stream`: one byte, and its end.
+        pub async fn body(&mut self, stream: u32) {
+            self.frame(DATA, END_STREAM, stream, b"x").await;
+        }
+
+        /// The next frame from the server (settings acknowledged on the way).
+        pub async fn next(&mut self) -> Option<Frame> {
+            loop {
+                let mut head = [0u8; 9];
+                self.0.read_exact(&mut head).await.ok()?;
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0; len];
+                self.0.read_exact(&mut payload).await.ok()?;
+                let (kind, flags) = (head[3], head[4]);
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                if kind == SETTINGS && flags & ACK == 0 {
+                    self.frame(SETTINGS, ACK, 0, &[]).await;
+                    continue;
+                }
+                return Some(Frame { kind, stream });
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn answers_that_overtake_their_request_bodies_do_not_cost_the_client_its_connection() {
+    // Every request over the limit is answered before its body arrives; the body then
+    // comes, as it does from a client's proxy. Hundreds of them on one HTTP/2
+    // connection (the mesh hop carries a whole pod's requests on one) must neither
+    // reset streams nor make the proxy send the connection away.
+    let app = App::start().await;
+    let port = app.addr.port();
+    let rules = Rules::write(&format!(
+        "inbound:\n  - port: {port}\n    rate_limit: {{requests_per_second: 0.01, burst: 1}}\n"
+    ));
+    let policy = rules.path.display().to_string();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_POLICY_FILE", &policy)]);
+    proxy.inbound_for(app.addr);
+    proxy.ready().await;
+    let mut conn = raw_h2::Conn::open(proxy.addrs.inbound).await;
+    const REQUESTS: u32 = 600;
+    let mut resets = 0;
+    for i in 0..REQUESTS {
+        let stream = 2 * i + 1;
+        conn.post_head(stream, "web").await;
+        // Wait for its answer, then send the body.
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), conn.next())
+                .await
+                .expect("an answer within 10 s")
+                .unwrap_or_else(|| panic!("connection closed at request {i}"));
+            match f.kind {
+                raw_h2::GOAWAY => panic!("GOAWAY after {i} requests"),
+                raw_h2::RST_STREAM => resets += 1,
+                raw_h2::HEADERS if f.stream == stream => break,
+                _ => {}
+            }
+        }
+        conn.body(stream).await;
+    }
+    let metrics = proxy.metrics().await;
+    let limited = sample(
+        &metrics,
+        "gofe_rate_limited_total",
+        &[("direction", "inbound")],
+    );
+    assert!(limited >= Some(f64::from(REQUESTS - 2)), "{metrics}");
+    assert_eq!(resets, 0, "streams reset");
+    proxy.stop().await;
+}

@@ -63,7 +63,10 @@ async fn forward(
     conn: Arc<HttpConn>,
     mut req: Request<Incoming>,
 ) -> Result<HttpAnswer, ProxyError> {
+    let http2 = req.version() == Version::HTTP_2;
     if let Some(reason) = &conn.refused {
+        // Its body is read to the end, not reset (`ClientBody`).
+        drop(RequestBody::client(req.into_body(), http2));
         return Err(ProxyError::Forbidden(reason.clone()));
     }
     let authority = headers::authority(&req);
@@ -115,7 +118,7 @@ async fn forward(
 
     headers::strip_hop_by_hop(req.headers_mut(), false);
     conn.identify_client(req.headers_mut());
-    let mut req = req.map(RequestBody::from);
+    let mut req = req.map(|b| RequestBody::client(b, http2));
     match req.version() {
         Version::HTTP_2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());

@@ -582,3 +582,88 @@ async fn answers_that_overtake_their_request_bodies_do_not_cost_the_client_its_c
     assert_eq!(resets, 0, "streams reset");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn answers_the_proxy_writes_on_a_route_carry_its_route_and_backend() {
+    let v1 = named("v1").await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api-v1.test:80
+    endpoints: [{{address: "{}"}}]
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      routes:
+        - name: limited
+          match: {{path: {{exact: /limited}}}}
+          backends: [{{destination: api-v1.test:80}}]
+          rate_limit: {{requests_per_second: 1, burst: 1}}
+        - name: broken
+          match: {{path: {{exact: /broken}}}}
+          backends: [{{destination: api-v1.test:80}}]
+          fault: {{abort: {{percent: 100, status: 503}}}}
+"#,
+        v1.addr, v1.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let rsp = get(proxy.addrs.outbound, "http://api.test/limited", &[])
+            .await
+            .unwrap();
+        statuses.push(rsp.status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+    let rsp = get(proxy.addrs.outbound, "http://api.test/broken", &[])
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, 503);
+    // Counted when their bodies have been written: wait for them.
+    let requests = |m: &str, route: &str, backend: &str, status: &str| {
+        sample(
+            m,
+            "gofe_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("route", route),
+                ("backend", backend),
+                ("status_code", status),
+            ],
+        )
+    };
+    eventually(Duration::from_secs(10), || async {
+        let m = proxy.metrics().await;
+        requests(&m, "limited", "api-v1.test:80", "429") == Some(2.0)
+            && requests(&m, "broken", "", "503") == Some(1.0)
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        requests(&m, "limited", "api-v1.test:80", "200"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(requests(&m, "", "", "429"), None, "{m}");
+    assert_eq!(requests(&m, "", "", "503"), None, "{m}");
+    let durations = |route: &str, backend: &str| {
+        sample(
+            &m,
+            "gofe_request_duration_seconds_count",
+            &[
+                ("direction", "outbound"),
+                ("route", route),
+                ("backend", backend),
+            ],
+        )
+    };
+    assert_eq!(durations("limited", "api-v1.test:80"), Some(3.0), "{m}");
+    assert_eq!(durations("broken", ""), Some(1.0), "{m}");
+    proxy.stop().await;
+}

@@ -50,10 +50,16 @@ pub async fn forward(
         if let Some(a) = &f.abort
             && chance(a.percent)
         {
+            // Before any backend is drawn: the route alone labels it.
+            let routed = Routed {
+                route: spec.name.clone(),
+                backend: "".into(),
+            };
             return Err(ProxyError::Fault {
                 route: spec.name.clone(),
                 status: a.status,
-            });
+            }
+            .on_route(routed));
         }
         if let Some(delay) = &f.delay
             && chance(delay.percent)
@@ -113,6 +119,10 @@ pub async fn forward(
         mirror(conn, m, &call.req);
     }
 
+    let routed = Routed {
+        route: spec.name.clone(),
+        backend: backend.name.clone(),
+    };
     let stack = route.limit.layer(backend.http_stack());
     let answer = match spec.timeout {
         Some(after) => tokio::time::timeout(after, stack.oneshot(call))
@@ -120,11 +130,10 @@ pub async fn forward(
             .unwrap_or(Err(Failure::Timeout { after })),
         None => stack.oneshot(call).await,
     };
-    let mut answer = answer?;
-    answer.routed = Some(Routed {
-        route: spec.name.clone(),
-        backend: backend.name.clone(),
-    });
+    // Refused by the route's or the backend's limits, shed, timed out...: the answer
+    // the proxy writes is counted under the route and backend too.
+    let mut answer = answer.map_err(|f| ProxyError::from(f).on_route(routed.clone()))?;
+    answer.routed = Some(routed);
     if let Some(c) = set_cookie {
         answer.value.headers_mut().append(header::SET_COOKIE, c);
     }

@@ -667,3 +667,77 @@ destinations:
     assert_eq!(durations("broken", ""), Some(1.0), "{m}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn config_shows_the_traffic_rules_in_force() {
+    let api = named("api").await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{}"}}]
+    policy:
+      routes:
+        - name: checkout
+          match:
+            path: {{prefix: /checkout}}
+            method: POST
+            headers: {{x-user-tier: {{exact: gold}}}}
+          backends:
+            - {{destination: api-v1.test:80, weight: 90}}
+            - {{destination: api-v2.test:80, weight: 10}}
+          sticky: {{cookie: gofe-sticky, ttl: 1h}}
+          mirror: {{destination: shadow.test:80, percent: 5}}
+          fault: {{abort: {{percent: 1, status: 503}}}}
+          rate_limit: {{requests_per_second: 50, burst: 100}}
+      rate_limit: {{requests_per_second: 500, burst: 1000}}
+      health_check: {{protocol: http, path: /healthz, interval: 5s}}
+  - name: plain.test:80
+    endpoints: [{{address: "{}"}}]
+inbound:
+  - port: 8080
+    rate_limit: {{requests_per_second: 1000, burst: 2000}}
+    max_concurrent_requests: 256
+"#,
+        api.addr, api.addr
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    // No request has been made: the rules are shown as configured, not as used.
+    let (status, body) = admin(proxy.addrs.admin, "/config").await;
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["GOFE_DISCOVERY"], discovery.as_str(), "{config}");
+    let rules = &config["traffic_rules"];
+    let dests = rules["destinations"].as_array().unwrap();
+    assert_eq!(dests.len(), 1, "only destinations with rules: {rules}");
+    let api = &dests[0];
+    assert_eq!(api["name"], "api.test:80");
+    assert_eq!(api["from"], "discovery_file");
+    let route = &api["routes"][0];
+    assert_eq!(route["name"], "checkout");
+    assert_eq!(route["match"]["path"]["prefix"], "/checkout");
+    assert_eq!(route["match"]["method"], "POST");
+    assert_eq!(route["match"]["headers"]["x-user-tier"]["exact"], "gold");
+    assert_eq!(route["backends"][1]["destination"], "api-v2.test:80");
+    assert_eq!(route["backends"][1]["weight"], 10);
+    assert_eq!(route["sticky"]["cookie"], "gofe-sticky");
+    assert_eq!(route["mirror"]["percent"], 5.0);
+    assert_eq!(route["fault"]["abort"]["status"], 503);
+    assert_eq!(
+        route["rate_limit"]["total"]["requests_per_second"], 50.0,
+        "{route}"
+    );
+    assert_eq!(api["rate_limit"]["total"]["burst"], 1000, "{api}");
+    assert_eq!(api["health_check"]["path"], "/healthz");
+    assert_eq!(api["health_check"]["interval_ms"], 5000);
+    let inbound = &rules["inbound"][0];
+    assert_eq!(inbound["port"], 8080);
+    assert_eq!(inbound["max_concurrent_requests"], 256);
+    assert_eq!(
+        inbound["rate_limit"]["total"]["requests_per_second"], 1000.0,
+        "{inbound}"
+    );
+    proxy.stop().await;
+}

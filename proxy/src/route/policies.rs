@@ -63,6 +63,46 @@ impl Policies {
         by_port.into_values().collect()
     }
 
+    /// The traffic rules in force, for `/config`: each destination's whose policy has
+    /// rules, from where `lookup` takes it (the policy file, the registry, the
+    /// discovery files, in that order), and each inbound port's.
+    pub fn rules_json(&self) -> serde_json::Value {
+        let mut by_name = std::collections::BTreeMap::new();
+        let mut take = |key: &DestKey, policy: &Arc<Policy>, from: &str| {
+            by_name
+                .entry(key.to_string())
+                .or_insert_with(|| (policy.clone(), from.to_string()));
+        };
+        if let Some(f) = &self.policy_file {
+            for (k, e) in &f.current().destinations {
+                take(k, &e.policy, "policy_file");
+            }
+        }
+        if let Some(r) = &self.registry {
+            for (k, p) in r.policies() {
+                take(&k, &p, "registry");
+            }
+        }
+        for f in &self.discovery_files {
+            for (k, e) in &f.current().destinations {
+                take(k, &e.policy, "discovery_file");
+            }
+        }
+        let destinations: Vec<serde_json::Value> = by_name
+            .into_iter()
+            .filter(|(_, (p, _))| !p.rules.is_empty())
+            .map(|(name, (p, from))| {
+                let mut rules = p.rules.to_json();
+                rules["name"] = name.into();
+                rules["from"] = from.into();
+                rules
+            })
+            .collect();
+        let inbound: Vec<serde_json::Value> =
+            self.all_inbound().iter().map(|r| r.to_json()).collect();
+        serde_json::json!({ "destinations": destinations, "inbound": inbound })
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.get()
     }

@@ -260,6 +260,15 @@ impl Registry {
         self.mirror.read().policies.get(dest).cloned()
     }
 
+    /// Every pushed policy, by destination.
+    pub fn policies(&self) -> Vec<(DestKey, Arc<Policy>)> {
+        let m = self.mirror.read();
+        m.policies
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect()
+    }
+
     /// The endpoints registered for `dest` that verify and that `allowed` (the
     /// destination policy's identities, when it lists them) admits; None when the
     /// registry has no entry for it (the next source is asked).

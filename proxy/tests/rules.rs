@@ -741,3 +741,110 @@ inbound:
     );
     proxy.stop().await;
 }
+
+/// A server that fails each request's first attempt (503) and answers the next ones,
+/// counting what it got by path.
+async fn failing_once() -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let counts = counts.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(req.uri().path().to_string())
+                    .or_default() += 1;
+                let first = req
+                    .headers()
+                    .get("gofe-attempt")
+                    .is_none_or(|a| a.as_bytes() == b"1");
+                let mut rsp = Response::new(Full::new(Bytes::from("ok")));
+                if first {
+                    *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                std::future::ready(Ok::<_, std::convert::Infallible>(rsp))
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_route_retries_as_its_own_settings_say_and_others_as_their_destination() {
+    let (flaky, seen) = failing_once().await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: flaky-b.test:80
+    endpoints: [{{address: "{flaky}"}}]
+    policy: {{retry_on: connect-failure}}
+  - name: api.test:80
+    endpoints: [{{address: "{flaky}"}}]
+    policy:
+      retry_on: connect-failure
+      routes:
+        - name: retried
+          match: {{path: {{prefix: /retried}}}}
+          retry_on: 5xx
+          retry_limit: 2
+        - name: via-backend
+          match: {{path: {{prefix: /backend}}}}
+          backends: [{{destination: flaky-b.test:80}}]
+          retry_on: gateway-error
+          retry_limit: 1
+        - name: plain
+          match: {{path: {{prefix: /plain}}}}
+"#
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let status = |path: &'static str| {
+        let via = proxy.addrs.outbound;
+        async move {
+            get(via, &format!("http://api.test{path}"), &[])
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(status("/retried").await, 200, "the route's retries");
+    assert_eq!(
+        status("/backend").await,
+        200,
+        "the route's retries, on its backend"
+    );
+    assert_eq!(
+        status("/plain").await,
+        503,
+        "the destination's: no retry on 5xx"
+    );
+    assert_eq!(status("/other").await, 503, "no route: the destination's");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen["/retried"], 2, "{seen:?}");
+    assert_eq!(seen["/backend"], 2, "{seen:?}");
+    assert_eq!(seen["/plain"], 1, "{seen:?}");
+    assert_eq!(seen["/other"], 1, "{seen:?}");
+    // Shown with the rules in force.
+    let config: serde_json::Value =
+        serde_json::from_str(&admin(proxy.addrs.admin, "/config").await.1).unwrap();
+    let routes = &config["traffic_rules"]["destinations"][0]["routes"];
+    let retried = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "retried")
+        .unwrap();
+    assert_eq!(retried["retry"]["retry_on"], "5xx", "{routes}");
+    assert_eq!(retried["retry"]["retry_limit"], "2", "{routes}");
+    proxy.stop().await;
+}

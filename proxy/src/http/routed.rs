@@ -7,6 +7,7 @@
 use super::conn::HttpConn;
 use super::errors::ProxyError;
 use crate::call::{Call, Failure, HttpAnswer, HttpCall, Routed};
+use crate::config::policy::RouteRetry;
 use crate::config::rules::{MirrorSpec, Sticky};
 use crate::route::destination::Destination;
 use crate::route::routes::Routes;
@@ -42,7 +43,7 @@ pub async fn forward(
     d: &Arc<Destination>,
     routes: Arc<Routes>,
     index: usize,
-    call: HttpCall,
+    mut call: HttpCall,
 ) -> Result<HttpAnswer, ProxyError> {
     let route = &routes.list[index];
     let spec = &route.spec;
@@ -123,6 +124,9 @@ pub async fn forward(
         route: spec.name.clone(),
         backend: backend.name.clone(),
     };
+    if let Some(retry) = &spec.retry {
+        call.req.extensions_mut().insert(RouteRetry(retry.clone()));
+    }
     let stack = route.limit.layer(backend.http_stack());
     let answer = match spec.timeout {
         Some(after) => tokio::time::timeout(after, stack.oneshot(call))

@@ -848,3 +848,109 @@ destinations:
     assert_eq!(retried["retry"]["retry_limit"], "2", "{routes}");
     proxy.stop().await;
 }
+
+/// A server that keeps the body of every request it gets, and answers with its size.
+async fn body_keeper() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Bytes>>>) {
+    use http_body_util::BodyExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let kept = kept.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let kept = kept.clone();
+                async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let len = body.len();
+                    kept.lock().unwrap().push(body);
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(len.to_string()))))
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+/// A POST of `body` through `via` to `uri`: status and answer.
+async fn post(via: SocketAddr, uri: &str, body: &'static [u8]) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(via).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let uri: http::Uri = uri.parse().unwrap();
+    let req = Request::post(uri.path())
+        .header("host", uri.authority().unwrap().as_str())
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap();
+    let rsp = tx.send_request(req).await.unwrap();
+    let status = rsp.status().as_u16();
+    let text = rsp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+#[tokio::test]
+async fn a_mirror_gets_the_body_within_the_retry_copy_size_and_skips_bigger_ones() {
+    let ((api, api_bodies), (shadow, shadow_bodies)) = (body_keeper().await, body_keeper().await);
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{api}"}}]
+    policy:
+      retry_max_body: 64
+      routes:
+        - name: mirrored
+          match: {{path: {{prefix: /m}}}}
+          mirror: {{destination: shadow.test:80, percent: 100}}
+  - name: shadow.test:80
+    endpoints: [{{address: "{shadow}"}}]
+"#
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let small: &'static [u8] = b"an order of three teas";
+    let big: &'static [u8] = &[b'x'; 1000];
+    assert_eq!(
+        post(proxy.addrs.outbound, "http://api.test/m", small).await,
+        (200, small.len().to_string())
+    );
+    assert_eq!(
+        post(proxy.addrs.outbound, "http://api.test/m", big).await,
+        (200, "1000".into())
+    );
+    let mirrored = |result: &'static str| {
+        let admin_at = proxy.addrs.admin;
+        async move {
+            let m = admin(admin_at, "/metrics").await.1;
+            sample(
+                &m,
+                "gofe_mirrored_total",
+                &[("authority", "shadow.test:80"), ("result", result)],
+            )
+        }
+    };
+    eventually(Duration::from_secs(10), || async {
+        mirrored("ok").await == Some(1.0) && mirrored("skipped_body").await == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        *shadow_bodies.lock().unwrap(),
+        vec![Bytes::from_static(small)]
+    );
+    assert_eq!(
+        *api_bodies.lock().unwrap(),
+        vec![Bytes::from_static(small), Bytes::from_static(big)],
+        "the real requests lose nothing"
+    );
+    proxy.stop().await;
+}

@@ -241,12 +241,18 @@ fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<B
         ("/identity", true) => identity(ctx),
         ("/endpoints", true) => json(&ctx.destinations.to_json()),
         ("/config", true) => {
-            let map: serde_json::Map<String, serde_json::Value> = ctx
+            let mut map: serde_json::Map<String, serde_json::Value> = ctx
                 .config
                 .effective()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
                 .collect();
+            // Beside the variables (all GOFE_*): the traffic rules the files and the
+            // registry put in force.
+            map.insert(
+                "traffic_rules".into(),
+                ctx.destinations.policies().rules_json(),
+            );
             let mut body = serde_json::to_vec_pretty(&map).unwrap_or_default();
             body.push(b'\n');
             let mut rsp = Response::new(Full::new(Bytes::from(body)));

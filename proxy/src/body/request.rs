@@ -4,7 +4,7 @@
 //! are complete.
 
 use super::replay::ReplayBody;
-use super::source::{BoxError, Source};
+use super::source::{BoxError, ClientBody, Source};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -92,9 +92,17 @@ impl RequestBody {
     }
 }
 
+impl RequestBody {
+    /// A client's body: an HTTP/2 one is read to its end if the proxy drops it early
+    /// (`ClientBody`).
+    pub fn client(b: Incoming, http2: bool) -> Self {
+        Self::new(Source::Incoming(ClientBody::new(b, http2)))
+    }
+}
+
 impl From<Incoming> for RequestBody {
     fn from(b: Incoming) -> Self {
-        Self::new(Source::Incoming(b))
+        Self::client(b, false)
     }
 }
 

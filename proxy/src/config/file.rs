@@ -167,6 +167,8 @@ pub enum Problem {
     NotList(String),
     #[error("{}", BadVars(.0))]
     Values(Vec<BadVar>),
+    #[error("route {route}: {}", BadVars(.bad))]
+    Route { route: String, bad: Vec<BadVar> },
 }
 
 struct BadVars<'a>(&'a [BadVar]);
@@ -243,7 +245,26 @@ impl Table {
             let mut policy = Policy::with_overrides(base, &overrides)
                 .map_err(|bad| in_dest(Problem::Values(bad)))?;
             policy.identities = identities;
-            policy.rules = Arc::new(d.policy.rules);
+            let mut rules = d.policy.rules;
+            for route in &mut rules.routes {
+                if route.retry_settings.is_empty() {
+                    continue;
+                }
+                // The route's settings over the destination's, read by the same code.
+                let mut own = overrides.clone();
+                for (k, v) in &route.retry_settings {
+                    let var = Policy::var_for_key(k).expect("a route's retry keys are settings");
+                    own.insert(var.name.to_string(), v.clone());
+                }
+                let p = Policy::with_overrides(base, &own).map_err(|bad| {
+                    in_dest(Problem::Route {
+                        route: route.name.to_string(),
+                        bad,
+                    })
+                })?;
+                route.retry = Some(Arc::new(p.retry));
+            }
+            policy.rules = Arc::new(rules);
             let entry = Entry {
                 endpoints,
                 overrides,
@@ -358,5 +379,42 @@ destinations:
             let err = Table::parse(bad, &HashMap::new()).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_route_has_retry_settings_of_its_own_checked_like_the_destination_s() {
+        let t = Table::parse(
+            r#"
+destinations:
+  - name: api.demo
+    policy:
+      retry_limit: 1
+      routes:
+        - name: pay
+          match: {path: {prefix: /pay}}
+          retry_on: 5xx
+          retry_limit: 3
+        - name: rest
+"#,
+            &HashMap::new(),
+        )
+        .unwrap();
+        let p = &t.destinations[&DestKey::parse("api.demo:80").unwrap()].policy;
+        let pay = p.rules.routes.iter().find(|r| &*r.name == "pay").unwrap();
+        let retry = pay.retry.as_ref().unwrap();
+        assert!(retry.on.status_5xx);
+        assert_eq!(retry.limit, 3);
+        let rest = p.rules.routes.iter().find(|r| &*r.name == "rest").unwrap();
+        assert!(rest.retry.is_none(), "the destination's apply");
+        let e = Table::parse(
+            "destinations: [{name: a, policy: {routes: [{name: pay, retry_on: sometimes}]}}]",
+            &HashMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("route pay") && e.contains("GOFE_RETRY_ON"),
+            "{e}"
+        );
     }
 }

@@ -82,6 +82,11 @@ impl RetryOn {
     }
 }
 
+/// A route's own retry settings, over its destination's: carried in the extensions of
+/// the requests the route takes, to the retry layer of whichever backend they go to.
+#[derive(Clone, Debug)]
+pub struct RouteRetry(pub std::sync::Arc<RetryPolicy>);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     pub on: RetryOn,

@@ -6,6 +6,7 @@ use super::env::Env;
 use super::file::{FileError, Table};
 use super::parse::parse_nonzero_duration;
 use super::policy::Policy;
+use super::rules::InboundRules;
 use super::vars::*;
 use crate::addrs::DestKey;
 use std::collections::{BTreeMap, HashMap};
@@ -339,6 +340,39 @@ pub enum PolicyDocError {
     Name { key: String, named: String },
     #[error("a stored document names exactly one destination; this one names {0}")]
     Count(usize),
+    #[error(
+        "inbound rules are stored apart, under <prefix>/inbound/<service>/<port>, not in a destination's policy"
+    )]
+    InboundInPolicy,
+    #[error(
+        "an inbound document gives the rules of exactly one port, {key}; this one gives {given:?}"
+    )]
+    InboundPorts { key: u16, given: Vec<u16> },
+    #[error("an inbound document gives no destinations")]
+    DestinationsInInbound,
+}
+
+/// The rules of inbound `port` from the document stored at
+/// `<prefix>/inbound/<service>/<port>`: the policy file's `inbound:` schema with that one
+/// port, checked by the file's own parser.
+pub fn parse_inbound_document(
+    port: u16,
+    text: &str,
+    base: &HashMap<String, String>,
+) -> Result<Arc<InboundRules>, PolicyDocError> {
+    let mut table = Table::parse(text, base)?;
+    if !table.destinations.is_empty() {
+        return Err(PolicyDocError::DestinationsInInbound);
+    }
+    match table.inbound.remove(&port) {
+        Some(rules) if table.inbound.is_empty() => Ok(rules),
+        other => {
+            let mut given: Vec<u16> = table.inbound.keys().copied().collect();
+            given.extend(other.map(|r| r.port));
+            given.sort_unstable();
+            Err(PolicyDocError::InboundPorts { key: port, given })
+        }
+    }
 }
 
 /// The policy of `dest` from the document stored at `<prefix>/policy/<dest>`: the policy
@@ -350,6 +384,9 @@ pub fn parse_policy_document(
     base: &HashMap<String, String>,
 ) -> Result<Arc<Policy>, PolicyDocError> {
     let mut table = Table::parse(text, base)?;
+    if !table.inbound.is_empty() {
+        return Err(PolicyDocError::InboundInPolicy);
+    }
     if table.destinations.len() != 1 {
         return Err(PolicyDocError::Count(table.destinations.len()));
     }
@@ -373,6 +410,9 @@ pub fn split_policy_file(
     base: &HashMap<String, String>,
 ) -> Result<Vec<(DestKey, String)>, PolicyDocError> {
     let table = Table::parse(text, base)?;
+    if !table.inbound.is_empty() {
+        return Err(PolicyDocError::InboundInPolicy);
+    }
     if let Some((k, _)) = table
         .destinations
         .iter()

@@ -5,6 +5,7 @@
 //! path (`destinations[0].policy.routes[1].backends`) and its line and column.
 
 use super::parse::{parse_duration, parse_nonzero_duration};
+use super::policy::RetryPolicy;
 use crate::addrs::DestKey;
 use gofe_identity::SpiffeId;
 use serde::{Deserialize, Deserializer};
@@ -691,7 +692,22 @@ pub struct RouteSpec {
     pub fault: Option<FaultSpec>,
     pub timeout: Option<Duration>,
     pub rate_limit: Option<RateLimit>,
+    /// The route's own retry settings (`retry_on`, `retry_limit`...), as written.
+    pub retry_settings: BTreeMap<&'static str, String>,
+    /// Those settings over the destination's, once the file's parser has read them
+    /// with the destination's (None: the backend's own retries apply).
+    pub retry: Option<Arc<RetryPolicy>>,
 }
+
+/// The retry settings a route may give itself (the budget stays its destination's).
+const ROUTE_RETRY_KEYS: [&str; 6] = [
+    "retry_on",
+    "retry_limit",
+    "retry_backoff",
+    "retry_max_body",
+    "retry_status_codes",
+    "retryable",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -707,6 +723,12 @@ struct RouteDoc {
     #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
     rate_limit: Option<RateLimit>,
+    retry_on: Option<serde_yaml::Value>,
+    retry_limit: Option<serde_yaml::Value>,
+    retry_backoff: Option<serde_yaml::Value>,
+    retry_max_body: Option<serde_yaml::Value>,
+    retry_status_codes: Option<serde_yaml::Value>,
+    retryable: Option<serde_yaml::Value>,
 }
 
 impl<'de> Deserialize<'de> for RouteSpec {
@@ -728,7 +750,33 @@ impl<'de> Deserialize<'de> for RouteSpec {
                 r.name
             )));
         }
+        let given = [
+            r.retry_on,
+            r.retry_limit,
+            r.retry_backoff,
+            r.retry_max_body,
+            r.retry_status_codes,
+            r.retryable,
+        ];
+        let mut retry_settings = BTreeMap::new();
+        for (key, value) in ROUTE_RETRY_KEYS.into_iter().zip(given) {
+            let Some(v) = value else { continue };
+            let text = match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                _ => {
+                    return Err(D::Error::custom(format!(
+                        "route {}: {key} must be a single value",
+                        r.name
+                    )));
+                }
+            };
+            retry_settings.insert(key, text);
+        }
         Ok(RouteSpec {
+            retry_settings,
+            retry: None,
             name: r.name.into(),
             matches: r.matches.unwrap_or_default(),
             backends: r.backends,
@@ -826,6 +874,7 @@ impl Rules {
                         "delay": f.delay.as_ref().map(|d| serde_json::json!({ "percent": d.percent, "ms": d.duration.as_millis() as u64 })),
                     })),
                     "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                    "retry": &r.retry_settings,
                     "rate_limit": r.rate_limit.as_ref().map(rate_json),
                 })
             })

@@ -6,7 +6,7 @@
 //! told what kind of failure it was, in words that name nothing inside the pod.
 
 use crate::addrs::EndpointAddr;
-use crate::call::{ConnectFailure, Failure, HttpFailure};
+use crate::call::{ConnectFailure, Failure, HttpFailure, Routed};
 use crate::client::error::SendError;
 use crate::connect::error::ConnectError;
 use crate::proto::grpc;
@@ -36,6 +36,13 @@ pub enum ProxyError {
     /// A fault injected on purpose by a route's `fault: {abort}`.
     #[error("fault injected by route {route}: abort with {status}")]
     Fault { route: Arc<str>, status: StatusCode },
+    /// A failure of a request a traffic rule's route took: the route, and the backend
+    /// once drawn, label its metrics as they label proxied answers.
+    #[error("{error}")]
+    Routed {
+        error: Box<ProxyError>,
+        routed: Routed,
+    },
 }
 
 /// A failure's status, whatever was attempted.
@@ -58,20 +65,52 @@ fn send_status(e: &SendError) -> StatusCode {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    /// This failure, on `routed`'s route and backend.
+    pub fn on_route(self, routed: Routed) -> ProxyError {
+        ProxyError::Routed {
+            error: Box::new(self.unrouted_owned()),
+            routed,
+        }
+    }
+
+    fn unrouted_owned(self) -> ProxyError {
         match self {
+            ProxyError::Routed { error, .. } => error.unrouted_owned(),
+            e => e,
+        }
+    }
+
+    /// The failure itself, whatever route it was on.
+    fn unrouted(&self) -> &ProxyError {
+        match self {
+            ProxyError::Routed { error, .. } => error.unrouted(),
+            e => e,
+        }
+    }
+
+    /// The route (and backend) the request had been given, if a rule took it.
+    pub fn routed(&self) -> Option<&Routed> {
+        match self {
+            ProxyError::Routed { routed, .. } => Some(routed),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self.unrouted() {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
             ProxyError::Send(e) => send_status(e),
             ProxyError::Call(f) => failure_status(f),
             ProxyError::Connect(f) => failure_status(f),
             ProxyError::Fault { status, .. } => *status,
+            ProxyError::Routed { .. } => unreachable!("unrouted"),
         }
     }
 
     /// The endpoint that failed, when one was tried.
     pub fn endpoint(&self) -> Option<EndpointAddr> {
-        match self {
+        match self.unrouted() {
             ProxyError::Call(f) => f.endpoint(),
             ProxyError::Connect(f) => f.endpoint(),
             _ => None,
@@ -80,7 +119,7 @@ impl ProxyError {
 
     fn overloaded(&self) -> bool {
         matches!(
-            self,
+            self.unrouted(),
             ProxyError::Call(Failure::Overloaded { .. })
                 | ProxyError::Connect(Failure::Overloaded { .. })
         )
@@ -126,13 +165,14 @@ impl ProxyError {
                 ),
             }
         }
-        match self {
+        match self.unrouted() {
             ProxyError::Forbidden(_) => "refused by the destination's inbound policy".into(),
             ProxyError::NoAuthority => self.to_string(),
             ProxyError::Send(e) => of_send(e),
             ProxyError::Call(f) => of_failure(f),
             ProxyError::Connect(f) => of_failure(f),
             ProxyError::Fault { .. } => "fault injected".into(),
+            ProxyError::Routed { .. } => unreachable!("unrouted"),
         }
     }
 
@@ -151,7 +191,7 @@ impl ProxyError {
         if self.overloaded() {
             headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
         }
-        if let ProxyError::Call(Failure::RateLimited { refused, .. }) = self {
+        if let ProxyError::Call(Failure::RateLimited { refused, .. }) = self.unrouted() {
             // The fields of draft-ietf-httpapi-ratelimit-headers-08 (RATELIMIT_DRAFT).
             let value = |s: String| HeaderValue::from_str(&s).expect("digits and quotes");
             headers.insert(

@@ -152,13 +152,13 @@ fn respond(r: Observing, answer: HttpAnswer) -> Response<HttpBody> {
 fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
     debug!(client = %r.conn.client, %error, "request failed");
     let mut observe = r.observe;
-    observe.failed(&error, error.endpoint());
+    observe.failed(&error, error.endpoint(), error.routed());
     // The local application may know everything; a remote client learns nothing of
     // the pod's insides (addresses, identities, settings) from an error.
     let detail = r.conn.direction == Direction::Outbound;
     let (status, headers, body) = error.response(r.grpc, detail);
     let finish = Finish {
-        stats: r.conn.stats(r.authority.as_ref(), None, None),
+        stats: r.conn.stats(r.authority.as_ref(), None, error.routed()),
         observe,
         _permit: None,
         _in_flight: r.in_flight,
@@ -315,9 +315,17 @@ impl Observe {
     }
 
     /// The proxy failed the request, and why.
-    pub fn failed(&mut self, error: &dyn std::fmt::Display, endpoint: Option<EndpointAddr>) {
+    pub fn failed(
+        &mut self,
+        error: &dyn std::fmt::Display,
+        endpoint: Option<EndpointAddr>,
+        routed: Option<&Routed>,
+    ) {
         if let Some(e) = &mut self.extra {
             e.error = Some(error.to_string());
+            if routed.is_some() {
+                e.routed = routed.cloned();
+            }
             e.endpoint = endpoint.or(e.endpoint);
         }
     }

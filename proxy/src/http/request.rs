@@ -67,7 +67,10 @@ async fn forward(
     mut req: Request<Incoming>,
     authority: Option<Authority>,
 ) -> Result<HttpAnswer, ProxyError> {
+    let http2 = req.version() == Version::HTTP_2;
     if let Some(reason) = &conn.refused {
+        // Its body is read to the end, not reset (`ClientBody`).
+        drop(RequestBody::client(req.into_body(), http2));
         return Err(ProxyError::Forbidden(reason.clone()));
     }
     // What below acts on, in one pass over the names instead of a lookup each.
@@ -120,7 +123,7 @@ async fn forward(
 
     headers::strip_hop_by_hop(req.headers_mut(), false);
     conn.identify_client(req.headers_mut());
-    let mut req = req.map(RequestBody::from);
+    let mut req = req.map(|b| RequestBody::client(b, http2));
     match req.version() {
         Version::HTTP_2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());

@@ -22,7 +22,7 @@ use crate::body::request::RequestBody;
 use crate::call::{
     Answer, BoxFuture, Call, ConnectCall, ConnectFailure, Failure, HttpCall, HttpFailure,
 };
-use crate::config::policy::{Policy, RetryPolicy};
+use crate::config::policy::{Policy, RetryPolicy, RouteRetry};
 use crate::metrics::Metrics;
 use crate::proto::grpc;
 use http::request::Parts;
@@ -334,7 +334,13 @@ async fn run<S, B>(
 where
     S: Service<HttpCall, Response = Answer<Response<B>>, Error = HttpFailure>,
 {
-    let p = &cfg.policy.retry;
+    // A route's own settings, when its rule gives them, over the destination's.
+    let route = call
+        .req
+        .extensions()
+        .get::<RouteRetry>()
+        .map(|r| r.0.clone());
+    let p = route.as_deref().unwrap_or(&cfg.policy.retry);
     cfg.budget.deposit();
     let safe = p.retryable || is_idempotent(call.req.method());
     let orig_dst = call.orig_dst;
@@ -449,7 +455,7 @@ where
         cfg.stats
             .metrics
             .retry(&cfg.stats.destination, &verdict.reason);
-        cfg.back_off(attempt).await;
+        tokio::time::sleep(backoff(p.backoff_min, p.backoff_max, attempt)).await;
         req = next;
         attempt += 1;
     }

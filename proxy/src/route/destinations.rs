@@ -56,11 +56,17 @@ impl Destinations {
     ) -> Result<(Destinations, Vec<BoxTask>), DestinationsError> {
         let generation = Generation::default();
         let registry = config.registry.clone().map(|r| {
-            Registry::new(
+            Registry::serving(
                 r,
                 anchors,
                 &config.trust_domain,
                 config.policy_vars.clone(),
+                config
+                    .register
+                    .iter()
+                    .flat_map(|r| &r.services)
+                    .map(|s| (s.service.clone(), s.port))
+                    .collect(),
                 generation.clone(),
             )
         });

@@ -24,6 +24,7 @@ crate::cases::register![
     registry_over_tls_with_a_client_certificate_and_a_password,
     registry_entries_are_signed_again_when_the_certificate_renews,
     registry_a_lost_lease_is_registered_again,
+    registry_pushed_inbound_rules_limit_the_replica_they_name_and_a_bad_one_changes_nothing,
 ];
 
 const SERVICE: &str = "api.demo:80";
@@ -813,6 +814,102 @@ pub fn registry_a_lost_lease_is_registered_again(w: &World) -> anyhow::Result<()
             &[("result", "expired")]
         )? >= 1.0,
         "the lost lease is counted"
+    );
+    Ok(())
+}
+
+pub fn registry_pushed_inbound_rules_limit_the_replica_they_name_and_a_bad_one_changes_nothing(
+    w: &World,
+) -> anyhow::Result<()> {
+    let etcd = Etcd::start(w, 1)?;
+    let api = replica(w, &etcd, "api", &[])?;
+    let c = client(w, &etcd, "c")?;
+    wait_for_endpoints(&c, &[&api])?;
+    let applied = |n: f64| {
+        eventually(
+            &format!("the replica applied {n} inbound documents"),
+            CHANGE_TIMEOUT,
+            || {
+                Ok((metric(
+                    &api,
+                    "gofe_registry_updates_total",
+                    &[("kind", "inbound"), ("result", "applied")],
+                )? >= n)
+                    .then_some(()))
+            },
+        )
+    };
+    // One token every 100 s: the burst, then refusals, however slowly they come.
+    let key = format!("/gofe/inbound/{SERVICE}/{HTTP_PORT}");
+    put(
+        &etcd,
+        key.clone(),
+        format!(
+            "inbound:\n  - port: {HTTP_PORT}\n    rate_limit: {{requests_per_second: 0.01, burst: 5}}\n"
+        )
+        .into_bytes(),
+    )?;
+    applied(1.0)?;
+    let r = send(&c, target(), &get(), 20, 1)?;
+    let (ok, limited) = (count_status(&r, 200), count_status(&r, 429));
+    ensure!(
+        (ok, limited) == (5, 15),
+        "{ok} ok, {limited} limited: {r:?}"
+    );
+    let (status, config) = api.admin("GET", "/config")?;
+    ensure!(status == 200);
+    let config: serde_json::Value = serde_json::from_str(&config)?;
+    ensure!(
+        config["traffic_rules"]["inbound"][0]["port"] == HTTP_PORT,
+        "{config}"
+    );
+
+    // A bad document is refused and counted; the last good stays.
+    put(
+        &etcd,
+        key.clone(),
+        format!("inbound:\n  - port: {HTTP_PORT}\n    rate_limt: {{requests_per_second: 1000}}\n")
+            .into_bytes(),
+    )?;
+    eventually("the bad document refused", CHANGE_TIMEOUT, || {
+        Ok((metric(
+            &api,
+            "gofe_registry_updates_total",
+            &[("kind", "inbound"), ("result", "rejected")],
+        )? >= 1.0)
+            .then_some(()))
+    })?;
+    let r = send(&c, target(), &get(), 3, 1)?;
+    ensure!(
+        count_status(&r, 429) == 3,
+        "the last good rules stay: {r:?}"
+    );
+
+    // Another service's document is not this replica's; deleting its own lifts the limit.
+    put(
+        &etcd,
+        format!("/gofe/inbound/web.demo:80/{HTTP_PORT}"),
+        format!("inbound:\n  - port: {HTTP_PORT}\n    max_concurrent_requests: 1\n").into_bytes(),
+    )?;
+    etcd.with_client(
+        0,
+        Box::new(move |mut client| {
+            Box::pin(async move {
+                client.delete(key, None).await?;
+                Ok(())
+            })
+        }),
+    )?;
+    applied(2.0)?;
+    let r = send(&c, target(), &get(), 10, 1)?;
+    ensure!(count_status(&r, 200) == 10, "no limit once deleted: {r:?}");
+    ensure!(
+        metric(
+            &api,
+            "gofe_registry_updates_total",
+            &[("kind", "inbound"), ("result", "rejected")],
+        )? == 1.0,
+        "another service's document is not judged here"
     );
     Ok(())
 }

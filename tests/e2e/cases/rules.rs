@@ -24,6 +24,7 @@ crate::cases::register![
     an_inbound_rate_limit_admits_exactly_its_rate_under_overload,
     inbound_rate_limits_hold_per_client_per_override_and_per_address,
     health_checks_take_an_endpoint_out_before_requests_fail_and_bring_it_back,
+    health_checks_of_meshed_endpoints_go_through_their_sidecars_over_mtls,
     shedding_keeps_critical_requests_at_three_times_the_limit,
 ];
 
@@ -659,7 +660,7 @@ pub fn an_inbound_rate_limit_admits_exactly_its_rate_under_overload(
                             seq,
                         })
                         .await;
-                    codes.push(r.err().map(|s| s.code()));
+                    codes.push(r.err().map(|s| (s.code(), s.message().to_string())));
                 }
                 codes
             });
@@ -672,23 +673,27 @@ pub fn an_inbound_rate_limit_admits_exactly_its_rate_under_overload(
     })??;
     let exhausted = codes
         .iter()
-        .filter(|c| **c == Some(tonic::Code::ResourceExhausted))
+        .filter(|c| matches!(c, Some((tonic::Code::ResourceExhausted, _))))
         .count();
     ensure!(exhausted > 0, "no RESOURCE_EXHAUSTED in 2000 calls");
     let other: Vec<_> = codes
         .iter()
-        .filter(|c| c.is_some() && **c != Some(tonic::Code::ResourceExhausted))
+        .filter(|c| c.is_some() && !matches!(c, Some((tonic::Code::ResourceExhausted, _))))
         .collect();
-    // KNOWN, cause not yet found: since merging into main (with the attack suite's
-    // inbound changes and the GOAWAY retry), 4-12 of these 2,000 calls end UNAVAILABLE
-    // (the share of the port is not it: it was ruled out). Bounded at 1% until found.
-    let unavailable = other
-        .iter()
-        .filter(|c| ***c == Some(tonic::Code::Unavailable))
-        .count();
+    // Every call is answered OK or RESOURCE_EXHAUSTED: an answer written before the
+    // request's body arrived costs the client's proxy neither the stream nor the
+    // connection (body/source.rs, ClientBody), so nothing ends UNAVAILABLE.
     ensure!(
-        other.len() == unavailable && unavailable <= codes.len() / 100,
-        "other statuses than RESOURCE_EXHAUSTED: {other:?}"
+        other.is_empty(),
+        "{} calls of {} ended otherwise: {other:?}",
+        other.len(),
+        codes.len()
+    );
+    let m = server.metrics()?;
+    ensure!(
+        m.sum("gofe_limits_tripped_total", &[("limit", "http2_protocol")]) == 0.0,
+        "the server sent a connection away: {}",
+        m.0
     );
     Ok(())
 }
@@ -919,5 +924,113 @@ pub fn shedding_keeps_critical_requests_at_three_times_the_limit(w: &World) -> a
         "{}",
         m.0
     );
+    Ok(())
+}
+
+pub fn health_checks_of_meshed_endpoints_go_through_their_sidecars_over_mtls(
+    w: &World,
+) -> anyhow::Result<()> {
+    // Servers behind sidecars that refuse plaintext: a check that did not come through
+    // the client's sidecar over mTLS could not pass at all.
+    let mut pods = Vec::new();
+    for name in ["a", "b"] {
+        let pod = w
+            .pod(name)
+            .sidecar()
+            .env("GOFE_INBOUND_MTLS", "strict")
+            .start()?;
+        pod.app("http", HTTP_PORT)?;
+        pods.push(pod);
+    }
+    let (a, b) = (&pods[0], &pods[1]);
+    let identity = crate::harness::Issuer::identity;
+    let file = world_file(w, "destinations.yaml");
+    write_file(
+        &file,
+        &format!(
+            r#"destinations:
+  - name: api.test:{HTTP_PORT}
+    endpoints:
+      - {{address: "{}", identity: "{}"}}
+      - {{address: "{}", identity: "{}"}}
+    policy:
+      lb: round-robin
+      retry_limit: 0
+      outlier_consecutive_5xx: 0
+      outlier_consecutive_gateway: 0
+      health_check: {{protocol: http, path: /healthz, interval: 200ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 2}}
+"#,
+            addr(a),
+            identity("a"),
+            addr(b),
+            identity("b"),
+        ),
+    )?;
+    let client = w
+        .pod("client")
+        .sidecar()
+        .env("GOFE_DISCOVERY", &format!("file:{}", file.display()))
+        .start()?;
+    let host = format!("api.test:{HTTP_PORT}");
+    let state = |pod: &Pod| -> anyhow::Result<String> {
+        Ok(super::resilience::endpoint_states(&client, &host)?
+            .into_iter()
+            .find(|e| e["address"] == addr(pod).to_string())
+            .map(|e| e["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default())
+    };
+    // Checked over mTLS, both pass: the server sidecars saw the checks come from the
+    // client's identity.
+    let got = ask_all(&client, addr(a), vec![Ask::get(&host, "/"); 20], 1)?;
+    ensure!(
+        count(&got, 200) == 20 && by_server(&got).len() == 2,
+        "{:?}",
+        by_server(&got)
+    );
+    let checked_over_mtls = |pod: &Pod| -> anyhow::Result<f64> {
+        Ok(pod.metrics()?.sum(
+            "gofe_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("peer_identity", &identity("client")),
+            ],
+        ))
+    };
+    for pod in [a, b] {
+        let before = checked_over_mtls(pod)?;
+        eventually(
+            &format!("checks of {} arriving over mTLS", pod.name),
+            CHANGE_TIMEOUT,
+            || Ok((checked_over_mtls(pod)? >= before + 2.0).then_some(())),
+        )?;
+    }
+    let m = client.metrics()?;
+    ensure!(
+        m.sum(
+            "gofe_health_checks_total",
+            &[("endpoint", &addr(b).to_string()), ("result", "healthy")]
+        ) >= 1.0,
+        "{}",
+        m.0
+    );
+
+    // b's /healthz fails behind its sidecar: b leaves, and no request fails on it.
+    b.app_get(HTTP_PORT, "/control/health/503")?;
+    eventually("b unhealthy", CHANGE_TIMEOUT, || {
+        Ok((state(b)? == "unhealthy").then_some(()))
+    })?;
+    b.app_get(HTTP_PORT, "/control/status/503")?;
+    let got = ask_all(&client, addr(a), vec![Ask::get(&host, "/"); 200], 4)?;
+    ensure!(count(&got, 200) == 200, "{:?}", by_server(&got));
+    ensure!(!by_server(&got).contains_key("b"));
+
+    // It recovers: back after the healthy threshold, serving again.
+    b.app_get(HTTP_PORT, "/control/ok")?;
+    eventually("b ready again", CHANGE_TIMEOUT, || {
+        Ok((state(b)? == "ready").then_some(()))
+    })?;
+    let got = ask_all(&client, addr(a), vec![Ask::get(&host, "/"); 20], 1)?;
+    ensure!(count(&got, 200) == 20 && by_server(&got).get("b") == Some(&10));
     Ok(())
 }

@@ -11,7 +11,8 @@ use super::file::Generation;
 use crate::addrs::DestKey;
 use crate::config::RegistryConfig;
 use crate::config::policy::Policy;
-use crate::config::registry::parse_policy_document;
+use crate::config::registry::{parse_inbound_document, parse_policy_document};
+use crate::config::rules::InboundRules;
 use crate::endpoint::Endpoint;
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions,
@@ -130,6 +131,11 @@ struct Mirror {
     /// The revision of the document last looked at per policy key (good or not), so a
     /// re-read does not judge (and count) the same document twice.
     policy_seen: HashMap<String, i64>,
+    /// This pod's inbound ports' last good pushed rules, by document key (whose port
+    /// they are for).
+    inbound: BTreeMap<String, Arc<InboundRules>>,
+    /// As `policy_seen`, for inbound documents.
+    inbound_seen: HashMap<String, i64>,
     revision: i64,
     /// Read at least once: before that the registry knows nothing.
     synced: bool,
@@ -188,6 +194,8 @@ pub struct Registry {
     trust_domain: String,
     /// The policy variables as given, under the pushed documents.
     base: HashMap<String, String>,
+    /// What this pod serves, `(service, app port)`: whose inbound documents apply here.
+    served: Vec<(DestKey, u16)>,
     generation: Generation,
     mirror: RwLock<Mirror>,
     /// Bumped when entries change, waking the destinations that read them.
@@ -205,11 +213,25 @@ pub struct Answer {
 }
 
 impl Registry {
+    /// A registry for a pod that serves nothing (no inbound document applies to it).
     pub fn new(
         config: RegistryConfig,
         anchors: Option<Arc<TrustAnchors>>,
         trust_domain: &str,
         base: HashMap<String, String>,
+        generation: Generation,
+    ) -> Arc<Registry> {
+        Self::serving(config, anchors, trust_domain, base, Vec::new(), generation)
+    }
+
+    /// A registry for a pod that serves `served` (`(service, app port)`, as it
+    /// registers them): the inbound documents of those apply to it.
+    pub fn serving(
+        config: RegistryConfig,
+        anchors: Option<Arc<TrustAnchors>>,
+        trust_domain: &str,
+        base: HashMap<String, String>,
+        served: Vec<(DestKey, u16)>,
         generation: Generation,
     ) -> Arc<Registry> {
         if anchors.is_none() {
@@ -222,6 +244,7 @@ impl Registry {
             anchors,
             trust_domain: trust_domain.to_string(),
             base,
+            served,
             generation,
             mirror: RwLock::new(Mirror::default()),
             changed: watch::Sender::new(0),
@@ -258,6 +281,26 @@ impl Registry {
     /// The pushed policy of `dest`, if one was.
     pub fn policy(&self, dest: &DestKey) -> Option<Arc<Policy>> {
         self.mirror.read().policies.get(dest).cloned()
+    }
+
+    /// The pushed rules of this pod's inbound `port`, if there are.
+    pub fn inbound(&self, port: u16) -> Option<Arc<InboundRules>> {
+        let m = self.mirror.read();
+        m.inbound.values().find(|r| r.port == port).cloned()
+    }
+
+    /// Every pushed inbound port's rules.
+    pub fn all_inbound(&self) -> Vec<Arc<InboundRules>> {
+        self.mirror.read().inbound.values().cloned().collect()
+    }
+
+    /// Every pushed policy, by destination.
+    pub fn policies(&self) -> Vec<(DestKey, Arc<Policy>)> {
+        let m = self.mirror.read();
+        m.policies
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect()
     }
 
     /// The endpoints registered for `dest` that verify and that `allowed` (the
@@ -470,8 +513,10 @@ impl Registry {
     fn replace_all<'a>(&self, kvs: impl Iterator<Item = (&'a str, &'a [u8], i64)>, revision: i64) {
         let services_root = self.config.services_root();
         let policy_root = self.config.policy_root();
+        let inbound_root = self.config.inbound_root();
         let mut services = BTreeMap::new();
         let mut docs = Vec::new();
+        let mut inbound_docs = Vec::new();
         for (key, value, mod_revision) in kvs {
             if key.starts_with(&services_root) {
                 services.insert(
@@ -483,6 +528,8 @@ impl Registry {
                 );
             } else if key.starts_with(&policy_root) {
                 docs.push((key.to_string(), mod_revision, value.to_vec()));
+            } else if key.starts_with(&inbound_root) {
+                inbound_docs.push((key.to_string(), mod_revision, value.to_vec()));
             }
         }
         let policies_changed;
@@ -500,6 +547,14 @@ impl Registry {
             let mut changed = m.policies.len() != before;
             for (key, rev, value) in docs {
                 changed |= self.judge_policy(&mut m, &key, rev, Some(&value));
+            }
+            let present: Vec<&str> = inbound_docs.iter().map(|(k, _, _)| k.as_str()).collect();
+            let before = m.inbound.len();
+            m.inbound_seen.retain(|k, _| present.contains(&k.as_str()));
+            m.inbound.retain(|k, _| present.contains(&k.as_str()));
+            changed |= m.inbound.len() != before;
+            for (key, rev, value) in inbound_docs {
+                changed |= self.judge_inbound(&mut m, &key, rev, Some(&value));
             }
             policies_changed = changed;
             m.revision = revision;
@@ -549,6 +604,7 @@ impl Registry {
     ) {
         let services_root = self.config.services_root();
         let policy_root = self.config.policy_root();
+        let inbound_root = self.config.inbound_root();
         let (mut services_changed, mut policies_changed) = (false, false);
         let mut m = self.mirror.write();
         for (key, value, mod_revision) in changes {
@@ -572,6 +628,8 @@ impl Registry {
                 }
             } else if key.starts_with(&policy_root) {
                 policies_changed |= self.judge_policy(&mut m, key, mod_revision, value);
+            } else if key.starts_with(&inbound_root) {
+                policies_changed |= self.judge_inbound(&mut m, key, mod_revision, value);
             }
         }
         m.revision = revision;
@@ -620,6 +678,52 @@ impl Registry {
             Err(error) => {
                 self.stats.update("policy", "rejected");
                 warn!(destination = %dest, revision = rev, %error, "pushed policy refused: keeping the last good one");
+                false
+            }
+        }
+    }
+
+    /// An inbound document put (Some) or deleted (None) at `key`
+    /// (`<prefix>/inbound/<service>/<port>`); true if the rules in force changed. Only
+    /// documents for what this pod serves apply; a bad one is refused and counted
+    /// (`kind="inbound"`), and the last good stays.
+    fn judge_inbound(&self, m: &mut Mirror, key: &str, rev: i64, value: Option<&[u8]>) -> bool {
+        let name = &key[self.config.inbound_root().len()..];
+        let parsed = name.rsplit_once('/').and_then(|(service, port)| {
+            Some((DestKey::parse(service).ok()?, port.parse::<u16>().ok()?))
+        });
+        let Some((service, port)) = parsed else {
+            if value.is_some() && m.inbound_seen.insert(key.to_string(), rev) != Some(rev) {
+                warn!(%key, "inbound document refused: the key is not <service>/<port>");
+                self.stats.update("inbound", "rejected");
+            }
+            return false;
+        };
+        if !self.served.iter().any(|(s, p)| *s == service && *p == port) {
+            // Another pod's.
+            return false;
+        }
+        let Some(value) = value else {
+            m.inbound_seen.remove(key);
+            self.stats.update("inbound", "applied");
+            info!(%service, port, "pushed inbound rules removed");
+            return m.inbound.remove(key).is_some();
+        };
+        if m.inbound_seen.insert(key.to_string(), rev) == Some(rev) {
+            return false;
+        }
+        let text = String::from_utf8_lossy(value);
+        match parse_inbound_document(port, &text, &self.base) {
+            Ok(rules) => {
+                self.stats.update("inbound", "applied");
+                info!(%service, port, revision = rev, "pushed inbound rules applied");
+                let changed = m.inbound.get(key).is_none_or(|r| **r != *rules);
+                m.inbound.insert(key.to_string(), rules);
+                changed
+            }
+            Err(error) => {
+                self.stats.update("inbound", "rejected");
+                warn!(%service, port, revision = rev, %error, "pushed inbound rules refused: keeping the last good ones");
                 false
             }
         }
@@ -755,11 +859,12 @@ mod tests {
             auth: None,
             prefix: "/gofe".into(),
         };
-        Registry::new(
+        Registry::serving(
             config,
             Some(mesh.anchors.clone()),
             "cluster.local",
             HashMap::new(),
+            vec![(api(), 8080)],
             Generation::default(),
         )
     }
@@ -881,6 +986,46 @@ mod tests {
         assert_eq!(updates[&("policy", "rejected")], 2);
         // A full read that no longer has it: removed.
         r.replace_all(std::iter::empty(), 4);
+        assert!(r.policy(&api()).is_none());
+    }
+
+    #[test]
+    fn inbound_documents_of_this_pod_apply_and_a_bad_one_is_refused() {
+        let mesh = mesh();
+        let r = registry(&mesh);
+        let key = "/gofe/inbound/api.demo:80/8080";
+        let good = b"inbound: [{port: 8080, rate_limit: {requests_per_second: 5, burst: 10}}]";
+        r.apply_changes([(key, Some(good.as_slice()), 1)].into_iter(), 1);
+        let rules = r.inbound(8080).expect("applied");
+        assert_eq!(rules.rate_limit.as_ref().unwrap().total.unwrap().burst, 10);
+        // Bad: a misspelt field, another port than the key's, a policy inside.
+        for (rev, bad) in [
+            "inbound: [{port: 8080, rate_limt: {requests_per_second: 1}}]",
+            "inbound: [{port: 9090, max_concurrent_requests: 1}]",
+            "destinations: [{name: a, policy: {retry_limit: 1}}]",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let rev = rev as i64 + 2;
+            r.apply_changes([(key, Some(bad.as_bytes()), rev)].into_iter(), rev);
+        }
+        assert_eq!(r.inbound(8080), Some(rules), "the last good stays");
+        // Another pod's service or port: not this pod's business, not counted.
+        let theirs = "/gofe/inbound/web.demo:80/8080";
+        r.apply_changes([(theirs, Some(good.as_slice()), 9)].into_iter(), 9);
+        let updates = r.stats.updates.lock().clone();
+        assert_eq!(updates[&("inbound", "applied")], 1);
+        assert_eq!(updates[&("inbound", "rejected")], 3);
+        // Deleted: gone.
+        r.apply_changes([(key, None, 10)].into_iter(), 10);
+        assert!(r.inbound(8080).is_none());
+        // A policy document with inbound rules is refused, not half applied.
+        let mixed = b"destinations: [{name: api.demo:80, policy: {retry_limit: 1}}]\ninbound: [{port: 8080}]";
+        r.apply_changes(
+            [("/gofe/policy/api.demo:80", Some(mixed.as_slice()), 11)].into_iter(),
+            11,
+        );
         assert!(r.policy(&api()).is_none());
     }
 }

@@ -253,8 +253,14 @@ fn demo_runs_and_drains_cleanly() {
         // The traffic-rules stories: the polite client is never limited, and no request
         // fails on the replica whose health check fails.
         assert!(text.contains("2. rate limit 20/s per client"), "{text}");
-        assert!(text.contains("ok, 0 got 429\n"), "the polite client: {text}");
-        assert!(text.contains("requests failed: 0"), "the health check: {text}");
+        assert!(
+            text.contains("ok, 0 got 429\n"),
+            "the polite client: {text}"
+        );
+        assert!(
+            text.contains("requests failed: 0"),
+            "the health check: {text}"
+        );
         // The limits story: a slowloris flood meets the connection cap and the head
         // timeout (each counted), and every one of the polite client's requests passes.
         let polite = text

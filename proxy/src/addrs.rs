@@ -98,8 +98,9 @@ pub struct BadDestination(pub String);
 /// Whether an authority names a host and, if it says one, a port: `http` accepts
 /// `api.demo:t43` (a port that is no number) with no port, and the host it would then
 /// show (`api.demo:t43`) names nothing; it accepts `[fd05@:]0:8080` too (userinfo
-/// `[fd05`, host `:]0`). Found by fuzzing (targets destinations and http_head). A host
-/// has colons only inside brackets (an IPv6 address, or a name written with them).
+/// `[fd05`, host `:]0`) and `[fd05@,]080` (host `,]080`). Found by fuzzing (targets
+/// destinations and http_head). A host's brackets pair up, and it has colons only
+/// inside them (an IPv6 address, or a name written with them).
 pub fn well_formed(a: &http::uri::Authority) -> bool {
     // Bytes, not `str` patterns: this runs for every request (it was 800 instructions
     // a call).
@@ -114,14 +115,20 @@ pub fn well_formed(a: &http::uri::Authority) -> bool {
         Some(colon) if host_port[colon..].contains(&b']') => (host_port, None),
         Some(colon) => (&host_port[..colon], Some(&host_port[colon + 1..])),
     };
+    // Brackets pair up (`[`, then `]`, not nested); colons only inside them.
     let mut bracketed = false;
     for &b in host {
         match b {
+            b'[' if bracketed => return false,
+            b']' if !bracketed => return false,
             b'[' => bracketed = true,
             b']' => bracketed = false,
             b':' if !bracketed => return false,
             _ => {}
         }
+    }
+    if bracketed {
+        return false;
     }
     // A host of dots only (`.`) is none: trailing dots are dropped from names. A port,
     // if any, is a number (`host:` and `:80` are refused too).
@@ -203,6 +210,10 @@ mod tests {
             ".",
             "..:80",
             "[fd05@:]0:8080",
+            "[fd05@,]080",
+            "a]b",
+            "a[b",
+            "[[a]]",
         ] {
             assert!(DestKey::parse(bad).is_err(), "{bad}");
         }

@@ -849,6 +849,82 @@ destinations:
     proxy.stop().await;
 }
 
+/// A server whose first attempt of each request answers only after `first_after`, and
+/// the next ones at once, counting attempts by path.
+async fn slow_first(
+    first_after: Duration,
+) -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let counts = counts.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(req.uri().path().to_string())
+                    .or_default() += 1;
+                let first = req
+                    .headers()
+                    .get("gofe-attempt")
+                    .is_none_or(|a| a.as_bytes() == b"1");
+                async move {
+                    if first {
+                        tokio::time::sleep(first_after).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A route's `per_try_timeout` cuts its slow attempt and retries it; a route without
+/// one waits for the slow answer.
+#[tokio::test]
+async fn a_route_s_per_try_timeout_cuts_an_attempt_and_retries() {
+    let (slow, seen) = slow_first(Duration::from_secs(3)).await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{slow}"}}]
+    policy:
+      retry_on: gateway-error
+      routes:
+        - name: hurried
+          match: {{path: {{prefix: /hurried}}}}
+          per_try_timeout: 200ms
+        - name: patient
+          match: {{path: {{prefix: /patient}}}}
+"#
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let via = proxy.addrs.outbound;
+    let hurried = get(via, "http://api.test/hurried", &[]).await.unwrap();
+    assert_eq!(hurried.status, 200, "the second attempt answered");
+    let patient = get(via, "http://api.test/patient", &[]).await.unwrap();
+    assert_eq!(patient.status, 200, "the slow answer, waited for");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen["/hurried"], 2,
+        "cut after 200 ms and retried: {seen:?}"
+    );
+    assert_eq!(seen["/patient"], 1, "no attempt timeout: {seen:?}");
+    proxy.stop().await;
+}
+
 /// A server that keeps the body of every request it gets, and answers with its size.
 async fn body_keeper() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Bytes>>>) {
     use http_body_util::BodyExt;

@@ -394,6 +394,7 @@ destinations:
           match: {path: {prefix: /pay}}
           retry_on: 5xx
           retry_limit: 3
+          per_try_timeout: 250ms
         - name: rest
 "#,
             &HashMap::new(),
@@ -404,6 +405,7 @@ destinations:
         let retry = pay.retry.as_ref().unwrap();
         assert!(retry.on.status_5xx);
         assert_eq!(retry.limit, 3);
+        assert_eq!(pay.per_try_timeout, Some(Duration::from_millis(250)));
         let rest = p.rules.routes.iter().find(|r| &*r.name == "rest").unwrap();
         assert!(rest.retry.is_none(), "the destination's apply");
         let e = Table::parse(

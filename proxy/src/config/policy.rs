@@ -87,6 +87,11 @@ impl RetryOn {
 #[derive(Clone, Debug)]
 pub struct RouteRetry(pub std::sync::Arc<RetryPolicy>);
 
+/// A route's own `per_try_timeout`, carried the same way to the attempt timeout of
+/// whichever backend its requests go to.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteTryTimeout(pub Duration);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     pub on: RetryOn,

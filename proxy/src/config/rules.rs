@@ -691,6 +691,8 @@ pub struct RouteSpec {
     pub mirror: Option<MirrorSpec>,
     pub fault: Option<FaultSpec>,
     pub timeout: Option<Duration>,
+    /// Each attempt's timeout on this route, over the backend's `per_try_timeout`.
+    pub per_try_timeout: Option<Duration>,
     pub rate_limit: Option<RateLimit>,
     /// The route's own retry settings (`retry_on`, `retry_limit`...), as written.
     pub retry_settings: BTreeMap<&'static str, String>,
@@ -722,6 +724,8 @@ struct RouteDoc {
     fault: Option<FaultSpec>,
     #[serde(default, deserialize_with = "optional_duration")]
     timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    per_try_timeout: Option<Duration>,
     rate_limit: Option<RateLimit>,
     retry_on: Option<serde_yaml::Value>,
     retry_limit: Option<serde_yaml::Value>,
@@ -784,6 +788,7 @@ impl<'de> Deserialize<'de> for RouteSpec {
             mirror: r.mirror,
             fault: r.fault,
             timeout: r.timeout,
+            per_try_timeout: r.per_try_timeout,
             rate_limit: r.rate_limit,
         })
     }
@@ -874,6 +879,7 @@ impl Rules {
                         "delay": f.delay.as_ref().map(|d| serde_json::json!({ "percent": d.percent, "ms": d.duration.as_millis() as u64 })),
                     })),
                     "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                    "per_try_timeout_ms": r.per_try_timeout.map(|t| t.as_millis() as u64),
                     "retry": &r.retry_settings,
                     "rate_limit": r.rate_limit.as_ref().map(rate_json),
                 })

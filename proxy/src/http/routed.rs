@@ -10,7 +10,7 @@ use super::errors::ProxyError;
 use crate::body::request::RequestBody;
 use crate::body::source::{BoxError, Source};
 use crate::call::{Call, Failure, HttpAnswer, HttpCall, Routed};
-use crate::config::policy::RouteRetry;
+use crate::config::policy::{RouteRetry, RouteTryTimeout};
 use crate::config::rules::{MirrorSpec, Sticky};
 use crate::route::destination::Destination;
 use crate::route::routes::Routes;
@@ -133,6 +133,9 @@ pub async fn forward(
     };
     if let Some(retry) = &spec.retry {
         call.req.extensions_mut().insert(RouteRetry(retry.clone()));
+    }
+    if let Some(after) = spec.per_try_timeout {
+        call.req.extensions_mut().insert(RouteTryTimeout(after));
     }
     let stack = route.limit.layer(backend.http_stack());
     let answer = match spec.timeout {

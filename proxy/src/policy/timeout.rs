@@ -6,6 +6,7 @@
 //! with the attempt's headers.
 
 use crate::call::{Answer, BoxFuture, Call, Failure};
+use crate::config::policy::RouteTryTimeout;
 use futures_util::future::Either;
 use std::fmt::Debug;
 use std::task::{Context, Poll};
@@ -56,11 +57,23 @@ pub struct Timeout<S> {
     cfg: TimeoutLayer,
 }
 
+/// What a request says of its own attempt timeout: a route's `per_try_timeout`, over
+/// the backend's.
+pub trait AttemptTimeout {
+    fn attempt_timeout(&self) -> Option<Duration>;
+}
+
+impl<B> AttemptTimeout for http::Request<B> {
+    fn attempt_timeout(&self) -> Option<Duration> {
+        self.extensions().get::<RouteTryTimeout>().map(|t| t.0)
+    }
+}
+
 impl<S, R, T> Service<Call<R>> for Timeout<S>
 where
     S: Service<Call<R>, Response = Answer<T>, Error = Failure<R>>,
     S::Future: Send + 'static,
-    R: Debug + Send + 'static,
+    R: AttemptTimeout + Debug + Send + 'static,
     T: Send + 'static,
 {
     type Response = Answer<T>;
@@ -74,8 +87,12 @@ where
 
     fn call(&mut self, call: Call<R>) -> Self::Future {
         let endpoint = call.endpoint_addr();
-        let answer = self.inner.call(call);
         let TimeoutLayer { after, scope } = self.cfg;
+        let after = match scope {
+            Scope::Attempt => call.req.attempt_timeout().or(after),
+            Scope::Request => after,
+        };
+        let answer = self.inner.call(call);
         let Some(after) = after else {
             return Either::Left(answer);
         };
@@ -147,5 +164,32 @@ mod tests {
         assert!(svc.oneshot(get()).await.is_ok());
         let svc = TimeoutLayer::request(None).layer(slow(Duration::from_secs(3600)));
         assert!(svc.oneshot(get()).await.is_ok());
+    }
+
+    /// A route's `per_try_timeout` (in the request's extensions) bounds each attempt,
+    /// over the backend's own or none; the whole request's timeout is not its business.
+    #[tokio::test(start_paused = true)]
+    async fn a_route_s_attempt_timeout_overrides_the_backend_s() {
+        let route = |after: u64| {
+            let mut call = get();
+            call.req
+                .extensions_mut()
+                .insert(RouteTryTimeout(Duration::from_millis(after)));
+            call
+        };
+        for backend in [None, Some(Duration::from_secs(10))] {
+            let svc = TimeoutLayer::attempt(backend).layer(slow(Duration::from_secs(1)));
+            let started = tokio::time::Instant::now();
+            match svc.oneshot(route(50)).await {
+                Err(Failure::TryTimeout { after, .. }) => {
+                    assert_eq!(after, Duration::from_millis(50));
+                    assert_eq!(started.elapsed(), Duration::from_millis(50));
+                }
+                _ => panic!("the route's 50 ms, not {backend:?}"),
+            }
+        }
+        let svc = TimeoutLayer::request(Some(Duration::from_secs(10)))
+            .layer(slow(Duration::from_secs(1)));
+        assert!(svc.oneshot(route(50)).await.is_ok());
     }
 }

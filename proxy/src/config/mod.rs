@@ -12,6 +12,7 @@ pub mod policy;
 pub mod probes;
 pub mod proxy;
 pub mod registry;
+pub mod retry;
 pub mod rules;
 pub mod vars;
 

@@ -5,7 +5,7 @@
 //! path (`destinations[0].policy.routes[1].backends`) and its line and column.
 
 use super::parse::{parse_duration, parse_nonzero_duration};
-use super::policy::RetryPolicy;
+use super::retry::RetryPolicy;
 use crate::addrs::DestKey;
 use gofe_identity::SpiffeId;
 use serde::{Deserialize, Deserializer};

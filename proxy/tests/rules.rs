@@ -742,17 +742,23 @@ inbound:
     proxy.stop().await;
 }
 
-/// A server that fails each request's first attempt (503) and answers the next ones,
-/// counting what it got by path.
-async fn failing_once() -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
+type Attempts = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+/// A server counting the attempts it gets by path; `answer` makes each response from
+/// whether it is its request's first attempt (`gofe-attempt` absent or 1).
+async fn attempt_server<F, Fut>(answer: F) -> (SocketAddr, Attempts)
+where
+    F: Fn(bool) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let seen = Attempts::default();
     let counts = seen.clone();
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            let counts = counts.clone();
+            let (counts, answer) = (counts.clone(), answer.clone());
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 *counts
                     .lock()
@@ -763,11 +769,8 @@ async fn failing_once() -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usi
                     .headers()
                     .get("gofe-attempt")
                     .is_none_or(|a| a.as_bytes() == b"1");
-                let mut rsp = Response::new(Full::new(Bytes::from("ok")));
-                if first {
-                    *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                }
-                std::future::ready(Ok::<_, std::convert::Infallible>(rsp))
+                let rsp = answer(first);
+                async move { Ok::<_, std::convert::Infallible>(rsp.await) }
             });
             tokio::spawn(async move {
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -776,6 +779,18 @@ async fn failing_once() -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usi
         }
     });
     (addr, seen)
+}
+
+/// A server that fails each request's first attempt (503) and answers the next ones.
+async fn failing_once() -> (SocketAddr, Attempts) {
+    attempt_server(|first| async move {
+        let mut rsp = Response::new(Full::new(Bytes::from("ok")));
+        if first {
+            *rsp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        }
+        rsp
+    })
+    .await
 }
 
 #[tokio::test]
@@ -850,42 +865,15 @@ destinations:
 }
 
 /// A server whose first attempt of each request answers only after `first_after`, and
-/// the next ones at once, counting attempts by path.
-async fn slow_first(
-    first_after: Duration,
-) -> (SocketAddr, Arc<std::sync::Mutex<HashMap<String, usize>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
-    let counts = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let counts = counts.clone();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                *counts
-                    .lock()
-                    .unwrap()
-                    .entry(req.uri().path().to_string())
-                    .or_default() += 1;
-                let first = req
-                    .headers()
-                    .get("gofe-attempt")
-                    .is_none_or(|a| a.as_bytes() == b"1");
-                async move {
-                    if first {
-                        tokio::time::sleep(first_after).await;
-                    }
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
-                }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-            });
+/// the next ones at once.
+async fn slow_first(first_after: Duration) -> (SocketAddr, Attempts) {
+    attempt_server(move |first| async move {
+        if first {
+            tokio::time::sleep(first_after).await;
         }
-    });
-    (addr, seen)
+        Response::new(Full::new(Bytes::from("ok")))
+    })
+    .await
 }
 
 /// A route's `per_try_timeout` cuts its slow attempt and retries it; a route without

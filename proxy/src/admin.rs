@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 /// Connections the admin server holds at once. A flood cannot lock the kubelet out: at
 /// the cap, a new connection takes the place of the oldest one not being answered (a
@@ -28,6 +28,8 @@ const MAX_CONNECTIONS: usize = 1024;
 /// A request head must arrive within this (admin requests are one line and a few
 /// headers), and a connection with none coming is closed after it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the kernel may hold for the admin server before it accepts them.
+const ACCEPT_BACKLOG: i32 = 4096;
 /// The admin server's requests are small; so is what a connection may buffer.
 const MAX_BUF: usize = 16 * 1024;
 
@@ -120,13 +122,64 @@ impl Held {
 
     fn release(&self, id: u64) {
         let mut table = self.table.lock();
-        if let Some(at) = table.conns.iter().position(|c| c.id == id) {
+        // Ids only grow and connections join at the back: the table is sorted by id.
+        // (A connection closed to make room is no longer in it.)
+        if let Ok(at) = table.conns.binary_search_by_key(&id, |c| c.id) {
             table.remove(at);
         }
     }
 }
 
-pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+/// The admin server on a thread of its own, with a single-threaded runtime of its own:
+/// the data plane's load cannot delay the kubelet's probes, and a flood of admin
+/// connections costs the data plane nothing (linkerd2-proxy and Envoy keep their admin
+/// servers off the request threads too). Serves until the returned guard is dropped.
+pub fn start(listeners: Vec<TcpListener>, ctx: Arc<Ctx>) -> std::io::Result<AdminThread> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Listeners move between runtimes as std sockets (registered with no runtime).
+    let listeners = listeners
+        .into_iter()
+        .map(|l| {
+            // A deeper accept queue than the data plane's, so that a flood outrunning
+            // the accept loop for a moment does not fill it: a full queue drops the
+            // next SYN, the kubelet's too, and its retry comes a second later, past the
+            // probe's timeout. (Linux takes a second listen() as the new backlog,
+            // capped at net.core.somaxconn.)
+            let _ = socket2::SockRef::from(&l).listen(ACCEPT_BACKLOG);
+            l.into_std()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let stopped = stop.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("gofe-admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let mut serving = tokio::task::JoinSet::new();
+                for l in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            serving.spawn(serve(l, ctx.clone()));
+                        }
+                        Err(error) => warn!(%error, "admin listener lost"),
+                    }
+                }
+                stopped.cancelled().await;
+            });
+        })?;
+    Ok(AdminThread {
+        _stop: stop.drop_guard(),
+    })
+}
+
+/// Stops the admin thread when dropped.
+pub struct AdminThread {
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     let held = Arc::new(Held::default());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -180,10 +233,17 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                 .max_buf_size(MAX_BUF)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
-                result = conn => if let Err(error) = result {
-                    debug!(%peer, %error, "admin connection ended with an error");
+                // What a flood's connections end with (a head never finished, or
+                // closed to make room) is counted, not logged one by one: a line per
+                // connection would cost the admin thread more than the connection.
+                result = conn => match result {
+                    Err(error) if error.is_incomplete_message() || error.is_timeout() => {
+                        trace!(%peer, %error, "admin connection ended with an error");
+                    }
+                    Err(error) => debug!(%peer, %error, "admin connection ended with an error"),
+                    Ok(()) => {}
                 },
-                _ = stop.cancelled() => debug!(%peer, "admin connection closed to make room"),
+                _ = stop.cancelled() => trace!(%peer, "admin connection closed to make room"),
             }
             held.release(id);
         });

@@ -274,9 +274,15 @@ impl Proxy {
     /// requests and connections finish within the grace period, and returns.
     pub async fn run(self) {
         let ctx = self.ctx;
-        for l in self.admin {
-            tokio::spawn(admin::serve(l, ctx.clone()));
-        }
+        let _admin = match admin::start(self.admin, ctx.clone()) {
+            Ok(thread) => Some(thread),
+            Err(error) => {
+                // Only when the system is out of threads or descriptors; the proxy
+                // still serves, and the kubelet's probes will say what is wrong.
+                tracing::error!(%error, "cannot start the admin server");
+                None
+            }
+        };
         let mut accepting = Vec::new();
         for (listeners, direction) in [
             (self.outbound, Direction::Outbound),

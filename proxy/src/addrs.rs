@@ -166,13 +166,17 @@ impl DestKey {
             .and_then(|p| host_port.strip_suffix(p.as_str()))
             .and_then(|h| h.strip_suffix(':'))
             .unwrap_or(host_port);
+        // Trailing dots go before anything else: `10.0.0.1.` names the address as
+        // `10.0.0.1` does (as WHATWG's host parser reads it), not a name that would
+        // show as the address and so name something else when read back.
+        let host = host.trim_end_matches('.');
         let unbracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
         match unbracketed.unwrap_or(host).parse::<IpAddr>() {
             Ok(ip) => DestKey::Addr(SocketAddr::new(ip, port)),
             // A bracketed host that is no address (`[fd00::1%25eth0]`, a typo) keeps its
             // brackets, so that the name shows as an authority that names it again.
             Err(_) => DestKey::Name {
-                host: host.trim_end_matches('.').to_ascii_lowercase(),
+                host: host.to_ascii_lowercase(),
                 port,
             },
         }
@@ -251,6 +255,22 @@ mod tests {
             DestKey::Addr("[fd00::1]:80".parse().unwrap())
         );
         assert!(DestKey::parse("a b").is_err());
+    }
+
+    /// Found by fuzzing (destinations, 309 s into its hour): `10.0.0.1.:5432` was a name
+    /// that showed as `10.0.0.1:5432`, which read back is the address: a policy file
+    /// written from what the proxy showed named another destination.
+    #[test]
+    fn an_address_with_a_trailing_dot_is_the_address() {
+        for (text, addr) in [
+            ("10.0.0.1.:5432", "10.0.0.1:5432"),
+            ("10.0.0.1..", "10.0.0.1:80"),
+            ("[fd00::5].:8080", "[fd00::5]:8080"),
+        ] {
+            let key = DestKey::parse(text).unwrap();
+            assert_eq!(key, DestKey::Addr(addr.parse().unwrap()), "{text}");
+            assert_eq!(DestKey::parse(&key.to_string()), Ok(key), "{text}");
+        }
     }
 
     /// Found by fuzzing: `[fz00::5]:8080` was named `fz00::5:8080`, which is no

@@ -1,7 +1,7 @@
 //! Scale benchmark: how `gofe proxy` (as a child process, identity disabled, loopback
 //! listeners) grows with worker threads, open connections and known destinations.
 //!
-//! `cargo bench --bench scale [-- --quick] [-- --binary PATH] [-- --only workers|memory|destinations]`
+//! `cargo bench --bench scale [-- --quick] [-- --binary PATH] [-- --only workers|memory|destinations] [-- --rounds N]`
 //!
 //! a. Worker threads: requests/s and the proxy's CPU µs per request with
 //!    GOFE_WORKER_THREADS=1 and =2, one hop through the inbound listener
@@ -82,7 +82,11 @@ fn main() -> anyhow::Result<()> {
     let binary = arg("--binary").unwrap_or_else(|| env!("CARGO_BIN_EXE_gofe").to_string());
     let only = arg("--only");
     let s = Settings {
-        rounds: if quick { 3 } else { 5 },
+        rounds: match arg("--rounds") {
+            Some(n) => n.parse().context("--rounds N")?,
+            None if quick => 3,
+            None => 5,
+        },
         requests: if quick { 50_000 } else { 200_000 },
         connections: 1_000,
         destinations: 1_000,
@@ -740,6 +744,8 @@ async fn destinations(bin: &str, s: &Settings, dir: &Path, pinned: bool) -> anyh
     }
     let mut rps = vec![Vec::new(); live.len()];
     let mut cpu = vec![Vec::new(); live.len()];
+    // RSS after each round: does it level off, or grow with the requests served?
+    let mut rss = vec![Vec::new(); live.len()];
     for round in 0..s.rounds {
         for (i, (name, p, dests, ..)) in live.iter().enumerate() {
             eprintln!("== destinations {name} round {}", round + 1);
@@ -750,6 +756,7 @@ async fn destinations(bin: &str, s: &Settings, dir: &Path, pinned: bool) -> anyh
             let after = p.cpu()?;
             rps[i].push(r);
             cpu[i].push((after - before) * 1e6 / s.cycle_requests as f64);
+            rss[i].push(p.rss()? as f64 / 1024.0);
         }
     }
     // Still every destination known after the runs.
@@ -802,6 +809,15 @@ async fn destinations(bin: &str, s: &Settings, dir: &Path, pinned: bool) -> anyh
             p.rss()? as f64 / 1024.0,
             median(rps[i].clone()),
             median(cpu[i].clone())
+        );
+    }
+    let _ = writeln!(out);
+    for (i, (name, ..)) in live.iter().enumerate() {
+        let each: Vec<String> = rss[i].iter().map(|m| format!("{m:.1}")).collect();
+        let _ = writeln!(
+            out,
+            "RSS after each round ({name}), MiB: {}  ",
+            each.join(", ")
         );
     }
     let _ = writeln!(out);

@@ -1,8 +1,15 @@
-//! Latency histograms: one HdrHistogram per label set, 3 significant figures, in
-//! microseconds. Each holds everything since start (for the Prometheus histogram's
-//! buckets, sum and count) and six 10-second windows (for exact quantiles over the last
-//! minute). Recording takes the label set's own lock, never a global one; a window is
-//! allocated only while it has samples, so an idle label set costs one histogram.
+//! Latency histograms, one per label set, in microseconds: the Prometheus histogram's
+//! buckets, sum and count since start (counted exactly, one counter a bucket), and six
+//! 10-second windows for the quantiles over the last minute, read from an HdrHistogram
+//! of 3 significant figures. Recording takes the label set's own lock, never a global
+//! one.
+//!
+//! Memory follows the traffic, not the number of label sets: a window holds its samples
+//! as they are (4 bytes each) until it has more than an HdrHistogram of them would take,
+//! and only then becomes one (20 KiB for latencies up to 16 ms, 68 KiB up to a minute);
+//! a window is allocated only while it has samples. (Every label set used to hold a
+//! cumulative HdrHistogram and six window ones: with the 200 label sets a sidecar keeps,
+//! 25-30 MiB for a client of many destinations, reached over the first minute.)
 
 use crate::prom::{Exposition, Kind};
 use hdrhistogram::Histogram;
@@ -14,13 +21,20 @@ const SIGNIFICANT_FIGURES: u8 = 3;
 const WINDOW: Duration = Duration::from_secs(10);
 /// Windows make up the last minute: the quantiles cover between 50 and 60 seconds.
 const WINDOWS: usize = 6;
-/// Latencies above a minute are recorded as a minute: the histogram's size grows with
-/// the largest value it holds (up to 136 KiB for the cumulative one, 68 KiB a window).
+/// Latencies above a minute are recorded as a minute: a histogram's size grows with
+/// the largest value it holds (up to 68 KiB a window).
 const MAX_MICROS: u64 = 60_000_000;
+/// Samples a window keeps as they are (8 KiB) before it becomes an HdrHistogram.
+const MAX_SAMPLES: usize = 2048;
 
 /// The Prometheus histogram's upper bounds, in seconds.
 pub const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// The same bounds in microseconds.
+const BUCKET_MICROS: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// The quantiles served over the last minute.
@@ -32,11 +46,63 @@ pub struct Latency {
 }
 
 struct Inner {
-    total: Histogram<u64>,
+    /// Samples in each bucket (not cumulative); above the last bound only in `count`.
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
     sum_micros: u64,
     /// Window `i` holds the samples of epoch `epochs[i]`, where `epoch % WINDOWS == i`.
-    windows: [Option<Histogram<u32>>; WINDOWS],
+    windows: [Option<Window>; WINDOWS],
     epochs: [u64; WINDOWS],
+}
+
+/// One window's samples: as they are while few, an HdrHistogram once many.
+enum Window {
+    Samples(Vec<u32>),
+    Histogram(Box<Histogram<u32>>),
+}
+
+impl Window {
+    fn record(&mut self, micros: u64) {
+        match self {
+            Window::Samples(v) if v.len() < MAX_SAMPLES => v.push(micros as u32),
+            Window::Samples(v) => {
+                let mut h = new_histogram::<u32>();
+                for s in v.iter() {
+                    let _ = h.record(u64::from(*s));
+                }
+                let _ = h.record(micros);
+                *self = Window::Histogram(Box::new(h));
+            }
+            // (A u32 count cannot overflow within 10 seconds.) Not saturating_record:
+            // it clamps to the current range instead of resizing.
+            Window::Histogram(h) => {
+                let _ = h.record(micros);
+            }
+        }
+    }
+
+    fn add_to(&self, m: &mut Histogram<u64>) {
+        match self {
+            Window::Samples(v) => {
+                for s in v {
+                    let _ = m.record(u64::from(*s));
+                }
+            }
+            Window::Histogram(h) => {
+                for v in h.iter_recorded() {
+                    let _ = m.record_n(v.value_iterated_to(), u64::from(v.count_at_value()));
+                }
+            }
+        }
+    }
+
+    /// Bytes it holds on the heap.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Window::Samples(v) => v.capacity() * 4,
+            Window::Histogram(h) => h.distinct_values() * 4,
+        }
+    }
 }
 
 /// What a scrape reads of one label set.
@@ -81,7 +147,8 @@ impl Default for Latency {
     fn default() -> Self {
         Self {
             inner: Mutex::new(Inner {
-                total: new_histogram(),
+                buckets: [0; BUCKETS.len()],
+                count: 0,
                 sum_micros: 0,
                 windows: Default::default(),
                 epochs: [u64::MAX; WINDOWS],
@@ -98,26 +165,35 @@ impl Latency {
 
     pub fn record_at(&self, latency: Duration, now: Instant) {
         let micros = (latency.as_micros() as u64).clamp(1, MAX_MICROS);
+        let bucket = BUCKET_MICROS.iter().position(|le| micros <= *le);
         let e = epoch(now);
         let slot = (e % WINDOWS as u64) as usize;
         let mut inner = self.inner.lock();
-        // An auto-resizing histogram only fails on values beyond u64's range.
-        let _ = inner.total.record(micros);
+        if let Some(b) = bucket {
+            inner.buckets[b] += 1;
+        }
+        inner.count += 1;
         inner.sum_micros = inner.sum_micros.saturating_add(micros);
         if inner.epochs[slot] != e {
             inner.epochs[slot] = e;
             match &mut inner.windows[slot] {
-                Some(w) => w.reset(),
-                w @ None => *w = Some(new_histogram()),
+                // Keeps its allocation for the next window's samples.
+                Some(Window::Samples(v)) => v.clear(),
+                // Samples again: a quiet label set gives its histogram back.
+                w => *w = Some(Window::Samples(Vec::new())),
             }
             // Windows past the minute are freed now, not only when scraped.
             inner.free_stale(e);
         }
         if let Some(w) = &mut inner.windows[slot] {
-            // (A u32 count cannot overflow within 10 seconds.) Not saturating_record:
-            // it clamps to the current range instead of resizing.
-            let _ = w.record(micros);
+            w.record(micros);
         }
+    }
+
+    /// Bytes its windows hold on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        let inner = self.inner.lock();
+        inner.windows.iter().flatten().map(Window::heap_bytes).sum()
     }
 
     pub fn snapshot(&self) -> LatencySnapshot {
@@ -127,30 +203,18 @@ impl Latency {
     pub fn snapshot_at(&self, now: Instant) -> LatencySnapshot {
         let e = epoch(now);
         let mut inner = self.inner.lock();
-        let mut buckets = [0u64; BUCKETS.len()];
-        for v in inner.total.iter_recorded() {
-            let micros = inner.total.lowest_equivalent(v.value_iterated_to());
-            let seconds = micros as f64 / 1e6;
-            if let Some(i) = BUCKETS.iter().position(|le| seconds <= *le) {
-                buckets[i] += v.count_at_value();
-            }
-        }
+        let mut buckets = inner.buckets;
         for i in 1..buckets.len() {
             buckets[i] += buckets[i - 1];
         }
-        let count = inner.total.len();
+        let count = inner.count;
         let sum_seconds = inner.sum_micros as f64 / 1e6;
 
         // The windows of the last minute, merged; windows older than that are freed.
         inner.free_stale(e);
         let mut minute: Option<Histogram<u64>> = None;
-        for slot in 0..WINDOWS {
-            if let Some(w) = &inner.windows[slot] {
-                let m = minute.get_or_insert_with(new_histogram);
-                for v in w.iter_recorded() {
-                    let _ = m.record_n(v.value_iterated_to(), u64::from(v.count_at_value()));
-                }
-            }
+        for w in inner.windows.iter().flatten() {
+            w.add_to(minute.get_or_insert_with(new_histogram));
         }
         drop(inner);
         let quantiles = minute
@@ -255,6 +319,53 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_window_becomes_a_histogram_and_keeps_three_significant_figures() {
+        let l = Latency::default();
+        let start = Instant::now();
+        // 10,000 samples in one window, 1..=10,000 µs: past the samples a window keeps.
+        for i in 1..=10_000u64 {
+            l.record_at(Duration::from_micros(i), start);
+        }
+        let q = l.snapshot_at(start).quantiles.unwrap();
+        for (got, want) in q.iter().zip([0.005, 0.009, 0.0099, 0.00999]) {
+            assert!((got - want).abs() <= want * 0.001 + 1e-6, "{got} vs {want}");
+        }
+        // An HdrHistogram of that range (20 KiB), not 10,000 samples (40 KiB).
+        let held = l.heap_bytes();
+        assert!(held <= 24 * 1024, "{held} bytes");
+    }
+
+    /// The memory a label set holds follows its traffic: a few requests in each window
+    /// of the minute cost bytes, not six histograms.
+    #[test]
+    fn a_quiet_label_set_holds_its_few_samples_only() {
+        let l = Latency::default();
+        let start = Instant::now();
+        for w in 0..6u64 {
+            for i in 0..20u64 {
+                l.record_at(ms(1 + i), start + Duration::from_secs(10 * w));
+            }
+        }
+        let held = l.heap_bytes();
+        assert!(held <= 6 * 32 * 4, "{held} bytes");
+        let s = l.snapshot_at(start + Duration::from_secs(55));
+        assert_eq!(s.count, 120);
+        let q = s.quantiles.unwrap();
+        assert!((q[0] - 0.010).abs() <= 0.010 * 0.001 + 1e-6, "{q:?}");
+        // A window that was busy gives its histogram back when it is next reused
+        // quietly.
+        for i in 0..5_000u64 {
+            l.record_at(
+                Duration::from_micros(1 + i),
+                start + Duration::from_secs(60),
+            );
+        }
+        assert!(l.heap_bytes() > 16 * 1024);
+        l.record_at(ms(1), start + Duration::from_secs(120));
+        assert!(l.heap_bytes() <= 6 * 32 * 4, "{}", l.heap_bytes());
+    }
+
+    #[test]
     fn the_quantile_window_forgets_samples_older_than_a_minute() {
         let l = Latency::default();
         let start = Instant::now();
@@ -278,7 +389,7 @@ mod tests {
                 .quantiles
                 .is_none()
         );
-        // Everything stays in the cumulative histogram.
+        // Everything stays in the cumulative counts.
         assert_eq!(l.snapshot_at(start + Duration::from_secs(200)).count, 2);
     }
 

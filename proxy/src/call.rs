@@ -61,7 +61,8 @@ impl<R> Call<R> {
     }
 }
 
-pub type HttpCall = Call<Request<RequestBody>>;
+/// The request is boxed once, so that every layer moves a pointer, not a `Request`.
+pub type HttpCall = Call<Box<Request<RequestBody>>>;
 
 /// A connection of its own to an endpoint, to carry what `alpn` names over mTLS.
 #[derive(Clone, Copy, Debug)]
@@ -131,7 +132,7 @@ pub enum Failure<R: std::fmt::Debug> {
     #[error("{error}")]
     Unsent {
         error: SendError,
-        req: Box<R>,
+        req: R,
         endpoint: Option<EndpointAddr>,
     },
     /// The request went out and no response came back: the stream was reset or
@@ -198,11 +199,7 @@ impl<R: std::fmt::Debug> Failure<R> {
     }
 
     /// A send that failed, as the failure of the attempt it was.
-    pub fn from_send(
-        error: SendError,
-        unsent: Option<Box<R>>,
-        endpoint: EndpointAddr,
-    ) -> Failure<R> {
+    pub fn from_send(error: SendError, unsent: Option<R>, endpoint: EndpointAddr) -> Failure<R> {
         if error.is_client_side() {
             return Failure::Client { error };
         }
@@ -259,7 +256,7 @@ impl Refused {
     }
 }
 
-pub type HttpFailure = Failure<Request<RequestBody>>;
+pub type HttpFailure = Failure<Box<Request<RequestBody>>>;
 pub type ConnectFailure = Failure<ConnectTo>;
 
 /// A slot in a count of requests in flight, given back when dropped (with any slots

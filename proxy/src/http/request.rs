@@ -148,7 +148,7 @@ async fn forward(
             to_app(&conn, req, app).await?
         }
         Target::Destination(d) => {
-            let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
+            let call = Call::new(Box::new(req)).with_orig_dst(conn.target.orig_dst());
             let routes = d.routes();
             match routes.pick(&call.req) {
                 Some(i) => Box::pin(routed::forward(&conn, &d, routes.clone(), i, call)).await?,
@@ -183,7 +183,9 @@ async fn to_app(
             Some(share)
         }
     };
-    let call = Call::new(req).to(app).from_client(conn.client_key());
+    let call = Call::new(Box::new(req))
+        .to(app)
+        .from_client(conn.client_key());
     let mut answer = stack.oneshot(call).await?;
     if let (Some(permit), Some(share)) = (answer.permit.as_mut(), share) {
         permit.join(share);

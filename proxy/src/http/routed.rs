@@ -306,7 +306,7 @@ fn mirror(conn: &HttpConn, m: &MirrorSpec, req: &mut Request<RequestBody>, max_b
         }
         let sent = tokio::time::timeout(
             MIRROR_TIMEOUT,
-            destination.http_stack().oneshot(Call::new(copy)),
+            destination.http_stack().oneshot(Call::new(Box::new(copy))),
         )
         .await;
         let result = match sent {

@@ -154,7 +154,7 @@ mod tests {
     use tower::ServiceExt;
 
     fn get() -> HttpCall {
-        Call::new(Request::new(RequestBody::empty()))
+        Call::new(Box::new(Request::new(RequestBody::empty())))
     }
 
     #[tokio::test]

@@ -209,7 +209,7 @@ where
                         }
                         tried.extend(endpoint);
                         cfg.back_off(attempt).await;
-                        req = *unsent;
+                        req = unsent;
                         attempt += 1;
                     }
                     Err(e) => return Err(e),
@@ -317,6 +317,16 @@ pub fn backoff(min: Duration, max: Duration, n: u32) -> Duration {
 }
 
 /// A copy of a request's head for a later attempt.
+/// A copy of `r`'s head (no extensions).
+fn head_of<B>(r: &Request<B>) -> Parts {
+    let mut c = Request::new(());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.version_mut() = r.version();
+    *c.headers_mut() = r.headers().clone();
+    c.into_parts().0
+}
+
 fn copy_head(p: &Parts) -> Parts {
     let mut r = Request::new(());
     *r.method_mut() = p.method.clone();
@@ -358,7 +368,9 @@ where
                     || on.grpc_deadline_exceeded
                     || on.grpc_resource_exhausted
                     || on.grpc_unavailable)));
-    let (parts, body) = call.req.into_parts();
+    // The request stays in its box; its body is taken out and put back.
+    let mut req = call.req;
+    let body = std::mem::replace(req.body_mut(), RequestBody::empty());
     // What a later attempt needs when the first one went out: a copy of the head, and
     // of the body while it stays small enough.
     let empty = body.is_end_stream();
@@ -376,8 +388,8 @@ where
     } else {
         body
     };
-    let head = (sent_again_possible && (empty || replay.is_some())).then(|| copy_head(&parts));
-    let mut req = Request::from_parts(parts, body);
+    *req.body_mut() = body;
+    let head = (sent_again_possible && (empty || replay.is_some())).then(|| head_of(&req));
     let mut tried = Vec::new();
     let mut attempt: u32 = 1;
     loop {
@@ -441,14 +453,14 @@ where
                 (Some(head), Some(body)) => {
                     // The failed attempt's response goes (its connection with it) now.
                     drop(result);
-                    Request::from_parts(copy_head(head), body)
+                    Box::new(Request::from_parts(copy_head(head), body))
                 }
                 // The body outgrew the copy between the check and now.
                 _ => return finish(result),
             }
         } else {
             match result {
-                Err(Failure::Unsent { req, .. }) => *req,
+                Err(Failure::Unsent { req, .. }) => req,
                 _ => unreachable!("only an unsent request comes back"),
             }
         };
@@ -515,7 +527,7 @@ mod tests {
                     seen.lock().push((attempt, method, Vec::new()));
                     return Err(Failure::Unsent {
                         error: SendError::Connect(ConnectError::Refused { addr }),
-                        req: Box::new(call.req),
+                        req: call.req,
                         endpoint: Some(addr),
                     });
                 }
@@ -575,7 +587,7 @@ mod tests {
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
-        Call::new(req)
+        Call::new(Box::new(req))
     }
 
     async fn status(
@@ -766,7 +778,7 @@ mod tests {
                 if n < 3 {
                     Err(Failure::Unsent {
                         error: SendError::Connect(ConnectError::Refused { addr }),
-                        req: Box::new(call.req),
+                        req: call.req,
                         endpoint: Some(addr),
                     })
                 } else {

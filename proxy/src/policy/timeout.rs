@@ -69,6 +69,12 @@ impl<B> AttemptTimeout for http::Request<B> {
     }
 }
 
+impl<R: AttemptTimeout> AttemptTimeout for Box<R> {
+    fn attempt_timeout(&self) -> Option<Duration> {
+        (**self).attempt_timeout()
+    }
+}
+
 impl<S, R, T> Service<Call<R>> for Timeout<S>
 where
     S: Service<Call<R>, Response = Answer<T>, Error = Failure<R>>,
@@ -136,7 +142,7 @@ mod tests {
     }
 
     fn get() -> HttpCall {
-        Call::new(Request::new(RequestBody::empty()))
+        Call::new(Box::new(Request::new(RequestBody::empty())))
     }
 
     #[tokio::test(start_paused = true)]

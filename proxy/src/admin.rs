@@ -20,10 +20,13 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, trace, warn};
 
 /// Connections the admin server holds at once. A flood cannot lock the kubelet out: at
-/// the cap, a new connection takes the place of the oldest one not being answered (a
-/// slow or idle one) of the client address that holds the most, so a flood from one
-/// address only ever displaces its own connections, and a probe sent at once on a
-/// fresh connection is answered.
+/// the cap, a new connection from the client address that holds the most is refused at
+/// once (a reset, next to no work, so that the accept loop keeps ahead of the flood and
+/// the kernel's accept queue never fills and drops the next SYN), and one from any
+/// other address takes the place of the oldest connection not being answered (a slow
+/// or idle one) of the address holding the most. A flood from one address only ever
+/// displaces its own connections, and a probe from elsewhere, sent at once on a fresh
+/// connection, is answered.
 const MAX_CONNECTIONS: usize = 1024;
 /// A request head must arrive within this (admin requests are one line and a few
 /// headers), and a connection with none coming is closed after it.
@@ -91,11 +94,17 @@ impl Table {
 
 impl Held {
     /// Makes room for one more from `source` (closing an idle connection if need be),
-    /// or None when every connection is busy.
+    /// or None when it is refused: at the cap, when `source` holds the most, or when
+    /// every connection is busy.
     fn admit(&self, source: IpAddr) -> Option<Admitted> {
         let mut table = self.table.lock();
         let mut evicted = false;
         if table.conns.len() >= MAX_CONNECTIONS {
+            let mine = table.per_source.get(&source).copied().unwrap_or(0);
+            let most = table.per_source.values().copied().max().unwrap_or(0);
+            if mine >= most {
+                return None;
+            }
             let at = table.victim()?;
             if let Some(c) = table.remove(at) {
                 c.stop.cancel();
@@ -150,12 +159,21 @@ pub fn start(listeners: Vec<TcpListener>, ctx: Arc<Ctx>) -> std::io::Result<Admi
         })
         .collect::<std::io::Result<Vec<_>>>()?;
     let stopped = stop.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // The runtime is made on its thread: a runtime may not be dropped inside another,
+    // which is where this runs, had the spawn failed with it.
     std::thread::Builder::new()
         .name("gofe-admin".into())
         .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the admin server's runtime");
+                    return;
+                }
+            };
             runtime.block_on(async move {
                 let mut serving = tokio::task::JoinSet::new();
                 for l in listeners {
@@ -547,4 +565,41 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_the_greediest_address_is_refused_and_others_displace_it() {
+        let held = Held::default();
+        let (flood, kubelet): (IpAddr, IpAddr) =
+            ("10.0.0.9".parse().unwrap(), "10.0.0.1".parse().unwrap());
+        let first: Vec<Admitted> = (0..MAX_CONNECTIONS)
+            .map(|_| held.admit(flood).expect("room below the cap"))
+            .collect();
+        assert!(first.iter().all(|a| !a.evicted));
+        // The flood's next one is refused, at once.
+        assert!(held.admit(flood).is_none());
+        // The kubelet's takes the place of the flood's oldest idle one.
+        let probe = held.admit(kubelet).expect("room for another address");
+        assert!(probe.evicted);
+        assert!(first[0].stop.is_cancelled(), "the oldest made room");
+        assert!(!first[1].stop.is_cancelled());
+        // Busy connections are not displaced: the next idle one is.
+        first[1].busy.store(true, Ordering::Release);
+        let again = held.admit(kubelet).expect("room for another address");
+        assert!(again.evicted);
+        assert!(!first[1].stop.is_cancelled(), "busy: kept");
+        assert!(first[2].stop.is_cancelled());
+        // A connection that ends leaves the table (found by id, in id order).
+        held.release(first[5].id);
+        held.release(first[0].id); // already gone: nothing happens
+        let table = held.table.lock();
+        assert_eq!(table.conns.len(), MAX_CONNECTIONS - 1);
+        assert!(table.conns.iter().all(|c| c.id != first[5].id));
+        assert_eq!(table.per_source[&kubelet], 2);
+        assert_eq!(table.per_source[&flood], MAX_CONNECTIONS - 3);
+    }
 }

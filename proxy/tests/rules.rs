@@ -913,6 +913,43 @@ destinations:
     proxy.stop().await;
 }
 
+/// Every attempt of a route's request keeps the route's `per_try_timeout`, not only the
+/// first: against a server slow every time, three attempts are cut after 200 ms each,
+/// where a retry that lost it waited for the slow answer. (Found by review: the head
+/// copied for a later attempt left the request's extensions behind.)
+#[tokio::test]
+async fn every_attempt_keeps_the_route_s_per_try_timeout() {
+    let (slow, seen) = attempt_server(|_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Response::new(Full::new(Bytes::from("late")))
+    })
+    .await;
+    let rules = Rules::write(&format!(
+        r#"
+destinations:
+  - name: api.test:80
+    endpoints: [{{address: "{slow}"}}]
+    policy:
+      retry_on: gateway-error
+      retry_limit: 2
+      routes:
+        - name: hurried
+          match: {{path: {{prefix: /hurried}}}}
+          per_try_timeout: 200ms
+"#
+    ));
+    let discovery = rules.discovery();
+    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
+    proxy.ready().await;
+    let hurried = get(proxy.addrs.outbound, "http://api.test/hurried", &[])
+        .await
+        .unwrap();
+    assert_eq!(hurried.status, 504, "every attempt cut");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen["/hurried"], 3, "three attempts: {seen:?}");
+    proxy.stop().await;
+}
+
 /// A server that keeps the body of every request it gets, and answers with its size.
 async fn body_keeper() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Bytes>>>) {
     use http_body_util::BodyExt;

@@ -316,23 +316,26 @@ pub fn backoff(min: Duration, max: Duration, n: u32) -> Duration {
     Duration::from_nanos(fastrand::u64(0..=ceiling.as_nanos() as u64))
 }
 
-/// A copy of a request's head for a later attempt.
-/// A copy of `r`'s head (no extensions).
+/// A copy of a request's head for a later attempt, extensions included: it keeps what
+/// its route put there (the route's retry settings, its `per_try_timeout`).
 fn head_of<B>(r: &Request<B>) -> Parts {
     let mut c = Request::new(());
     *c.method_mut() = r.method().clone();
     *c.uri_mut() = r.uri().clone();
     *c.version_mut() = r.version();
     *c.headers_mut() = r.headers().clone();
+    *c.extensions_mut() = r.extensions().clone();
     c.into_parts().0
 }
 
+/// Another copy of a head `head_of` made.
 fn copy_head(p: &Parts) -> Parts {
     let mut r = Request::new(());
     *r.method_mut() = p.method.clone();
     *r.uri_mut() = p.uri.clone();
     *r.version_mut() = p.version;
     *r.headers_mut() = p.headers.clone();
+    *r.extensions_mut() = p.extensions.clone();
     r.into_parts().0
 }
 
@@ -368,15 +371,15 @@ where
                     || on.grpc_deadline_exceeded
                     || on.grpc_resource_exhausted
                     || on.grpc_unavailable)));
-    // The request stays in its box; its body is taken out and put back.
+    // The request stays in its box.
     let mut req = call.req;
-    let body = std::mem::replace(req.body_mut(), RequestBody::empty());
     // What a later attempt needs when the first one went out: a copy of the head, and
-    // of the body while it stays small enough.
-    let empty = body.is_end_stream();
+    // of the body while it stays small enough (taken out and put back as a replay).
+    let empty = req.body().is_end_stream();
     let mut replay = None;
-    let body = if sent_again_possible && !empty && body.size_hint().lower() <= p.max_body as u64 {
-        match body.into_source() {
+    if sent_again_possible && !empty && req.body().size_hint().lower() <= p.max_body as u64 {
+        let body = std::mem::replace(req.body_mut(), RequestBody::empty());
+        *req.body_mut() = match body.into_source() {
             Ok(source) => {
                 let r = Replay::new(source, p.max_body);
                 let b = r.body().expect("a new replay has a body");
@@ -384,11 +387,8 @@ where
                 RequestBody::replay(b)
             }
             Err(body) => body,
-        }
-    } else {
-        body
-    };
-    *req.body_mut() = body;
+        };
+    }
     let head = (sent_again_possible && (empty || replay.is_some())).then(|| head_of(&req));
     let mut tried = Vec::new();
     let mut attempt: u32 = 1;

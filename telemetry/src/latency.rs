@@ -5,9 +5,9 @@
 //! one.
 //!
 //! Memory follows the traffic, not the number of label sets: a window holds its samples
-//! as they are (4 bytes each) until it has more than an HdrHistogram of them would take,
-//! and only then becomes one (20 KiB for latencies up to 16 ms, 68 KiB up to a minute);
-//! a window is allocated only while it has samples. (Every label set used to hold a
+//! as they are (4 bytes each) up to 2,048 of them (8 KiB), and only past that becomes
+//! an HdrHistogram (8 KiB for latencies up to 2 ms, 20 KiB up to 16 ms, 68 KiB up to a
+//! minute); a window is allocated only while it has samples. (Every label set used to hold a
 //! cumulative HdrHistogram and six window ones: with the 200 label sets a sidecar keeps,
 //! 25-30 MiB for a client of many destinations, reached over the first minute.)
 
@@ -176,12 +176,9 @@ impl Latency {
         inner.sum_micros = inner.sum_micros.saturating_add(micros);
         if inner.epochs[slot] != e {
             inner.epochs[slot] = e;
-            match &mut inner.windows[slot] {
-                // Keeps its allocation for the next window's samples.
-                Some(Window::Samples(v)) => v.clear(),
-                // Samples again: a quiet label set gives its histogram back.
-                w => *w = Some(Window::Samples(Vec::new())),
-            }
+            // Samples again, from nothing: a label set gone quiet gives back what its
+            // busier window held (samples or histogram).
+            inner.windows[slot] = Some(Window::Samples(Vec::new()));
             // Windows past the minute are freed now, not only when scraped.
             inner.free_stale(e);
         }
@@ -303,6 +300,18 @@ mod tests {
         assert_eq!(s.buckets[3], 3);
         assert_eq!(s.buckets[6], 4);
         assert_eq!(*s.buckets.last().unwrap(), 4);
+    }
+
+    /// A bucket holds what is at or below its bound, exactly: 2,501 µs is above 2.5 ms
+    /// (an HdrHistogram of 3 significant figures rounded it down into le=0.0025).
+    #[test]
+    fn bucket_bounds_are_exact() {
+        let l = Latency::default();
+        l.record(Duration::from_micros(2_500));
+        l.record(Duration::from_micros(2_501));
+        let s = l.snapshot();
+        assert_eq!(s.buckets[2], 1, "le=0.0025: {:?}", s.buckets);
+        assert_eq!(s.buckets[3], 2, "le=0.005: {:?}", s.buckets);
     }
 
     #[test]

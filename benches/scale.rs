@@ -83,7 +83,11 @@ fn main() -> anyhow::Result<()> {
     let only = arg("--only");
     let s = Settings {
         rounds: match arg("--rounds") {
-            Some(n) => n.parse().context("--rounds N")?,
+            Some(n) => n
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .context("--rounds N, N > 0")?,
             None if quick => 3,
             None => 5,
         },

@@ -166,9 +166,10 @@ impl DestKey {
             .and_then(|p| host_port.strip_suffix(p.as_str()))
             .and_then(|h| h.strip_suffix(':'))
             .unwrap_or(host_port);
-        // Trailing dots go before anything else: `10.0.0.1.` names the address as
-        // `10.0.0.1` does (as WHATWG's host parser reads it), not a name that would
-        // show as the address and so name something else when read back.
+        // Trailing dots go before anything else, as they go from names: `10.0.0.1.`
+        // names the address as `10.0.0.1` does (WHATWG's host parser reads one trailing
+        // dot so), not a name that would show as the address and so name something
+        // else when read back.
         let host = host.trim_end_matches('.');
         let unbracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
         match unbracketed.unwrap_or(host).parse::<IpAddr>() {

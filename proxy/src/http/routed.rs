@@ -247,16 +247,8 @@ fn mirror(conn: &HttpConn, m: &MirrorSpec, req: &mut Request<RequestBody>, max_b
     *copy.method_mut() = req.method().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    let authority = req
-        .uri()
-        .authority()
+    let authority = crate::proto::headers::authority(req)
         .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
         .unwrap_or_else(|| mirror_name.to_string());
     let Some(shadowed) = shadow(&authority) else {
         metrics.mirrored(&mirror_name, "skipped");

@@ -5,6 +5,7 @@ use super::error::{SendError, SendFailure};
 use super::pool::{Checkin, Pool};
 use crate::addrs::EndpointAddr;
 use crate::body::request::RequestBody;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
@@ -17,6 +18,18 @@ use tracing::debug;
 
 /// How long a pooled HTTP/1 connection may take to become ready before another is used.
 const POOLED_READY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Whether a pooled connection is ready to send: at once, without a timer (nearly
+/// always), or within POOLED_READY_TIMEOUT.
+async fn ready_soon(tx: &mut http1::SendRequest<RequestBody>) -> bool {
+    match tx.ready().now_or_never() {
+        Some(ready) => ready.is_ok(),
+        None => matches!(
+            tokio::time::timeout(POOLED_READY_TIMEOUT, tx.ready()).await,
+            Ok(Ok(()))
+        ),
+    }
+}
 
 /// Sends `req` on an idle connection of `pool`, or on a new one from `connect`. The
 /// connection comes back with the response, to be released when its body is done.
@@ -43,12 +56,7 @@ where
         };
         // A released connection is ready at once, or after hyper has read the end of
         // the last response; one that takes longer is not worth waiting for.
-        if reused
-            && !matches!(
-                tokio::time::timeout(POOLED_READY_TIMEOUT, tx.ready()).await,
-                Ok(Ok(()))
-            )
-        {
+        if reused && !ready_soon(&mut tx).await {
             continue;
         }
         let request_ended = req.body().ended();

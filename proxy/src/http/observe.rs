@@ -8,13 +8,14 @@
 use super::activity::InFlight;
 use super::conn::HttpConn;
 use super::errors::ProxyError;
+use super::request::forward;
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
 use crate::call::{Answer, HttpAnswer, Permit, Routed};
 use crate::client::body::UpstreamBody;
 use crate::config::TraceTrust;
 use crate::metrics::RequestStats;
-use crate::proto::{grpc, headers};
+use crate::proto::grpc;
 use gofe_identity::SpiffeId;
 use gofe_telemetry::trace::{RequestInfo, RequestSpan, ResponseInfo, SpanKind};
 use http::uri::Authority;
@@ -26,50 +27,41 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
-use tower::Service;
 use tracing::debug;
 
 /// The body of every response the proxy gives a client.
 pub type HttpBody = ResponseBody<UpstreamBody, Finish>;
 
-/// Observes each request `inner` handles.
-#[derive(Clone)]
-pub struct Observed<S> {
-    inner: S,
+/// Observes each request of a connection and forwards it (`request::forward`): hyper's
+/// service for the connection, called by reference, so a request costs no clone of a
+/// service and no readiness check of a stack.
+pub struct Observed {
     conn: Arc<HttpConn>,
 }
 
-impl<S> Observed<S> {
-    pub fn new(inner: S, conn: Arc<HttpConn>) -> Self {
-        Self { inner, conn }
+impl Observed {
+    pub fn new(conn: Arc<HttpConn>) -> Self {
+        Self { conn }
     }
 }
 
-/// A request with its authority, read once (`headers::authority`) for both the
-/// observation and the forwarding.
-pub type WithAuthority = (Request<Incoming>, Option<Authority>);
+/// The forwarding of one request, boxed: hyper moves the future of every HTTP/2 stream
+/// into a task, so what it holds inline is paid per request.
+type Forwarding = Pin<Box<dyn Future<Output = Result<HttpAnswer, ProxyError>> + Send>>;
 
-impl<S> Service<Request<Incoming>> for Observed<S>
-where
-    S: Service<WithAuthority, Response = HttpAnswer, Error = ProxyError>,
-{
+impl hyper::service::Service<Request<Incoming>> for Observed {
     type Response = Response<HttpBody>;
     type Error = Infallible;
-    type Future = ObservedFuture<S::Future>;
+    type Future = ObservedFuture<Forwarding>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        let _ = ready!(self.inner.poll_ready(cx));
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let grpc = grpc::is_grpc(&req);
-        let authority = headers::authority(&req);
+        let authority = self.conn.authority(&req);
         let observe = Observe::start(&self.conn, &req, authority.as_ref());
         observe.inject(req.headers_mut());
         let in_flight = self.conn.activity.request_started();
         ObservedFuture {
-            inner: self.inner.call((req, authority.clone())),
+            inner: Box::pin(forward(self.conn.clone(), req, authority.clone())),
             request: Some(Observing {
                 conn: self.conn.clone(),
                 grpc,
@@ -182,7 +174,10 @@ pub struct Finish {
 impl EndHook for Finish {
     fn ended(self, end: Ended) {
         self.stats.record(end.status, end.grpc_status);
-        self.stats.latency.record(self.observe.started.elapsed());
+        // One reading of the clock for the latency and its window.
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(self.observe.started);
+        self.stats.latency.record_at(latency, now);
         self.observe
             .finish(end.status.as_u16(), end.grpc_status, end.completed);
     }

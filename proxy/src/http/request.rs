@@ -7,7 +7,6 @@
 
 use super::conn::HttpConn;
 use super::errors::ProxyError;
-use super::observe::WithAuthority;
 use super::routed;
 use super::upgrade;
 use crate::addrs::Direction;
@@ -19,39 +18,11 @@ use crate::proto::headers::{self, Found};
 use crate::proto::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
 use crate::route::destination::Destination;
 use crate::route::target::ConnTarget;
-use futures_util::future::BoxFuture;
 use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Version, header};
 use hyper::body::Incoming;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tower::{Service, ServiceExt};
-
-/// The requests of one connection, each forwarded.
-#[derive(Clone)]
-pub struct Forwarder {
-    conn: Arc<HttpConn>,
-}
-
-impl Forwarder {
-    pub fn new(conn: Arc<HttpConn>) -> Self {
-        Self { conn }
-    }
-}
-
-impl Service<WithAuthority> for Forwarder {
-    type Response = HttpAnswer;
-    type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<HttpAnswer, ProxyError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, (req, authority): WithAuthority) -> Self::Future {
-        Box::pin(forward(self.conn.clone(), req, authority))
-    }
-}
+use tower::ServiceExt;
 
 /// Where a request goes.
 enum Target {
@@ -61,8 +32,9 @@ enum Target {
     Destination(Arc<Destination>),
 }
 
-/// `authority` is the request's (`headers::authority`).
-async fn forward(
+/// Forwards `req`, which came on `conn`; `authority` is the request's
+/// (`HttpConn::authority`).
+pub async fn forward(
     conn: Arc<HttpConn>,
     mut req: Request<Incoming>,
     authority: Option<Authority>,

@@ -7,12 +7,10 @@
 use super::activity::{Activity, Watched};
 use super::conn::{HttpConn, HttpVersion};
 use super::observe::Observed;
-use super::request::Forwarder;
 use crate::config::Limits;
 use crate::io::Io;
 use crate::metrics::{Limit, Metrics};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -43,7 +41,7 @@ pub async fn serve<I: Io>(io: I, version: HttpVersion, conn: Arc<HttpConn>) {
     let at = conn.direction.as_str();
     let limits = ctx.config.limits;
     let activity = conn.activity.clone();
-    let svc = TowerToHyperService::new(Observed::new(Forwarder::new(conn.clone()), conn));
+    let svc = Observed::new(conn);
     let io = TokioIo::new(Watched::new(io, activity.clone()));
     let timers = Timers {
         activity,

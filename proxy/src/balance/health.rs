@@ -93,7 +93,7 @@ impl Checker {
                 let Ok(req) = req else { return false };
                 match self
                     .client
-                    .send(Direction::Outbound, addr, identity, req)
+                    .send(Direction::Outbound, addr, identity, Box::new(req))
                     .await
                 {
                     Ok((rsp, _)) => {
@@ -139,7 +139,7 @@ impl Checker {
                 Direction::Outbound,
                 e.endpoint.addr,
                 e.endpoint.identity.as_ref(),
-                req,
+                Box::new(req),
             )
             .await;
         let Ok((rsp, _)) = sent else { return false };

@@ -66,10 +66,10 @@ pub struct SendFailure {
 }
 
 impl SendFailure {
-    pub fn unsent(error: impl Into<SendError>, req: Request<RequestBody>) -> Self {
+    pub fn unsent(error: impl Into<SendError>, req: Box<Request<RequestBody>>) -> Self {
         Self {
             error: error.into(),
-            unsent: Some(Box::new(req)),
+            unsent: Some(req),
         }
     }
 

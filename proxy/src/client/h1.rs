@@ -36,7 +36,7 @@ async fn ready_soon(tx: &mut http1::SendRequest<RequestBody>) -> bool {
 pub async fn send<C, F, I>(
     pool: Arc<Pool>,
     idle_timeout: Duration,
-    mut req: Request<RequestBody>,
+    mut req: Box<Request<RequestBody>>,
     connect: C,
 ) -> Result<(Response<Incoming>, Checkin), SendFailure>
 where
@@ -60,21 +60,21 @@ where
             continue;
         }
         let request_ended = req.body().ended();
-        match tx.try_send_request(req).await {
+        match tx.try_send_request(*req).await {
             Ok(rsp) => return Ok((rsp, Checkin::new(pool, tx, request_ended))),
             Err(mut e) => match e.take_message() {
                 // A pooled connection the server closed while it sat idle: the request
                 // was never written, so it goes out on another.
                 Some(unsent) if reused => {
                     debug!(endpoint = %pool.addr, "pooled connection closed; sending on another");
-                    req = unsent;
+                    req = Box::new(unsent);
                 }
                 Some(unsent) => {
                     let error = SendError::Http {
                         addr: pool.addr,
                         source: e.into_error(),
                     };
-                    return Err(SendFailure::unsent(error, unsent));
+                    return Err(SendFailure::unsent(error, Box::new(unsent)));
                 }
                 None => {
                     return Err(SendFailure::sent(SendError::Http {

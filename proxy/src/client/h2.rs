@@ -46,7 +46,7 @@ const MAX_CONCURRENT_RESETS: usize = 20;
 pub async fn send<C, F>(
     pool: &Pool,
     settings: H2Settings,
-    mut req: Request<RequestBody>,
+    mut req: Box<Request<RequestBody>>,
     expected: Option<&SpiffeId>,
     connect: C,
 ) -> Result<(Response<Incoming>, Peer, StreamSlot), SendFailure>
@@ -73,21 +73,21 @@ where
                 }
             }
         };
-        match tx.try_send_request(req).await {
+        match tx.try_send_request(*req).await {
             Ok(rsp) => return Ok((rsp, peer, slot)),
             Err(mut e) => match e.take_message() {
                 // The connection went away (GOAWAY, closed) before the stream opened:
                 // the request was not sent.
                 Some(unsent) if !fresh => {
                     pool.drop_closed_h2();
-                    req = unsent;
+                    req = Box::new(unsent);
                 }
                 Some(unsent) => {
                     let error = SendError::Http {
                         addr: pool.addr,
                         source: e.into_error(),
                     };
-                    return Err(SendFailure::unsent(error, unsent));
+                    return Err(SendFailure::unsent(error, Box::new(unsent)));
                 }
                 None => {
                     return Err(SendFailure::sent(SendError::Http {

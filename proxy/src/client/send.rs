@@ -59,7 +59,7 @@ impl Client {
         direction: Direction,
         addr: EndpointAddr,
         expected: Option<&SpiffeId>,
-        mut req: Request<RequestBody>,
+        mut req: Box<Request<RequestBody>>,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let mut decided_again = false;
         loop {
@@ -78,7 +78,7 @@ impl Client {
                     unsent: Some(unsent),
                 }) if e.decide_again() && !decided_again => {
                     decided_again = true;
-                    req = *unsent;
+                    req = unsent;
                 }
                 other => return other,
             }
@@ -89,7 +89,7 @@ impl Client {
         &self,
         direction: Direction,
         addr: EndpointAddr,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let connector = &self.connector;
         let connect = || async move {
@@ -122,7 +122,7 @@ impl Client {
         direction: Direction,
         addr: EndpointAddr,
         decision: Decision<'_>,
-        mut req: Request<RequestBody>,
+        mut req: Box<Request<RequestBody>>,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let Decision::Mtls { expected, .. } = decision else {
             unreachable!("the mesh pool is for mTLS decisions");
@@ -248,7 +248,9 @@ mod tests {
     }
 
     async fn send(c: &Client, addr: EndpointAddr) -> Result<String, SendFailure> {
-        let (rsp, _) = c.send(Direction::Outbound, addr, None, get()).await?;
+        let (rsp, _) = c
+            .send(Direction::Outbound, addr, None, Box::new(get()))
+            .await?;
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
     }

@@ -8,7 +8,7 @@
 use super::activity::InFlight;
 use super::conn::HttpConn;
 use super::errors::ProxyError;
-use super::request::forward;
+use super::request::{Forwarding, forward};
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
 use crate::call::{Answer, HttpAnswer, Permit, Routed};
@@ -45,10 +45,6 @@ impl Observed {
     }
 }
 
-/// The forwarding of one request, boxed: hyper moves the future of every HTTP/2 stream
-/// into a task, so what it holds inline is paid per request.
-type Forwarding = Pin<Box<dyn Future<Output = Result<HttpAnswer, ProxyError>> + Send>>;
-
 impl hyper::service::Service<Request<Incoming>> for Observed {
     type Response = Response<HttpBody>;
     type Error = Infallible;
@@ -61,7 +57,7 @@ impl hyper::service::Service<Request<Incoming>> for Observed {
         observe.inject(req.headers_mut());
         let in_flight = self.conn.activity.request_started();
         ObservedFuture {
-            inner: Box::pin(forward(self.conn.clone(), req, authority.clone())),
+            inner: forward(self.conn.clone(), req, authority.clone()),
             request: Some(Observing {
                 conn: self.conn.clone(),
                 grpc,

@@ -21,6 +21,8 @@ use crate::route::target::ConnTarget;
 use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Version, header};
 use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -32,18 +34,24 @@ enum Target {
     Destination(Arc<Destination>),
 }
 
+/// The forwarding of one request, boxed: hyper moves the future of every HTTP/2 stream
+/// into a task, so what it holds inline is paid per request.
+pub type Forwarding = Pin<Box<dyn Future<Output = Result<HttpAnswer, ProxyError>> + Send>>;
+
 /// Forwards `req`, which came on `conn`; `authority` is the request's
-/// (`HttpConn::authority`).
-pub async fn forward(
+/// (`HttpConn::authority`). What can be done at once is (the headers, the target, the
+/// framing), so the future that waits holds the request boxed: an `async fn` would hold
+/// it by value (~270 bytes), twice, and move it at every step.
+pub fn forward(
     conn: Arc<HttpConn>,
     mut req: Request<Incoming>,
     authority: Option<Authority>,
-) -> Result<HttpAnswer, ProxyError> {
+) -> Forwarding {
     let http2 = req.version() == Version::HTTP_2;
     if let Some(reason) = &conn.refused {
         // Its body is read to the end, not reset (`ClientBody`).
         drop(RequestBody::client(req.into_body(), http2));
-        return Err(ProxyError::Forbidden(reason.clone()));
+        return failed(ProxyError::Forbidden(reason.clone()));
     }
     // What below acts on, in one pass over the names instead of a lookup each.
     let found = Found::scan(req.headers());
@@ -66,15 +74,13 @@ pub async fn forward(
     let explicit = conn.target == ConnTarget::Explicit;
     let target = match conn.target {
         ConnTarget::Inbound { .. } => Target::App,
-        // Rare, heavy branches are boxed: hyper moves this future into a task for every
-        // HTTP/2 stream, so its size is paid per request.
         ConnTarget::Explicit if req.method() == Method::CONNECT => {
-            return Box::pin(upgrade::connect_explicit(&conn, req)).await;
+            return Box::pin(async move { upgrade::connect_explicit(&conn, req).await });
         }
         ConnTarget::Explicit | ConnTarget::Outbound(_) => {
             match conn.destination(authority.as_ref()) {
                 Some(d) => Target::Destination(d),
-                None => return Err(ProxyError::NoAuthority),
+                None => return failed(ProxyError::NoAuthority),
             }
         }
     };
@@ -90,12 +96,12 @@ pub async fn forward(
             Target::App => upgrade::Via::App,
             Target::Destination(d) => upgrade::Via::Destination(d),
         };
-        return Box::pin(upgrade::forward(&conn, req, via)).await;
+        return Box::pin(async move { upgrade::forward(&conn, req, via).await });
     }
 
     headers::strip_hop_by_hop(req.headers_mut(), false);
     conn.identify_client(req.headers_mut());
-    let mut req = req.map(|b| RequestBody::client(b, http2));
+    let mut req = Box::new(req.map(|b| RequestBody::client(b, http2)));
     match req.version() {
         Version::HTTP_2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());
@@ -111,32 +117,46 @@ pub async fn forward(
         }
     }
 
-    let mut answer = match target {
+    match target {
         Target::App => {
             let app = conn
                 .app
                 .clone()
                 .expect("an inbound connection has an application");
-            to_app(&conn, req, app).await?
+            Box::pin(async move {
+                let answer = to_app(&conn, req, app).await?;
+                Ok(hop_by_hop_off(answer))
+            })
         }
-        Target::Destination(d) => {
-            let call = Call::new(Box::new(req)).with_orig_dst(conn.target.orig_dst());
+        Target::Destination(d) => Box::pin(async move {
+            let call = Call::new(req).with_orig_dst(conn.target.orig_dst());
             let routes = d.routes();
-            match routes.pick(&call.req) {
+            let answer = match routes.pick(&call.req) {
+                // Boxed: a route's future is large, and the plain path's is not.
                 Some(i) => Box::pin(routed::forward(&conn, &d, routes.clone(), i, call)).await?,
                 None => d.http_stack().oneshot(call).await?,
-            }
-        }
-    };
+            };
+            Ok(hop_by_hop_off(answer))
+        }),
+    }
+}
+
+/// A request that failed before it went anywhere.
+fn failed(error: ProxyError) -> Forwarding {
+    Box::pin(std::future::ready(Err(error)))
+}
+
+/// The upstream's answer, its hop-by-hop headers gone.
+fn hop_by_hop_off(mut answer: HttpAnswer) -> HttpAnswer {
     headers::strip_hop_by_hop(answer.value.headers_mut(), false);
-    Ok(answer)
+    answer
 }
 
 /// Inbound: the request to the application, through its port's stack, within the
 /// client's share of the port if it has no mesh identity.
 async fn to_app(
     conn: &HttpConn,
-    req: Request<RequestBody>,
+    req: Box<Request<RequestBody>>,
     app: Arc<Endpoint>,
 ) -> Result<HttpAnswer, ProxyError> {
     let (stack, shares) = conn.ctx.inbound.port(app.addr.port());
@@ -155,9 +175,7 @@ async fn to_app(
             Some(share)
         }
     };
-    let call = Call::new(Box::new(req))
-        .to(app)
-        .from_client(conn.client_key());
+    let call = Call::new(req).to(app).from_client(conn.client_key());
     let mut answer = stack.oneshot(call).await?;
     if let (Some(permit), Some(share)) = (answer.permit.as_mut(), share) {
         permit.join(share);

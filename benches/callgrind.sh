@@ -20,43 +20,22 @@ for tool in valgrind h2load nginx; do
   command -v "$tool" >/dev/null || { echo "benches/callgrind.sh: needs $tool" >&2; exit 1; }
 done
 work=$(mktemp -d /tmp/gofe-callgrind.XXXXXX)
+me=benches/callgrind.sh
+# shellcheck source=benches/common.sh
+. benches/common.sh
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  stop_origin
   [ "${KEEP:-0}" = 1 ] || rm -rf "$work"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "benches/callgrind.sh: nothing listens on $1" >&2
-  exit 1
-}
 
 # The origin: HTTP/1.1 on one port, HTTP/2 (prior knowledge) on another; each proxy
 # speaks to it what its client spoke, as gofe does.
 origin=$(port)
 origin2=$(port)
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<EOF
-daemon on; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx;
-  fastcgi_temp_path $work/nginx; uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$origin; location / { return 200 "0123456789abcdef0123456789abcdef"; } }
-  server { listen 127.0.0.1:$origin2 http2; location / { return 200 "0123456789abcdef0123456789abcdef"; } }
-}
-EOF
-nginx -c "$work/nginx.conf"
-wait_port "$origin"
-wait_port "$origin2"
+start_origin "$origin" "$origin2"
 origin_for() { if [ "$1" = h2 ]; then echo "$origin2"; else echo "$origin"; fi; }
 
 # Ir of the whole run of `cmd...` serving N requests of protocol P on port L.
@@ -93,23 +72,7 @@ gofe_run() {
 haproxy_run() {
   local proto=$1 n=$2 listen
   listen=$(port)
-  local bind="bind 127.0.0.1:$listen" server="server o 127.0.0.1:$(origin_for "$proto")"
-  if [ "$proto" = h2 ]; then bind="$bind proto h2"; server="$server proto h2"; fi
-  cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend f
-  $bind
-  default_backend b
-backend b
-  $server
-EOF
+  haproxy_config "$work/haproxy.cfg" "$proto" "$listen" "$(origin_for "$proto")"
   measure haproxy "$proto" "$n" "$listen" haproxy -f "$work/haproxy.cfg" -db
 }
 

@@ -33,26 +33,20 @@ if [ "$cpus" -ge 2 ]; then proxy_cpu=0; load_cpu=1; else proxy_cpu=0; load_cpu=0
 on() { local cpu=$1; shift; taskset -c "$cpu" "$@"; }
 
 work=$(mktemp -d /tmp/gofe-flame.XXXXXX)
+me=benches/flame.sh
+# shellcheck source=benches/common.sh
+. benches/common.sh
 pids=()
 perf_pid=
 cleanup() {
   [ -n "$perf_pid" ] && kill -TERM "$perf_pid" 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  stop_origin
   if [ "${KEEP:-0}" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "benches/flame.sh: nothing listens on $1" >&2
-  exit 1
-}
 wait_ready() {
   for _ in $(seq 1 400); do
     curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0
@@ -67,20 +61,7 @@ started=$(date +%s)
 # The origin: nginx, HTTP/2 prior knowledge (the server sidecar speaks to the
 # application what the client spoke), 32 bytes per answer.
 origin=$(port)
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<EOF
-daemon on; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx;
-  fastcgi_temp_path $work/nginx; uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  keepalive_requests 100000000;
-  server { listen 127.0.0.1:$origin http2; location / { return 200 "0123456789abcdef0123456789abcdef"; } }
-}
-EOF
-on "$load_cpu" nginx -c "$work/nginx.conf"
-wait_port "$origin"
+start_origin "$(port)" "$origin" taskset -c "$load_cpu"
 
 # The issuer: a trust anchor and `gofe identity` handing out certificates.
 "$gofe" identity --bootstrap "$work/issuer" >"$work/bootstrap.log" 2>&1

@@ -5,8 +5,9 @@
 # manifests, etcd (Debian's etcd-server) for the registry's tests, protoc
 # (protobuf-compiler), which the etcd client's build needs for etcd's API; for the attack
 # suite, slowhttptest and the Python h2 library (python3-h2, with hyperframe and hpack,
-# which write HTTP/2 frame by frame); and cargo-fuzz for the fuzz smoke. The benchmark also
-# uses haproxy and nginx when they are present (GOFE_SETUP_BENCH=1 installs them).
+# which write HTTP/2 frame by frame); and cargo-fuzz for the fuzz smoke. The benchmarks also
+# use haproxy and nginx when they are present, and the shell ones valgrind (callgrind.sh)
+# and perf (syscalls.sh, flame.sh): GOFE_SETUP_BENCH=1 installs them.
 set -euo pipefail
 need=()
 command -v ip >/dev/null || need+=(iproute2)
@@ -20,6 +21,8 @@ command -v slowhttptest >/dev/null || need+=(slowhttptest)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)
   command -v nginx >/dev/null || need+=(nginx-light)
+  command -v valgrind >/dev/null || need+=(valgrind)
+  command -v perf >/dev/null || need+=(linux-perf)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

@@ -9,8 +9,11 @@
 #   bash benches/callgrind.sh [GOFE_BINARY]       # default target/release/gofe
 #
 # Env: N1 (default 2000), N2 (default 12000), KEEP=1 keeps the callgrind outputs (for
-# callgrind_annotate) in the work directory it prints, PROXIES (default "gofe haproxy")
-# and PROTOCOLS (default "h1 h2") choose what is measured.
+# callgrind_annotate, benches/callgrind_by_code.py) in the work directory it prints,
+# PROXIES (default "gofe haproxy") and PROTOCOLS (default "h1 h2") choose what is
+# measured. GOFE_LISTENER=outbound measures gofe's outbound listener as an explicit
+# proxy (the client names the origin as its authority; the destination's whole stack:
+# retries, balancer, per-try timeout) instead of the inbound one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gofe=$(realpath "${1:-target/release/gofe}")
@@ -40,7 +43,7 @@ origin_for() { if [ "$1" = h2 ]; then echo "$origin2"; else echo "$origin"; fi; 
 
 # Ir of the whole run of `cmd...` serving N requests of protocol P on port L.
 measure() {
-  local name=$1 proto=$2 n=$3 listen=$4; shift 4
+  local name=$1 proto=$2 n=$3 listen=$4 authority=$5; shift 5
   local out="$work/$name.$proto.$n.out"
   valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out" "$@" >"$work/$name.log" 2>&1 &
   local pid=$!
@@ -49,6 +52,7 @@ measure() {
   local h2=()
   [ "$proto" = h2 ] && h2=(-m 16)
   [ "$proto" = h1 ] && h2=(--h1)
+  [ -n "$authority" ] && h2+=(-H ":authority: $authority")
   # Warm-up (pools, buffers), then the measured requests.
   h2load "${h2[@]}" -n 500 -c 4 "http://127.0.0.1:$listen/" >/dev/null
   h2load "${h2[@]}" -n "$n" -c 4 "http://127.0.0.1:$listen/" >"$work/h2load.txt"
@@ -60,10 +64,15 @@ measure() {
 }
 
 gofe_run() {
-  local proto=$1 n=$2 listen admin
+  local proto=$1 n=$2 listen admin inbound outbound authority=
   listen=$(port); admin=$(port)
-  measure gofe "$proto" "$n" "$listen" env \
-    GOFE_INBOUND_LISTEN="127.0.0.1:$listen" GOFE_OUTBOUND_LISTEN="127.0.0.1:$(port)" \
+  if [ "${GOFE_LISTENER:-inbound}" = outbound ]; then
+    inbound=$(port); outbound=$listen; authority="127.0.0.1:$(origin_for "$proto")"
+  else
+    inbound=$listen; outbound=$(port)
+  fi
+  measure gofe "$proto" "$n" "$listen" "$authority" env \
+    GOFE_INBOUND_LISTEN="127.0.0.1:$inbound" GOFE_OUTBOUND_LISTEN="127.0.0.1:$outbound" \
     GOFE_ADMIN_LISTEN="127.0.0.1:$admin" GOFE_INBOUND_DIRECT_TARGET="127.0.0.1:$(origin_for "$proto")" \
     GOFE_IDENTITY_DISABLED=true GOFE_WORKER_THREADS=1 GOFE_LOG=warn \
     GOFE_PROXY_UID="$(id -u)" "$gofe" proxy
@@ -73,10 +82,10 @@ haproxy_run() {
   local proto=$1 n=$2 listen
   listen=$(port)
   haproxy_config "$work/haproxy.cfg" "$proto" "$listen" "$(origin_for "$proto")"
-  measure haproxy "$proto" "$n" "$listen" haproxy -f "$work/haproxy.cfg" -db
+  measure haproxy "$proto" "$n" "$listen" "" haproxy -f "$work/haproxy.cfg" -db
 }
 
-echo "# callgrind, one hop plaintext, $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD), N = $n1 and $n2"
+echo "# callgrind, one hop plaintext (gofe's ${GOFE_LISTENER:-inbound} listener), $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD), N = $n1 and $n2"
 echo "| proxy | protocol | instructions per request |"
 echo "|---|---|---:|"
 for proto in ${PROTOCOLS:-h1 h2}; do

@@ -92,8 +92,10 @@ impl Balancer {
             }
             (false, None) if set.source == Source::Pending => {
                 let mut rx = self.feed.clone();
-                match tokio::time::timeout(wait, rx.wait_for(|s| s.source != Source::Pending)).await
-                {
+                // Boxed: the wait and its timer are 250 bytes every request's future
+                // would carry (and move) for the few that come before discovery answers.
+                let first = rx.wait_for(|s| s.source != Source::Pending);
+                match Box::pin(tokio::time::timeout(wait, first)).await {
                     Ok(Ok(set)) => set.clone(),
                     _ => return None,
                 }

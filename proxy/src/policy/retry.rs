@@ -339,137 +339,154 @@ fn copy_head(p: &Parts) -> Parts {
     r.into_parts().0
 }
 
-async fn run<S, B>(
+/// One request through its attempts. A plain fn returning an async block rather than an
+/// `async fn`: an `async fn` keeps every by-value argument twice in its state (the
+/// argument and the local it is moved to), and this future is boxed for every request,
+/// where over 1 KiB takes malloc's slow path.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+fn run<S, B>(
     mut inner: S,
     cfg: RetryLayer,
     call: HttpCall,
-) -> Result<Answer<Response<B>>, HttpFailure>
+) -> impl Future<Output = Result<Answer<Response<B>>, HttpFailure>>
 where
     S: Service<HttpCall, Response = Answer<Response<B>>, Error = HttpFailure>,
 {
-    // A route's own settings, when its rule gives them, over the destination's.
-    let route = call
-        .req
-        .extensions()
-        .get::<RouteRetry>()
-        .map(|r| r.0.clone());
-    let p = route.as_deref().unwrap_or(&cfg.policy.retry);
-    cfg.budget.deposit();
-    let safe = p.retryable || is_idempotent(call.req.method());
-    let orig_dst = call.orig_dst;
-    let on = &p.on;
-    // Whether any condition could send the request again after it went out (as
-    // `judge` decides: a refused stream whatever the method, the rest when safe).
-    let sent_again_possible = p.limit > 0
-        && (on.refused_stream
-            || on.status_5xx
-            || (safe
-                && (on.gateway_error
-                    || on.reset
-                    || on.retriable_status_codes
-                    || on.grpc_cancelled
-                    || on.grpc_deadline_exceeded
-                    || on.grpc_resource_exhausted
-                    || on.grpc_unavailable)));
-    // The request stays in its box.
-    let mut req = call.req;
-    // What a later attempt needs when the first one went out: a copy of the head, and
-    // of the body while it stays small enough (taken out and put back as a replay).
-    let empty = req.body().is_end_stream();
-    let mut replay = None;
-    if sent_again_possible && !empty && req.body().size_hint().lower() <= p.max_body as u64 {
-        let body = std::mem::replace(req.body_mut(), RequestBody::empty());
-        *req.body_mut() = match body.into_source() {
-            Ok(source) => {
-                let r = Replay::new(source, p.max_body);
-                let b = r.body().expect("a new replay has a body");
-                replay = Some(r);
-                RequestBody::replay(b)
-            }
-            Err(body) => body,
-        };
-    }
-    let head = (sent_again_possible && (empty || replay.is_some())).then(|| head_of(&req));
-    let mut tried = Vec::new();
-    let mut attempt: u32 = 1;
-    loop {
-        req.headers_mut()
-            .insert(ATTEMPT_HEADER, attempt_value(attempt));
-        let body_id = req.body().replay_id();
-        let svc = inner.ready().await?;
-        let result = svc
-            .call(Call {
-                req,
-                endpoint: None,
-                tried: tried.clone(),
-                orig_dst,
-                client: None,
-            })
-            .await;
-        let endpoint = match &result {
-            Ok(a) => a.endpoint,
-            Err(f) => f.endpoint(),
-        };
-        tried.extend(endpoint);
-        let finish = |mut result: Result<Answer<Response<B>>, HttpFailure>| {
-            if let (Some(r), Some(id)) = (&replay, body_id) {
-                r.commit(id);
-            }
-            if let Ok(a) = &mut result {
-                a.retries = attempt - 1;
-            }
-            result
-        };
-        let Some(verdict) = judge(&result, p, safe) else {
-            return finish(result);
-        };
-        if attempt > p.limit {
-            return finish(result);
+    async move {
+        // A route's own settings, when its rule gives them, over the destination's.
+        let route = call
+            .req
+            .extensions()
+            .get::<RouteRetry>()
+            .map(|r| r.0.clone());
+        let p = route.as_deref().unwrap_or(&cfg.policy.retry);
+        cfg.budget.deposit();
+        let safe = p.retryable || is_idempotent(call.req.method());
+        let orig_dst = call.orig_dst;
+        let on = &p.on;
+        // Whether any condition could send the request again after it went out (as
+        // `judge` decides: a refused stream whatever the method, the rest when safe).
+        let sent_again_possible = p.limit > 0
+            && (on.refused_stream
+                || on.status_5xx
+                || (safe
+                    && (on.gateway_error
+                        || on.reset
+                        || on.retriable_status_codes
+                        || on.grpc_cancelled
+                        || on.grpc_deadline_exceeded
+                        || on.grpc_resource_exhausted
+                        || on.grpc_unavailable)));
+        // The request stays in its box.
+        let mut req = call.req;
+        // What a later attempt needs when the first one went out: a copy of the head, and
+        // of the body while it stays small enough (taken out and put back as a replay).
+        let empty = req.body().is_end_stream();
+        let mut replay = None;
+        if sent_again_possible && !empty && req.body().size_hint().lower() <= p.max_body as u64 {
+            let body = std::mem::replace(req.body_mut(), RequestBody::empty());
+            *req.body_mut() = match body.into_source() {
+                Ok(source) => {
+                    let r = Replay::new(source, p.max_body);
+                    let b = r.body().expect("a new replay has a body");
+                    replay = Some(r);
+                    RequestBody::replay(b)
+                }
+                Err(body) => body,
+            };
         }
-        // A request that went out is sent again from the copies, if they are whole; one
-        // that did not comes back with the failure.
-        let can_replay =
-            head.is_some() && (empty || replay.as_ref().is_some_and(|r| r.replayable()));
-        if verdict.replay && !can_replay {
-            return finish(result);
-        }
-        if !cfg.budget.withdraw() {
+        let head = (sent_again_possible && (empty || replay.is_some())).then(|| head_of(&req));
+        let mut tried = Vec::new();
+        let mut attempt: u32 = 1;
+        loop {
+            req.headers_mut()
+                .insert(ATTEMPT_HEADER, attempt_value(attempt));
+            let body_id = req.body().replay_id();
+            let svc = inner.ready().await?;
+            let result = svc
+                .call(Call {
+                    req,
+                    endpoint: None,
+                    tried: tried.clone(),
+                    orig_dst,
+                    client: None,
+                })
+                .await;
+            let endpoint = match &result {
+                Ok(a) => a.endpoint,
+                Err(f) => f.endpoint(),
+            };
+            tried.extend(endpoint);
+            let finish = |mut result: Result<Answer<Response<B>>, HttpFailure>| {
+                if let (Some(r), Some(id)) = (&replay, body_id) {
+                    r.commit(id);
+                }
+                if let Ok(a) = &mut result {
+                    a.retries = attempt - 1;
+                }
+                result
+            };
+            let Some(verdict) = judge(&result, p, safe) else {
+                return finish(result);
+            };
+            if attempt > p.limit {
+                return finish(result);
+            }
+            // A request that went out is sent again from the copies, if they are whole; one
+            // that did not comes back with the failure.
+            let can_replay =
+                head.is_some() && (empty || replay.as_ref().is_some_and(|r| r.replayable()));
+            if verdict.replay && !can_replay {
+                return finish(result);
+            }
+            if !cfg.budget.withdraw() {
+                cfg.stats
+                    .metrics
+                    .retry_budget_exhausted(&cfg.stats.destination);
+                return finish(result);
+            }
+            let next = if verdict.replay {
+                // Only now is the attempt given up: its body fails from here on.
+                let body = if empty {
+                    Some(RequestBody::empty())
+                } else {
+                    replay
+                        .as_ref()
+                        .and_then(|r| r.body())
+                        .map(RequestBody::replay)
+                };
+                match (head.as_ref(), body) {
+                    (Some(head), Some(body)) => {
+                        // The failed attempt's response goes (its connection with it) now.
+                        drop(result);
+                        Box::new(Request::from_parts(copy_head(head), body))
+                    }
+                    // The body outgrew the copy between the check and now.
+                    _ => return finish(result),
+                }
+            } else {
+                match result {
+                    Err(Failure::Unsent { req, .. }) => req,
+                    _ => unreachable!("only an unsent request comes back"),
+                }
+            };
             cfg.stats
                 .metrics
-                .retry_budget_exhausted(&cfg.stats.destination);
-            return finish(result);
+                .retry(&cfg.stats.destination, &verdict.reason);
+            // Boxed: a timer is 112 bytes every request's future would carry for the
+            // rare one that waits.
+            Box::pin(tokio::time::sleep(backoff(
+                p.backoff_min,
+                p.backoff_max,
+                attempt,
+            )))
+            .await;
+            req = next;
+            attempt += 1;
         }
-        let next = if verdict.replay {
-            // Only now is the attempt given up: its body fails from here on.
-            let body = if empty {
-                Some(RequestBody::empty())
-            } else {
-                replay
-                    .as_ref()
-                    .and_then(|r| r.body())
-                    .map(RequestBody::replay)
-            };
-            match (head.as_ref(), body) {
-                (Some(head), Some(body)) => {
-                    // The failed attempt's response goes (its connection with it) now.
-                    drop(result);
-                    Box::new(Request::from_parts(copy_head(head), body))
-                }
-                // The body outgrew the copy between the check and now.
-                _ => return finish(result),
-            }
-        } else {
-            match result {
-                Err(Failure::Unsent { req, .. }) => req,
-                _ => unreachable!("only an unsent request comes back"),
-            }
-        };
-        cfg.stats
-            .metrics
-            .retry(&cfg.stats.destination, &verdict.reason);
-        tokio::time::sleep(backoff(p.backoff_min, p.backoff_max, attempt)).await;
-        req = next;
-        attempt += 1;
     }
 }
 

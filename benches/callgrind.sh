@@ -26,12 +26,6 @@ work=$(mktemp -d /tmp/gofe-callgrind.XXXXXX)
 me=benches/callgrind.sh
 # shellcheck source=benches/common.sh
 . benches/common.sh
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  stop_origin
-  [ "${KEEP:-0}" = 1 ] || rm -rf "$work"
-}
 trap cleanup EXIT
 
 # The origin: HTTP/1.1 on one port, HTTP/2 (prior knowledge) on another; each proxy
@@ -97,4 +91,3 @@ for proto in ${PROTOCOLS:-h1 h2}; do
     echo "| $who | $proto | $per |"
   done
 done
-[ "${KEEP:-0}" = 1 ] && echo "callgrind outputs kept in $work"

@@ -3,6 +3,15 @@
 # `work` (a scratch directory the caller removes) and `me` (the script's name, for
 # messages).
 
+# Background processes to stop on exit (callers append), and the exit handler that
+# stops them and the origin and removes $work (kept with KEEP=1).
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  stop_origin
+  if [ "${KEEP:-0}" = 1 ]; then echo "$me: work directory kept: $work" >&2; else rm -rf "$work"; fi
+}
+
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_port PORT: returns once something accepts on 127.0.0.1:PORT (60 s at most: a

@@ -23,12 +23,6 @@ work=$(mktemp -d /tmp/gofe-syscalls.XXXXXX)
 me=benches/syscalls.sh
 # shellcheck source=benches/common.sh
 . benches/common.sh
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  stop_origin
-  rm -rf "$work"
-}
 trap cleanup EXIT
 
 origin=$(port)
@@ -72,13 +66,12 @@ print(f"{g('sys_enter'):.2f} | {g('sys_enter_epoll_wait'):.2f} | "
 PY
 }
 
-gofe_run() {
-  local proto=$1 listen admin
-  listen=$(port); admin=$(port)
-  GOFE_INBOUND_LISTEN="127.0.0.1:$listen" GOFE_OUTBOUND_LISTEN="127.0.0.1:$(port)" \
-    GOFE_ADMIN_LISTEN="127.0.0.1:$admin" GOFE_INBOUND_DIRECT_TARGET="127.0.0.1:$(origin_for "$proto")" \
-    GOFE_IDENTITY_DISABLED=true GOFE_WORKER_THREADS=1 GOFE_LOG=warn \
-    GOFE_PROXY_UID="$(id -u)" "$gofe" proxy >"$work/gofe.log" 2>&1 &
+# Runs `cmd...`, a proxy listening on LISTEN, counts its system calls serving protocol
+# P, and stops it.
+run_counted() {
+  local proto=$1 listen=$2 log=$3
+  shift 3
+  "$@" >"$log" 2>&1 &
   local pid=$!
   pids+=("$pid")
   wait_port "$listen"
@@ -87,17 +80,21 @@ gofe_run() {
   wait "$pid" 2>/dev/null || true
 }
 
+gofe_run() {
+  local proto=$1 listen admin
+  listen=$(port); admin=$(port)
+  run_counted "$proto" "$listen" "$work/gofe.log" env \
+    GOFE_INBOUND_LISTEN="127.0.0.1:$listen" GOFE_OUTBOUND_LISTEN="127.0.0.1:$(port)" \
+    GOFE_ADMIN_LISTEN="127.0.0.1:$admin" GOFE_INBOUND_DIRECT_TARGET="127.0.0.1:$(origin_for "$proto")" \
+    GOFE_IDENTITY_DISABLED=true GOFE_WORKER_THREADS=1 GOFE_LOG=warn \
+    GOFE_PROXY_UID="$(id -u)" "$gofe" proxy
+}
+
 haproxy_run() {
   local proto=$1 listen
   listen=$(port)
   haproxy_config "$work/haproxy.cfg" "$proto" "$listen" "$(origin_for "$proto")"
-  haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
-  local pid=$!
-  pids+=("$pid")
-  wait_port "$listen"
-  count "$proto" "$listen" "$pid"
-  kill "$pid"
-  wait "$pid" 2>/dev/null || true
+  run_counted "$proto" "$listen" "$work/haproxy.log" haproxy -f "$work/haproxy.cfg" -db
 }
 
 echo "# syscalls per request, one hop plaintext, $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD), N = $n"

@@ -85,6 +85,13 @@ impl Rules {
     fn discovery(&self) -> String {
         format!("file:{}", self.path.display())
     }
+
+    /// A proxy (identity off) that discovers from this file, once it is ready.
+    async fn proxy(&self) -> TestProxy {
+        let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &self.discovery())]);
+        proxy.ready().await;
+        proxy
+    }
 }
 
 #[tokio::test]
@@ -118,9 +125,7 @@ destinations:
 "#,
         v1.addr, v2.addr, v1.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
 
     let n = 2000;
     let mut on_v2 = 0;
@@ -208,9 +213,7 @@ destinations:
 "#,
         v1.addr, v1.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     // The first request makes the backend known; after that it is known empty.
     let _ = get(proxy.addrs.outbound, "http://api.test/", &[]).await;
     for _ in 0..50 {
@@ -243,9 +246,7 @@ destinations:
 "#,
         api.addr, shadow.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     for _ in 0..10 {
         let rsp = get(proxy.addrs.outbound, "http://api.test/m", &[])
             .await
@@ -294,9 +295,7 @@ destinations:
 "#,
         api.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let mut statuses = Vec::new();
     let mut refused = None;
     for _ in 0..8 {
@@ -385,9 +384,7 @@ destinations:
 "#,
         a.addr, b.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let served = |n: usize| {
         let via = proxy.addrs.outbound;
         async move {
@@ -606,9 +603,7 @@ destinations:
 "#,
         v1.addr, v1.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
         let rsp = get(proxy.addrs.outbound, "http://api.test/limited", &[])
@@ -701,14 +696,12 @@ inbound:
 "#,
         api.addr, api.addr
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     // No request has been made: the rules are shown as configured, not as used.
     let (status, body) = admin(proxy.addrs.admin, "/config").await;
     assert_eq!(status, 200);
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(config["GOFE_DISCOVERY"], discovery.as_str(), "{config}");
+    assert_eq!(config["GOFE_DISCOVERY"], rules.discovery(), "{config}");
     let rules = &config["traffic_rules"];
     let dests = rules["destinations"].as_array().unwrap();
     assert_eq!(dests.len(), 1, "only destinations with rules: {rules}");
@@ -820,9 +813,7 @@ destinations:
           match: {{path: {{prefix: /plain}}}}
 "#
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let status = |path: &'static str| {
         let via = proxy.addrs.outbound;
         async move {
@@ -896,9 +887,7 @@ destinations:
           match: {{path: {{prefix: /patient}}}}
 "#
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let via = proxy.addrs.outbound;
     let hurried = get(via, "http://api.test/hurried", &[]).await.unwrap();
     assert_eq!(hurried.status, 200, "the second attempt answered");
@@ -938,9 +927,7 @@ destinations:
           per_try_timeout: 200ms
 "#
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let hurried = get(proxy.addrs.outbound, "http://api.test/hurried", &[])
         .await
         .unwrap();
@@ -1016,9 +1003,7 @@ destinations:
     endpoints: [{{address: "{shadow}"}}]
 "#
     ));
-    let discovery = rules.discovery();
-    let proxy = TestProxy::start(&[DISABLED, ("GOFE_DISCOVERY", &discovery)]);
-    proxy.ready().await;
+    let proxy = rules.proxy().await;
     let small: &'static [u8] = b"an order of three teas";
     let big: &'static [u8] = &[b'x'; 1000];
     assert_eq!(

@@ -28,12 +28,8 @@ me=benches/callgrind.sh
 . benches/common.sh
 trap cleanup EXIT
 
-# The origin: HTTP/1.1 on one port, HTTP/2 (prior knowledge) on another; each proxy
-# speaks to it what its client spoke, as gofe does.
-origin=$(port)
-origin2=$(port)
-start_origin "$origin" "$origin2"
-origin_for() { if [ "$1" = h2 ]; then echo "$origin2"; else echo "$origin"; fi; }
+# The origin: HTTP/1.1 on one port, HTTP/2 (prior knowledge) on another.
+start_origins
 
 # Ir of the whole run of `cmd...` serving N requests of protocol P on port L.
 measure() {

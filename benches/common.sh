@@ -49,6 +49,16 @@ CONF
   wait_port "$h2"
 }
 
+# start_origins [COMMAND PREFIX...]: start_origin on two free ports, kept in $origin
+# (HTTP/1.1) and $origin2 (HTTP/2); origin_for PROTO (h1 or h2) names the one a proxy
+# speaking PROTO to its client speaks to, as gofe does.
+start_origins() {
+  origin=$(port)
+  origin2=$(port)
+  start_origin "$origin" "$origin2" "$@"
+}
+origin_for() { if [ "$1" = h2 ]; then echo "$origin2"; else echo "$origin"; fi; }
+
 stop_origin() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
 }

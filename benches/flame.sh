@@ -60,8 +60,8 @@ started=$(date +%s)
 
 # The origin: nginx, HTTP/2 prior knowledge (the server sidecar speaks to the
 # application what the client spoke), 32 bytes per answer.
-origin=$(port)
-start_origin "$(port)" "$origin" taskset -c "$load_cpu"
+start_origins taskset -c "$load_cpu"
+origin=$(origin_for h2)
 
 # The issuer: a trust anchor and `gofe identity` handing out certificates.
 "$gofe" identity --bootstrap "$work/issuer" >"$work/bootstrap.log" 2>&1

@@ -25,10 +25,7 @@ me=benches/syscalls.sh
 . benches/common.sh
 trap cleanup EXIT
 
-origin=$(port)
-origin2=$(port)
-start_origin "$origin" "$origin2"
-origin_for() { if [ "$1" = h2 ]; then echo "$origin2"; else echo "$origin"; fi; }
+start_origins
 
 events=(raw_syscalls:sys_enter syscalls:sys_enter_epoll_wait syscalls:sys_enter_recvfrom
   syscalls:sys_enter_read syscalls:sys_enter_writev syscalls:sys_enter_sendto

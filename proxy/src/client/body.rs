@@ -1,25 +1,42 @@
 //! The body of a response from an endpoint. An HTTP/1 connection it came on goes back
 //! to its pool once the body has been read to its end (and the request's body was sent
-//! to its end); a body dropped half-way closes its connection instead.
+//! to its end); a body dropped half-way closes its connection instead. An HTTP/2 body
+//! gives its stream's window back as it is read, and holds the stream's place on its
+//! connection until it goes.
 
 use super::pool::{Checkin, StreamSlot};
+use crate::body::source::BoxError;
 use bytes::Bytes;
+use h2::{Reason, RecvStream};
+use http::{Response, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 pub struct UpstreamBody {
-    inner: Option<Incoming>,
+    inner: Inner,
     checkin: Option<Checkin>,
     /// An HTTP/2 stream counted against its connection's limit while the body lasts.
     _slot: Option<StreamSlot>,
 }
 
+enum Inner {
+    Done,
+    Http1(Incoming),
+    Http2 {
+        stream: RecvStream,
+        /// The DATA frames have ended; trailers may follow.
+        data_done: bool,
+        /// What is left of a declared content-length.
+        left: Option<u64>,
+    },
+}
+
 impl UpstreamBody {
     pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
         let mut b = Self {
-            inner: Some(inner),
+            inner: Inner::Http1(inner),
             checkin,
             _slot: None,
         };
@@ -27,19 +44,31 @@ impl UpstreamBody {
         b
     }
 
+    /// An HTTP/2 response, its body holding `slot` (its stream's place on its
+    /// connection) until the body goes.
+    pub fn http2(rsp: Response<RecvStream>, slot: StreamSlot) -> Response<UpstreamBody> {
+        let left = rsp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        rsp.map(|stream| Self {
+            inner: Inner::Http2 {
+                stream,
+                data_done: false,
+                left,
+            },
+            checkin: None,
+            _slot: Some(slot),
+        })
+    }
+
     /// No body (a CONNECT tunnel's 200).
     pub fn empty() -> Self {
         Self {
-            inner: None,
+            inner: Inner::Done,
             checkin: None,
             _slot: None,
         }
-    }
-
-    /// Holds `slot` (its stream's place on its connection) until the body goes.
-    pub fn holding(mut self, slot: StreamSlot) -> Self {
-        self._slot = Some(slot);
-        self
     }
 
     fn release_if_ended(&mut self) {
@@ -53,38 +82,77 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let frame = ready!(Pin::new(inner).poll_frame(cx));
-        match &frame {
-            // (A chunked body's end is only known from here: hyper's `is_end_stream`
-            // stays false.)
-            None => {
-                this.inner = None;
-                this.release_if_ended();
+        match &mut this.inner {
+            Inner::Done => Poll::Ready(None),
+            Inner::Http1(inner) => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                match &frame {
+                    // (A chunked body's end is only known from here: hyper's
+                    // `is_end_stream` stays false.)
+                    None => {
+                        this.inner = Inner::Done;
+                        this.release_if_ended();
+                    }
+                    Some(Ok(_)) => this.release_if_ended(),
+                    Some(Err(_)) => this.checkin = None,
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Some(Ok(_)) => this.release_if_ended(),
-            Some(Err(_)) => this.checkin = None,
+            Inner::Http2 {
+                stream,
+                data_done,
+                left,
+            } => {
+                if !*data_done {
+                    match ready!(stream.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = stream.flow_control().release_capacity(data.len());
+                            if let Some(left) = left {
+                                *left = left.saturating_sub(data.len() as u64);
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        // RST_STREAM NO_ERROR: the endpoint answered in full and needs
+                        // no more of the request (RFC 9113 §8.1); the body ends here.
+                        Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
+                            this.inner = Inner::Done;
+                            return Poll::Ready(None);
+                        }
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        None => *data_done = true,
+                    }
+                }
+                let trailers = ready!(stream.poll_trailers(cx));
+                this.inner = Inner::Done;
+                match trailers {
+                    Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Ok(None) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e.into()))),
+                }
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Inner::Done => true,
+            Inner::Http1(b) => b.is_end_stream(),
+            Inner::Http2 { stream, .. } => stream.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Some(b) => b.size_hint(),
-            None => SizeHint::with_exact(0),
+            Inner::Done => SizeHint::with_exact(0),
+            Inner::Http1(b) => b.size_hint(),
+            Inner::Http2 { left, .. } => left.map_or_else(SizeHint::default, SizeHint::with_exact),
         }
     }
 }

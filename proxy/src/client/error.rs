@@ -3,6 +3,7 @@
 
 use crate::addrs::EndpointAddr;
 use crate::body::request::RequestBody;
+use crate::body::source::BoxError;
 use crate::connect::error::ConnectError;
 use http::Request;
 
@@ -13,12 +14,18 @@ pub enum SendError {
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: EndpointAddr,
-        source: hyper::Error,
+        source: BoxError,
     },
     #[error("request to {addr} failed: {source}")]
     Http {
         addr: EndpointAddr,
         source: hyper::Error,
+    },
+    /// A failure of an HTTP/2 stream or connection (this side speaks `h2` directly).
+    #[error("request to {addr} failed: {source}")]
+    H2 {
+        addr: EndpointAddr,
+        source: h2::Error,
     },
     /// Every connection the pool may have to `addr` is at the stream limit.
     #[error(
@@ -40,21 +47,12 @@ impl SendError {
     /// after it arrived, which the peer never processed (RFC 9113 §6.8). Found by the
     /// chaos case that stops a server's sidecar under load.
     pub fn is_refused_stream(&self) -> bool {
-        let SendError::Http { source, .. } = self else {
+        // Only HTTP/2 refuses streams, and this side's HTTP/2 errors are h2's own.
+        let SendError::H2 { source: h2, .. } = self else {
             return false;
         };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> =
-            std::error::Error::source(source);
-        while let Some(c) = cause {
-            if let Some(h2) = c.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away()
-                        && h2.is_remote()
-                        && h2.reason() == Some(h2::Reason::NO_ERROR));
-            }
-            cause = c.source();
-        }
-        false
+        h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+            || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
     }
 }
 

@@ -99,7 +99,10 @@ where
     let (tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|source| SendError::Handshake { addr, source })?;
+        .map_err(|source| SendError::Handshake {
+            addr,
+            source: source.into(),
+        })?;
     tokio::spawn(async move {
         if let Err(error) = conn.with_upgrades().await {
             debug!(endpoint = %addr, %error, "HTTP/1 connection ended");

@@ -3,20 +3,33 @@
 //! each carrying at most the peer's stream limit; past it another connection is made,
 //! and past the pool's few connections a request fails at once (503, gofe-overloaded)
 //! rather than queue without bound.
+//!
+//! This side speaks the `h2` crate directly rather than through hyper's HTTP/2 client.
+//! hyper hands every request through a channel to the connection's task and spawns a
+//! task per request to wait for its response; here the request's own future opens the
+//! stream and waits for the answer, and only a request body still to come gets a task
+//! of its own (`pipe`), as in hyper.
 
 use super::error::{SendError, SendFailure};
-use super::pool::{H2Pick, Peer, Pool, StreamSlot};
+use super::pool::{H2Pick, H2Sender, Peer, Pool, StreamSlot};
 use crate::addrs::EndpointAddr;
 use crate::body::request::RequestBody;
 use crate::connect::connector::Connected;
 use crate::connect::error::ConnectError;
+use bytes::Bytes;
 use gofe_identity::SpiffeId;
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::future::Future;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http_body::Body;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 /// What the client side of HTTP/2 holds to (the same limits the server side pins).
@@ -29,7 +42,7 @@ pub struct H2Settings {
     pub keepalive: Duration,
 }
 
-/// A PING must be answered within this.
+/// A PING must be answered within this, or within the PING interval if shorter.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Windows fixed rather than adaptive: what one peer can make this side buffer is
 /// bounded (a stream's window, the connection's), and no estimator runs per frame.
@@ -46,10 +59,10 @@ const MAX_CONCURRENT_RESETS: usize = 20;
 pub async fn send<C, F>(
     pool: &Pool,
     settings: H2Settings,
-    mut req: Box<Request<RequestBody>>,
+    req: Box<Request<RequestBody>>,
     expected: Option<&SpiffeId>,
     connect: C,
-) -> Result<(Response<Incoming>, Peer, StreamSlot), SendFailure>
+) -> Result<(Response<RecvStream>, Peer, StreamSlot), SendFailure>
 where
     C: Fn() -> F,
     F: Future<Output = Result<Connected, ConnectError>>,
@@ -73,31 +86,243 @@ where
                 }
             }
         };
-        match tx.try_send_request(*req).await {
-            Ok(rsp) => return Ok((rsp, peer, slot)),
-            Err(mut e) => match e.take_message() {
-                // The connection went away (GOAWAY, closed) before the stream opened:
-                // the request was not sent.
-                Some(unsent) if !fresh => {
-                    pool.drop_closed_h2();
-                    req = Box::new(unsent);
-                }
-                Some(unsent) => {
-                    let error = SendError::Http {
-                        addr: pool.addr,
-                        source: e.into_error(),
-                    };
-                    return Err(SendFailure::unsent(error, Box::new(unsent)));
-                }
-                None => {
-                    return Err(SendFailure::sent(SendError::Http {
-                        addr: pool.addr,
-                        source: e.into_error(),
-                    }));
-                }
-            },
+        // Ready when the peer's stream limit has room; an error when the connection is
+        // gone or going (GOAWAY): the request has not left, so it goes on another.
+        if let Err(source) = poll_fn(|cx| tx.tx.poll_ready(cx)).await {
+            tx.closed.store(true, Ordering::Release);
+            if fresh {
+                let error = SendError::H2 {
+                    addr: pool.addr,
+                    source,
+                };
+                return Err(SendFailure::unsent(error, req));
+            }
+            pool.drop_closed_h2();
+            continue;
+        }
+        let (rsp, body) = match open(&mut tx.tx, *req) {
+            Ok(opened) => opened,
+            Err(source) => {
+                let error = SendError::H2 {
+                    addr: pool.addr,
+                    source,
+                };
+                return Err(SendFailure::sent(error));
+            }
+        };
+        let cancel = body.map(|(body, stream)| pipe(body, stream));
+        let rsp = rsp.await.map_err(|source| {
+            SendFailure::sent(SendError::H2 {
+                addr: pool.addr,
+                source,
+            })
+        });
+        // The answer came (or the stream failed): a body still being sent goes on, as
+        // far as the peer reads it.
+        if let Some(mut cancel) = cancel {
+            cancel.disarm();
+        }
+        return rsp.map(|rsp| (rsp, peer, slot));
+    }
+}
+
+/// Opens the stream for `req`: its head goes at once, and its body, unless the request
+/// has none, comes back to be sent.
+#[allow(clippy::type_complexity)]
+fn open(
+    tx: &mut SendRequest<Bytes>,
+    req: Request<RequestBody>,
+) -> Result<(ResponseFuture, Option<(RequestBody, SendStream<Bytes>)>), h2::Error> {
+    let (head, body) = req.into_parts();
+    let mut head = Request::from_parts(head, ());
+    strip_connection_headers(head.headers_mut());
+    if let Some(len) = body.size_hint().exact()
+        && (len != 0 || !matches!(*head.method(), Method::GET | Method::HEAD | Method::DELETE))
+        && !head.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        head.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let eos = body.is_end_stream();
+    let (rsp, stream) = tx.send_request(head, eos)?;
+    Ok((rsp, (!eos).then_some((body, stream))))
+}
+
+/// The fields HTTP/2 forbids (RFC 9113 §8.2.2), which HTTP/1 may carry: connection
+/// options, and TE unless it is "trailers".
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.remove(header::CONNECTION)
+        && let Ok(names) = connection.to_str()
+    {
+        for name in names.split(',') {
+            headers.remove(name.trim());
         }
     }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|te| te != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// Sends what remains of a request body on its stream: at once if it is all there (a
+/// small body already read), else from a task of its own. The guard that comes back
+/// resets the stream if it is dropped armed (the request was given up before its
+/// answer came).
+fn pipe(body: RequestBody, stream: SendStream<Bytes>) -> CancelGuard {
+    let mut pipe = Pipe {
+        body,
+        stream,
+        waiting: None,
+        cancel: None,
+    };
+    let waker = std::task::Waker::noop();
+    if Pin::new(&mut pipe)
+        .poll(&mut Context::from_waker(waker))
+        .is_ready()
+    {
+        return CancelGuard(None);
+    }
+    let (tx, rx) = oneshot::channel();
+    pipe.cancel = Some(rx);
+    tokio::spawn(pipe);
+    CancelGuard(Some(tx))
+}
+
+struct CancelGuard(Option<oneshot::Sender<()>>);
+
+impl CancelGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A request body going out on its stream, within the peer's window: one chunk at a
+/// time is held while the window is closed, and the body is read again only when it
+/// has gone.
+struct Pipe {
+    body: RequestBody,
+    stream: SendStream<Bytes>,
+    /// A chunk read from the body, waiting for window; whether it was the last.
+    waiting: Option<(Bytes, bool)>,
+    cancel: Option<oneshot::Receiver<()>>,
+}
+
+impl Future for Pipe {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this.run(cx) {
+            Poll::Ready(Err(reason)) => {
+                this.stream.send_reset(reason);
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Pipe {
+    /// Ok once the body has all gone; the reason to reset the stream with if it cannot.
+    fn run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Reason>> {
+        loop {
+            if let Some(cancel) = self.cancel.as_mut() {
+                match Pin::new(cancel).poll(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Err(Reason::CANCEL)),
+                    // Disarmed: the answer came, and the body goes on.
+                    Poll::Ready(Err(_)) => self.cancel = None,
+                    Poll::Pending => {}
+                }
+            }
+            // The peer reset the stream (it answered without the rest of the body, or
+            // gave up): nothing more goes.
+            if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
+                debug!(
+                    ?reset,
+                    "the endpoint reset a stream whose body was being sent"
+                );
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((_, last)) = self.waiting {
+                while self.stream.capacity() == 0 {
+                    match ready!(self.stream.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(_)) | None => return Poll::Ready(Ok(())),
+                    }
+                }
+                let (data, _) = self.waiting.take().expect("checked above");
+                if self.stream.send_data(data, last).is_err() || last {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    debug!(%error, "a request body failed while it was being sent");
+                    return Poll::Ready(Err(reset_reason(&*error)));
+                }
+                None => {
+                    self.stream.reserve_capacity(0);
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    let last = self.body.is_end_stream();
+                    if data.is_empty() {
+                        if self.stream.send_data(data, last).is_err() || last {
+                            return Poll::Ready(Ok(()));
+                        }
+                        continue;
+                    }
+                    // A claim on the window of one byte, not the chunk's length: h2
+                    // raises it to what is buffered as it sends, and a stream that
+                    // waits does not pin the connection's window (hyper #4003).
+                    self.stream.reserve_capacity(1);
+                    self.waiting = Some((data, last));
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            if let Ok(trailers) = frame.into_trailers() {
+                self.stream.reserve_capacity(0);
+                let _ = self.stream.send_trailers(trailers);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// The reason a failed request body resets its stream with: the client's own HTTP/2
+/// reason when its stream was reset, else CANCEL.
+fn reset_reason(error: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut cause = Some(error);
+    while let Some(c) = cause {
+        if let Some(reason) = c.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cause = c.source();
+    }
+    Reason::CANCEL
 }
 
 /// Makes a connection for the pool, once for every request waiting on it.
@@ -106,7 +331,7 @@ async fn connect_shared<C, F>(
     settings: H2Settings,
     expected: Option<&SpiffeId>,
     connect: &C,
-) -> Result<(http2::SendRequest<RequestBody>, Peer, StreamSlot), SendError>
+) -> Result<(H2Sender, Peer, StreamSlot), SendError>
 where
     C: Fn() -> F,
     F: Future<Output = Result<Connected, ConnectError>>,
@@ -135,7 +360,7 @@ where
             return Err(e.into());
         }
     };
-    let tx = handshake(pool.addr, settings, TokioIo::new(connected.io)).await?;
+    let tx = handshake(pool.addr, settings, connected.io).await?;
     Ok(pool.add_h2(tx, connected.peer))
 }
 
@@ -143,26 +368,100 @@ async fn handshake<I>(
     addr: EndpointAddr,
     settings: H2Settings,
     io: I,
-) -> Result<http2::SendRequest<RequestBody>, SendError>
+) -> Result<H2Sender, SendError>
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keepalive)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (tx, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(settings.max_header_list)
-        .max_send_buf_size(MAX_SEND_BUF)
+        .max_send_buffer_size(MAX_SEND_BUF)
         .max_concurrent_reset_streams(MAX_CONCURRENT_RESETS)
-        .handshake(io)
+        .handshake::<_, Bytes>(io)
         .await
-        .map_err(|source| SendError::Handshake { addr, source })?;
+        .map_err(|source| SendError::Handshake {
+            addr,
+            source: source.into(),
+        })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let (dead, mut unanswered) = oneshot::channel();
+    if let Some(ping) = conn.ping_pong() {
+        tokio::spawn(keepalive(ping, settings.keepalive, dead));
+    }
+    let ended = closed.clone();
     tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            debug!(endpoint = %addr, %error, "HTTP/2 connection ended");
+        tokio::select! {
+            biased;
+            result = &mut conn => {
+                if let Err(error) = result {
+                    debug!(endpoint = %addr, %error, "HTTP/2 connection ended");
+                }
+            }
+            Ok(()) = &mut unanswered => {
+                debug!(endpoint = %addr, "HTTP/2 connection closed: a PING went unanswered");
+            }
         }
+        ended.store(true, Ordering::Release);
     });
-    Ok(tx)
+    Ok(H2Sender { tx, closed })
+}
+
+/// Sends a PING every `interval` and, when one is not answered within the interval
+/// (KEEPALIVE_TIMEOUT at most), tells the connection's task to close it (its streams fail). Ends
+/// with the connection.
+async fn keepalive(mut ping: h2::PingPong, interval: Duration, mut dead: oneshot::Sender<()>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = dead.closed() => return,
+        }
+        if ping.send_ping(h2::Ping::opaque()).is_err() {
+            return;
+        }
+        let answer_within = KEEPALIVE_TIMEOUT.min(interval);
+        match tokio::time::timeout(answer_within, poll_fn(|cx| ping.poll_pong(cx))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_fields_are_stripped_and_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_connection_headers(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, "gzip".parse().unwrap());
+        strip_connection_headers(&mut h);
+        assert!(h.is_empty(), "TE other than trailers is not HTTP/2's");
+    }
+
+    #[test]
+    fn a_failed_body_resets_with_the_clients_reason_or_cancel() {
+        let own: Box<dyn std::error::Error + Send + Sync> = "broken".into();
+        assert_eq!(reset_reason(&*own), Reason::CANCEL);
+        let h2: h2::Error = Reason::STREAM_CLOSED.into();
+        assert_eq!(reset_reason(&h2), Reason::STREAM_CLOSED);
+    }
 }

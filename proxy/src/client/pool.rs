@@ -5,8 +5,9 @@
 use crate::addrs::EndpointAddr;
 use crate::body::request::RequestBody;
 use crate::connect::error::ConnectError;
+use bytes::Bytes;
 use gofe_identity::SpiffeId;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -78,10 +79,25 @@ struct IdleH1 {
     since: Instant,
 }
 
+/// One HTTP/2 connection's handle for opening streams (the h2 crate's), and whether
+/// the connection is known to be gone (its task ended, or it refused a new stream:
+/// GOAWAY).
+#[derive(Clone)]
+pub struct H2Sender {
+    pub tx: h2::client::SendRequest<Bytes>,
+    pub closed: Arc<AtomicBool>,
+}
+
+impl H2Sender {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
 /// An HTTP/2 connection, the identity its peer presented, when it was made, and its
 /// streams open.
 struct H2Conn {
-    tx: http2::SendRequest<RequestBody>,
+    tx: H2Sender,
     peer: Peer,
     made: Instant,
     streams: Arc<AtomicUsize>,
@@ -100,7 +116,7 @@ impl Drop for StreamSlot {
 /// What the pool has for a request.
 pub enum H2Pick {
     /// A connection with room for one more stream.
-    Ready(http2::SendRequest<RequestBody>, Peer, StreamSlot),
+    Ready(H2Sender, Peer, StreamSlot),
     /// None with room: another connection may be made.
     Connect,
     /// Every connection it may have is at the stream limit.
@@ -181,11 +197,7 @@ impl Pool {
     }
 
     /// Adds a new connection, with its first stream taken.
-    pub fn add_h2(
-        &self,
-        tx: http2::SendRequest<RequestBody>,
-        peer: Peer,
-    ) -> (http2::SendRequest<RequestBody>, Peer, StreamSlot) {
+    pub fn add_h2(&self, tx: H2Sender, peer: Peer) -> (H2Sender, Peer, StreamSlot) {
         let streams = Arc::new(AtomicUsize::new(1));
         let slot = StreamSlot(streams.clone());
         self.h2.lock().push(H2Conn {

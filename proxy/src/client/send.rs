@@ -109,7 +109,7 @@ impl Client {
             let (rsp, peer, slot) = h2::send(&pool, self.h2, req, None, plain)
                 .await
                 .inspect_err(|f| self.count_busy(f))?;
-            return Ok((rsp.map(|b| UpstreamBody::new(b, None).holding(slot)), peer));
+            return Ok((UpstreamBody::http2(rsp, slot), peer));
         }
         let pool = self.pools.get(addr, Kind::Http1);
         let (rsp, checkin) = h1::send(pool, self.pools.idle_timeout(), req, connect).await?;
@@ -132,9 +132,7 @@ impl Client {
         mesh::to_mesh(&mut req, addr);
         let pool = self.pools.get(addr, Kind::Mesh);
         match h2::send(&pool, self.h2, req, expected, connect).await {
-            Ok((rsp, peer, slot)) => {
-                Ok((rsp.map(|b| UpstreamBody::new(b, None).holding(slot)), peer))
-            }
+            Ok((rsp, peer, slot)) => Ok((UpstreamBody::http2(rsp, slot), peer)),
             Err(mut f) => {
                 self.count_busy(&f);
                 // Back to the application's form: for plaintext, or another endpoint.
@@ -216,6 +214,10 @@ mod tests {
     }
 
     fn client(idle: Duration) -> Client {
+        client_pinging(idle, Duration::from_secs(30))
+    }
+
+    fn client_pinging(idle: Duration, keepalive: Duration) -> Client {
         let metrics = Arc::new(Metrics::new());
         let connector = Connector::new(
             TcpConnector::new(
@@ -229,7 +231,7 @@ mod tests {
         let settings = H2Settings {
             max_streams: 1024,
             max_header_list: 64 * 1024,
-            keepalive: Duration::from_secs(30),
+            keepalive,
         };
         Client::new(
             Arc::new(connector),
@@ -297,5 +299,240 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// An HTTP/2 origin (the h2 crate's server, a 64 KiB stream window) on a port of its
+    /// own: each connection it accepts goes to `serve`, with the connection's number.
+    async fn h2_origin<F, Fut>(serve: F) -> EndpointAddr
+    where
+        F: Fn(usize, ::h2::server::Connection<tokio::net::TcpStream, bytes::Bytes>) -> Fut
+            + Send
+            + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for n in 1.. {
+                let (s, _) = l.accept().await.unwrap();
+                let conn = ::h2::server::Builder::new()
+                    .initial_window_size(65_535)
+                    .handshake(s)
+                    .await
+                    .unwrap();
+                tokio::spawn(serve(n, conn));
+            }
+        });
+        EndpointAddr::new(addr)
+    }
+
+    fn h2_post(body: RequestBody) -> Box<Request<RequestBody>> {
+        Box::new(
+            Request::builder()
+                .method("POST")
+                .version(Version::HTTP_2)
+                .uri("http://origin/upload")
+                .body(body)
+                .unwrap(),
+        )
+    }
+
+    fn streamed<S>(frames: S) -> RequestBody
+    where
+        S: futures_util::Stream<Item = Result<http_body::Frame<bytes::Bytes>, Infallible>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        use crate::body::source::Source;
+        RequestBody::new(Source::boxed(http_body_util::StreamBody::new(frames)))
+    }
+
+    #[tokio::test]
+    async fn http2_bodies_larger_than_the_peers_window_go_in_full_with_their_trailers() {
+        let addr = h2_origin(|_, mut conn| async move {
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut read = 0;
+                    while let Some(data) = body.data().await {
+                        let data = data.unwrap();
+                        read += data.len();
+                        body.flow_control().release_capacity(data.len()).unwrap();
+                    }
+                    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+                    let rsp = Response::builder()
+                        .header("x-read", read)
+                        .header("x-trailer", trailers.get("x-sum").cloned().unwrap())
+                        .body(())
+                        .unwrap();
+                    respond.send_response(rsp, true).unwrap();
+                });
+            }
+        })
+        .await;
+        // 48 chunks of 64 KiB: 48 times the stream's window.
+        let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+        let mut frames: Vec<_> = (0..48)
+            .map(|_| Ok(http_body::Frame::data(chunk.clone())))
+            .collect();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("48"));
+        frames.push(Ok(http_body::Frame::trailers(trailers)));
+        let body = streamed(futures_util::stream::iter(frames));
+
+        let c = client(Duration::from_secs(60));
+        let (rsp, _) = c
+            .send(Direction::Outbound, addr, None, h2_post(body))
+            .await
+            .unwrap();
+        assert_eq!(
+            rsp.headers()["x-read"],
+            (48 * 64 * 1024).to_string().as_str()
+        );
+        assert_eq!(rsp.headers()["x-trailer"], "48");
+    }
+
+    #[tokio::test]
+    async fn an_http2_request_given_up_before_its_answer_resets_its_stream() {
+        let (reset_tx, reset_rx) = tokio::sync::oneshot::channel();
+        let reset_tx = Arc::new(parking_lot::Mutex::new(Some(reset_tx)));
+        let addr = h2_origin(move |_, mut conn| {
+            let reset_tx = reset_tx.clone();
+            async move {
+                let Some(Ok((req, mut respond))) = conn.accept().await else {
+                    return;
+                };
+                // The request's first chunk, then no answer: wait for the reset, while
+                // the connection goes on being driven.
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    body.data().await.unwrap().unwrap();
+                    let reason = std::future::poll_fn(|cx| respond.poll_reset(cx))
+                        .await
+                        .unwrap();
+                    let _ = reset_tx.lock().take().unwrap().send(reason);
+                });
+                while conn.accept().await.is_some() {}
+            }
+        })
+        .await;
+        // One chunk, then a body that never ends.
+        let first = futures_util::stream::iter([Ok(http_body::Frame::data(
+            bytes::Bytes::from_static(b"first"),
+        ))]);
+        let body = streamed(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ));
+        let c = client(Duration::from_secs(60));
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(300),
+            c.send(Direction::Outbound, addr, None, h2_post(body)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the origin never answers");
+        let reason = tokio::time::timeout(Duration::from_secs(5), reset_rx)
+            .await
+            .expect("the stream is reset once the request is given up")
+            .unwrap();
+        assert_eq!(reason, ::h2::Reason::CANCEL);
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_whose_peer_stops_answering_pings_is_closed_and_replaced() {
+        // The first connection answers one request, then is no longer read (PINGs go
+        // unanswered); later ones answer everything.
+        let addr = h2_origin(|n, mut conn| async move {
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond
+                    .send_response(
+                        Response::builder().header("x-conn", n).body(()).unwrap(),
+                        true,
+                    )
+                    .unwrap();
+                if n == 1 {
+                    // Flush the answer, then hold the connection unread.
+                    let _ = tokio::time::timeout(Duration::from_millis(50), conn.accept()).await;
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        let c = client_pinging(Duration::from_secs(60), Duration::from_millis(100));
+        let get = || {
+            let mut req = get();
+            *req.version_mut() = Version::HTTP_2;
+            *req.uri_mut() = "http://origin/".parse().unwrap();
+            Box::new(req)
+        };
+        let (rsp, _) = c
+            .send(Direction::Outbound, addr, None, get())
+            .await
+            .unwrap();
+        assert_eq!(rsp.headers()["x-conn"], "1");
+        // Without the PING check every later request would go to the silent connection
+        // and wait forever.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let sent = c.send(Direction::Outbound, addr, None, get());
+            if let Ok(Ok((rsp, _))) = tokio::time::timeout(Duration::from_millis(500), sent).await {
+                assert_eq!(rsp.headers()["x-conn"], "2");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "requests still go to the connection that stopped answering PINGs"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_body_still_being_sent_when_the_answer_comes_goes_on_to_its_end() {
+        // The origin answers at once (headers), then reads the body to its end and
+        // says how much it read: a bidirectional stream, as gRPC's.
+        let addr = h2_origin(|_, mut conn| async move {
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut out = respond.send_response(Response::new(()), false).unwrap();
+                    let mut body = req.into_body();
+                    let mut read = 0;
+                    while let Some(data) = body.data().await {
+                        let data = data.unwrap();
+                        read += data.len();
+                        body.flow_control().release_capacity(data.len()).unwrap();
+                    }
+                    out.send_data(bytes::Bytes::from(format!("read {read}")), true)
+                        .unwrap();
+                });
+            }
+        })
+        .await;
+        let (more, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(chunk))),
+                rx,
+            ))
+        });
+        more.send(b"first").await.unwrap();
+        let c = client(Duration::from_secs(60));
+        let (rsp, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.send(Direction::Outbound, addr, None, h2_post(streamed(frames))),
+        )
+        .await
+        .expect("the answer comes before the body ends")
+        .unwrap();
+        // The answer is in; the rest of the body follows, then its end.
+        more.send(b"second").await.unwrap();
+        drop(more);
+        let body = tokio::time::timeout(Duration::from_secs(5), rsp.into_body().collect())
+            .await
+            .expect("the body was sent to its end and the origin answered in full")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"read 11");
     }
 }

@@ -144,7 +144,7 @@ impl ProxyError {
                 SendError::Connect(c) => {
                     format!("the destination could not be reached ({})", c.reason())
                 }
-                SendError::Handshake { .. } | SendError::Http { .. } => {
+                SendError::Handshake { .. } | SendError::Http { .. } | SendError::H2 { .. } => {
                     "the destination's connection failed".into()
                 }
                 SendError::Busy { .. } => "the destination is overloaded".into(),

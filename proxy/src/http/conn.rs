@@ -8,6 +8,7 @@ use crate::call::Routed;
 use crate::ctx::Ctx;
 use crate::endpoint::Endpoint;
 use crate::metrics::{RequestLabels, RequestStats};
+use crate::policy::share::SourceSlot;
 use crate::proto::headers;
 use crate::proto::mesh::CLIENT_ID;
 use crate::route::destination::Destination;
@@ -47,6 +48,8 @@ pub struct HttpConn {
     /// application (the pod address and port), whatever its Host header says: a client
     /// cannot grow the metrics by naming hosts.
     inbound_label: Option<Arc<str>>,
+    /// Inbound: where the client's address counts against its share of a port.
+    pub source_slot: Option<SourceSlot>,
     /// The mesh identity of the client, for an inbound connection over mTLS.
     pub peer: Option<Arc<SpiffeId>>,
     /// The peer's identity as its requests carry it to the application and to the
@@ -68,12 +71,13 @@ impl HttpConn {
         target: ConnTarget,
         version: HttpVersion,
     ) -> Self {
-        let (app, inbound_label) = match target {
+        let (app, inbound_label, source_slot) = match target {
             ConnTarget::Inbound { app, orig_dst } => (
                 Some(Arc::new(Endpoint::bare(app))),
                 Some(orig_dst.map_or(app.to_string(), |o| o.to_string()).into()),
+                Some(SourceSlot::of(client.ip())),
             ),
-            _ => (None, None),
+            _ => (None, None, None),
         };
         Self {
             ctx,
@@ -83,6 +87,7 @@ impl HttpConn {
             target,
             app,
             inbound_label,
+            source_slot,
             peer: None,
             peer_header: None,
             peer_key: None,

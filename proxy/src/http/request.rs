@@ -14,6 +14,7 @@ use crate::body::request::RequestBody;
 use crate::call::{Call, Failure, HttpAnswer};
 use crate::endpoint::Endpoint;
 use crate::metrics::Limit;
+use crate::policy::share::SourceSlot;
 use crate::proto::headers::{self, Found};
 use crate::proto::mesh::{self, CLIENT_ID, CLIENT_ID_UNDERSCORED, ORIG_PROTO};
 use crate::route::destination::Destination;
@@ -164,7 +165,8 @@ async fn to_app(
         Some(_) => None,
         None => {
             let source = conn.client.ip();
-            let Some(share) = shares.take(source) else {
+            let slot = conn.source_slot.unwrap_or_else(|| SourceSlot::of(source));
+            let Some(share) = shares.take(slot) else {
                 let at = Direction::Inbound.as_str();
                 conn.ctx.metrics.limit_tripped(Limit::SourceShare, at);
                 return Err(ProxyError::Call(Failure::Overloaded {

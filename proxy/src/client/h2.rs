@@ -52,6 +52,10 @@ const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const MAX_SEND_BUF: usize = 64 * 1024;
 /// Streams the peer may reset before this side's bookkeeping of them is capped.
 const MAX_CONCURRENT_RESETS: usize = 20;
+/// Streams this side may reset for the peer's errors before it sends the peer away.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Streams opened on a new connection before the peer's SETTINGS have come.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// Sends `req` on a connection of `pool` with room for it, made by `connect` when there
 /// is none (or none to a peer presenting `expected`). The stream's slot comes back with
@@ -373,6 +377,11 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut conn) = h2::client::Builder::new()
+        // No server push: nothing here would read a pushed stream (hyper's setting).
+        .enable_push(false)
+        // Streams opened before the peer's SETTINGS say its limit (hyper's default).
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(settings.max_header_list)

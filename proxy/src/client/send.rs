@@ -535,4 +535,38 @@ mod tests {
             .to_bytes();
         assert_eq!(&body[..], b"read 11");
     }
+
+    #[tokio::test]
+    async fn an_http2_endpoint_may_not_push() {
+        let (pushed_tx, pushed_rx) = tokio::sync::oneshot::channel();
+        let pushed_tx = Arc::new(parking_lot::Mutex::new(Some(pushed_tx)));
+        let addr = h2_origin(move |_, mut conn| {
+            let pushed_tx = pushed_tx.clone();
+            async move {
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    let promise = Request::builder()
+                        .uri("http://origin/pushed")
+                        .body(())
+                        .unwrap();
+                    let pushed = respond.push_request(promise).is_ok();
+                    if let Some(tx) = pushed_tx.lock().take() {
+                        let _ = tx.send(pushed);
+                    }
+                    respond.send_response(Response::new(()), true).unwrap();
+                }
+            }
+        })
+        .await;
+        let c = client(Duration::from_secs(60));
+        let mut req = get();
+        *req.version_mut() = Version::HTTP_2;
+        *req.uri_mut() = "http://origin/".parse().unwrap();
+        c.send(Direction::Outbound, addr, None, Box::new(req))
+            .await
+            .unwrap();
+        assert!(
+            !pushed_rx.await.unwrap(),
+            "the client's SETTINGS disable server push"
+        );
+    }
 }

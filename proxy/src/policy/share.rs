@@ -68,12 +68,21 @@ mod tests {
     fn one_source_holds_half_and_others_keep_theirs() {
         let shares = SourceShares::new(8);
         let attacker: IpAddr = "10.0.0.66".parse().unwrap();
-        let held: Vec<_> = (0..4).map(|_| shares.take(SourceSlot::of(attacker)).unwrap()).collect();
-        assert!(shares.take(SourceSlot::of(attacker)).is_none(), "half of 8 is the share");
+        let held: Vec<_> = (0..4)
+            .map(|_| shares.take(SourceSlot::of(attacker)).unwrap())
+            .collect();
+        assert!(
+            shares.take(SourceSlot::of(attacker)).is_none(),
+            "half of 8 is the share"
+        );
         // Another address is not charged for the attacker's (unless it shares a slot,
         // which a keyed hash over 1024 slots makes unlikely for any one pair; try a few).
         let others = (1..=20u8)
-            .filter(|i| shares.take(SourceSlot::of(IpAddr::from([10, 0, 1, *i]))).is_some())
+            .filter(|i| {
+                shares
+                    .take(SourceSlot::of(IpAddr::from([10, 0, 1, *i])))
+                    .is_some()
+            })
             .count();
         assert!(others >= 19, "{others} of 20 other sources got a slot");
         drop(held);

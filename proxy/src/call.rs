@@ -28,6 +28,11 @@ pub struct Call<R> {
     pub orig_dst: Option<OrigDstAddr>,
     /// Who sent it, for rate limits per client (inbound).
     pub client: Option<ClientKey>,
+    /// Set by the retry layer when only a refused stream could send this bodiless
+    /// request again: the send path keeps a copy of its head while it goes over HTTP/2
+    /// (nothing else refuses a stream) and gives the request back, unsent, if the
+    /// stream is refused. Requests over HTTP/1 then carry no copy at all.
+    pub resend_refused: bool,
 }
 
 impl<R> Call<R> {
@@ -38,6 +43,7 @@ impl<R> Call<R> {
             tried: Vec::new(),
             orig_dst: None,
             client: None,
+            resend_refused: false,
         }
     }
 

@@ -93,7 +93,7 @@ impl Checker {
                 let Ok(req) = req else { return false };
                 match self
                     .client
-                    .send(Direction::Outbound, addr, identity, Box::new(req))
+                    .send(Direction::Outbound, addr, identity, Box::new(req), false)
                     .await
                 {
                     Ok((rsp, _)) => {
@@ -140,6 +140,7 @@ impl Checker {
                 e.endpoint.addr,
                 e.endpoint.identity.as_ref(),
                 Box::new(req),
+                false,
             )
             .await;
         let Ok((rsp, _)) = sent else { return false };

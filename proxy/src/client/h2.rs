@@ -16,6 +16,7 @@ use crate::addrs::EndpointAddr;
 use crate::body::request::RequestBody;
 use crate::connect::connector::Connected;
 use crate::connect::error::ConnectError;
+use crate::proto::headers;
 use bytes::Bytes;
 use gofe_identity::SpiffeId;
 use h2::client::{ResponseFuture, SendRequest};
@@ -59,13 +60,16 @@ const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// Sends `req` on a connection of `pool` with room for it, made by `connect` when there
 /// is none (or none to a peer presenting `expected`). The stream's slot comes back with
-/// the response, to be held until its body ends.
+/// the response, to be held until its body ends. With `resend_refused`, a bodiless
+/// request's head is copied first and, if the peer refuses the stream, comes back as
+/// unsent.
 pub async fn send<C, F>(
     pool: &Pool,
     settings: H2Settings,
     req: Box<Request<RequestBody>>,
     expected: Option<&SpiffeId>,
     connect: C,
+    resend_refused: bool,
 ) -> Result<(Response<RecvStream>, Peer, StreamSlot), SendFailure>
 where
     C: Fn() -> F,
@@ -104,6 +108,7 @@ where
             pool.drop_closed_h2();
             continue;
         }
+        let kept = (resend_refused && req.body().is_end_stream()).then(|| headers::copy_head(&req));
         let (rsp, body) = match open(&mut tx.tx, *req) {
             Ok(opened) => opened,
             Err(source) => {
@@ -116,10 +121,17 @@ where
         };
         let cancel = body.map(|(body, stream)| pipe(body, stream));
         let rsp = rsp.await.map_err(|source| {
-            SendFailure::sent(SendError::H2 {
+            let error = SendError::H2 {
                 addr: pool.addr,
                 source,
-            })
+            };
+            match kept {
+                Some(head) if error.is_refused_stream() => {
+                    let req = Request::from_parts(head, RequestBody::empty());
+                    SendFailure::unsent(error, Box::new(req))
+                }
+                _ => SendFailure::sent(error),
+            }
         });
         // The answer came (or the stream failed): a body still being sent goes on, as
         // far as the peer reads it.

@@ -53,13 +53,15 @@ impl Client {
     }
 
     /// Sends `req` to `addr`, whose proxy must present `expected` if discovery named an
-    /// identity. An unsent request comes back with the failure.
+    /// identity. An unsent request comes back with the failure; so does a bodiless one
+    /// whose HTTP/2 stream was refused, when `resend_refused` (`Call::resend_refused`).
     pub async fn send(
         &self,
         direction: Direction,
         addr: EndpointAddr,
         expected: Option<&SpiffeId>,
         mut req: Box<Request<RequestBody>>,
+        resend_refused: bool,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let mut decided_again = false;
         loop {
@@ -69,8 +71,11 @@ impl Client {
                     self.connector.refuse(direction, addr, reason),
                     req,
                 )),
-                Decision::Plaintext => self.send_plain(direction, addr, req).await,
-                Decision::Mtls { .. } => self.send_mesh(direction, addr, decision, req).await,
+                Decision::Plaintext => self.send_plain(direction, addr, req, resend_refused).await,
+                Decision::Mtls { .. } => {
+                    self.send_mesh(direction, addr, decision, req, resend_refused)
+                        .await
+                }
             };
             match result {
                 Err(SendFailure {
@@ -90,6 +95,7 @@ impl Client {
         direction: Direction,
         addr: EndpointAddr,
         req: Box<Request<RequestBody>>,
+        resend_refused: bool,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let connector = &self.connector;
         let connect = || async move {
@@ -106,7 +112,7 @@ impl Client {
                     .open(direction, addr, Decision::Plaintext, ALPN_H2)
                     .await
             };
-            let (rsp, peer, slot) = h2::send(&pool, self.h2, req, None, plain)
+            let (rsp, peer, slot) = h2::send(&pool, self.h2, req, None, plain, resend_refused)
                 .await
                 .inspect_err(|f| self.count_busy(f))?;
             return Ok((UpstreamBody::http2(rsp, slot), peer));
@@ -123,6 +129,7 @@ impl Client {
         addr: EndpointAddr,
         decision: Decision<'_>,
         mut req: Box<Request<RequestBody>>,
+        resend_refused: bool,
     ) -> Result<(Response<UpstreamBody>, Peer), SendFailure> {
         let Decision::Mtls { expected, .. } = decision else {
             unreachable!("the mesh pool is for mTLS decisions");
@@ -131,7 +138,7 @@ impl Client {
         let connect = || connector.open(direction, addr, decision, ALPN_H2);
         mesh::to_mesh(&mut req, addr);
         let pool = self.pools.get(addr, Kind::Mesh);
-        match h2::send(&pool, self.h2, req, expected, connect).await {
+        match h2::send(&pool, self.h2, req, expected, connect, resend_refused).await {
             Ok((rsp, peer, slot)) => Ok((UpstreamBody::http2(rsp, slot), peer)),
             Err(mut f) => {
                 self.count_busy(&f);
@@ -251,7 +258,7 @@ mod tests {
 
     async fn send(c: &Client, addr: EndpointAddr) -> Result<String, SendFailure> {
         let (rsp, _) = c
-            .send(Direction::Outbound, addr, None, Box::new(get()))
+            .send(Direction::Outbound, addr, None, Box::new(get()), false)
             .await?;
         let body = rsp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
@@ -383,7 +390,7 @@ mod tests {
 
         let c = client(Duration::from_secs(60));
         let (rsp, _) = c
-            .send(Direction::Outbound, addr, None, h2_post(body))
+            .send(Direction::Outbound, addr, None, h2_post(body), false)
             .await
             .unwrap();
         assert_eq!(
@@ -428,7 +435,7 @@ mod tests {
         let c = client(Duration::from_secs(60));
         let gave_up = tokio::time::timeout(
             Duration::from_millis(300),
-            c.send(Direction::Outbound, addr, None, h2_post(body)),
+            c.send(Direction::Outbound, addr, None, h2_post(body), false),
         )
         .await;
         assert!(gave_up.is_err(), "the origin never answers");
@@ -467,7 +474,7 @@ mod tests {
             Box::new(req)
         };
         let (rsp, _) = c
-            .send(Direction::Outbound, addr, None, get())
+            .send(Direction::Outbound, addr, None, get(), false)
             .await
             .unwrap();
         assert_eq!(rsp.headers()["x-conn"], "1");
@@ -475,7 +482,7 @@ mod tests {
         // and wait forever.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let sent = c.send(Direction::Outbound, addr, None, get());
+            let sent = c.send(Direction::Outbound, addr, None, get(), false);
             if let Ok(Ok((rsp, _))) = tokio::time::timeout(Duration::from_millis(500), sent).await {
                 assert_eq!(rsp.headers()["x-conn"], "2");
                 break;
@@ -520,7 +527,13 @@ mod tests {
         let c = client(Duration::from_secs(60));
         let (rsp, _) = tokio::time::timeout(
             Duration::from_secs(5),
-            c.send(Direction::Outbound, addr, None, h2_post(streamed(frames))),
+            c.send(
+                Direction::Outbound,
+                addr,
+                None,
+                h2_post(streamed(frames)),
+                false,
+            ),
         )
         .await
         .expect("the answer comes before the body ends")
@@ -561,12 +574,51 @@ mod tests {
         let mut req = get();
         *req.version_mut() = Version::HTTP_2;
         *req.uri_mut() = "http://origin/".parse().unwrap();
-        c.send(Direction::Outbound, addr, None, Box::new(req))
+        c.send(Direction::Outbound, addr, None, Box::new(req), false)
             .await
             .unwrap();
         assert!(
             !pushed_rx.await.unwrap(),
             "the client's SETTINGS disable server push"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_http2_stream_gives_a_bodiless_request_back_when_asked() {
+        let addr = h2_origin(|_, mut conn| async move {
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(::h2::Reason::REFUSED_STREAM);
+            }
+        })
+        .await;
+        let c = client(Duration::from_secs(60));
+        let h2_get = || {
+            let mut req = get();
+            *req.version_mut() = Version::HTTP_2;
+            *req.uri_mut() = "http://origin/again".parse().unwrap();
+            Box::new(req)
+        };
+        let Err(f) = c
+            .send(Direction::Outbound, addr, None, h2_get(), true)
+            .await
+        else {
+            panic!("the origin refuses every stream");
+        };
+        assert!(f.error.is_refused_stream(), "{}", f.error);
+        let back = f.unsent.expect("the refused request comes back");
+        assert_eq!(back.uri().path(), "/again");
+        assert_eq!(back.headers()["host"], "x");
+
+        let Err(f) = c
+            .send(Direction::Outbound, addr, None, h2_get(), false)
+            .await
+        else {
+            panic!("the origin refuses every stream");
+        };
+        assert!(f.error.is_refused_stream(), "{}", f.error);
+        assert!(
+            f.unsent.is_none(),
+            "unasked, a request that went out is not copied"
         );
     }
 }

@@ -45,7 +45,13 @@ impl Service<HttpCall> for Forward {
                 .expect("an endpoint is picked before the endpoint service is called");
             let addr = endpoint.addr;
             match client
-                .send(direction, addr, endpoint.identity.as_ref(), call.req)
+                .send(
+                    direction,
+                    addr,
+                    endpoint.identity.as_ref(),
+                    call.req,
+                    call.resend_refused,
+                )
                 .await
             {
                 Ok((rsp, peer)) => {

@@ -24,7 +24,7 @@ use crate::call::{
 };
 use crate::config::policy::{Policy, RetryPolicy, RouteRetry};
 use crate::metrics::Metrics;
-use crate::proto::grpc;
+use crate::proto::{grpc, headers};
 use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response};
 use http_body::Body;
@@ -189,6 +189,7 @@ where
                     tried: tried.clone(),
                     orig_dst,
                     client: None,
+                    resend_refused: false,
                 };
                 match inner.ready().await?.call(call).await {
                     Ok(mut a) => {
@@ -280,6 +281,13 @@ fn judge<B>(
             }
             None
         }
+        // A refused stream whose request came back unsent (`Call::resend_refused`).
+        Err(Failure::Unsent { error, .. }) if error.is_refused_stream() => {
+            (on.refused_stream || on.status_5xx).then(|| Verdict {
+                reason: "refused-stream".into(),
+                replay: false,
+            })
+        }
         Err(Failure::Unsent { .. }) => (on.connect_failure || on.status_5xx || on.gateway_error)
             .then(|| Verdict {
                 reason: "connect-failure".into(),
@@ -316,19 +324,7 @@ pub fn backoff(min: Duration, max: Duration, n: u32) -> Duration {
     Duration::from_nanos(fastrand::u64(0..=ceiling.as_nanos() as u64))
 }
 
-/// A copy of a request's head for a later attempt, extensions included: it keeps what
-/// its route put there (the route's retry settings, its `per_try_timeout`).
-fn head_of<B>(r: &Request<B>) -> Parts {
-    let mut c = Request::new(());
-    *c.method_mut() = r.method().clone();
-    *c.uri_mut() = r.uri().clone();
-    *c.version_mut() = r.version();
-    *c.headers_mut() = r.headers().clone();
-    *c.extensions_mut() = r.extensions().clone();
-    c.into_parts().0
-}
-
-/// Another copy of a head `head_of` made.
+/// Another copy of a head `headers::copy_head` made.
 fn copy_head(p: &Parts) -> Parts {
     let mut r = Request::new(());
     *r.method_mut() = p.method.clone();
@@ -369,17 +365,16 @@ where
         let on = &p.on;
         // Whether any condition could send the request again after it went out (as
         // `judge` decides: a refused stream whatever the method, the rest when safe).
-        let sent_again_possible = p.limit > 0
-            && (on.refused_stream
-                || on.status_5xx
-                || (safe
-                    && (on.gateway_error
-                        || on.reset
-                        || on.retriable_status_codes
-                        || on.grpc_cancelled
-                        || on.grpc_deadline_exceeded
-                        || on.grpc_resource_exhausted
-                        || on.grpc_unavailable)));
+        let sent_again_by_answer = on.status_5xx
+            || (safe
+                && (on.gateway_error
+                    || on.reset
+                    || on.retriable_status_codes
+                    || on.grpc_cancelled
+                    || on.grpc_deadline_exceeded
+                    || on.grpc_resource_exhausted
+                    || on.grpc_unavailable));
+        let sent_again_possible = p.limit > 0 && (on.refused_stream || sent_again_by_answer);
         // The request stays in its box.
         let mut req = call.req;
         // What a later attempt needs when the first one went out: a copy of the head, and
@@ -398,7 +393,12 @@ where
                 Err(body) => body,
             };
         }
-        let head = (sent_again_possible && (empty || replay.is_some())).then(|| head_of(&req));
+        // A bodiless request that only a refused stream could send again is given back by
+        // the send path (`Call::resend_refused`), which copies its head only when it goes
+        // over HTTP/2; the default GOFE_RETRY_ON is that case.
+        let resend_refused = empty && p.limit > 0 && on.refused_stream && !sent_again_by_answer;
+        let head = (sent_again_possible && !resend_refused && (empty || replay.is_some()))
+            .then(|| headers::copy_head(&req));
         let mut tried = Vec::new();
         let mut attempt: u32 = 1;
         loop {
@@ -413,6 +413,7 @@ where
                     tried: tried.clone(),
                     orig_dst,
                     client: None,
+                    resend_refused,
                 })
                 .await;
             let endpoint = match &result {
@@ -511,6 +512,9 @@ mod tests {
         Status(u16),
         Refuse,
         Reset,
+        /// An HTTP/2 stream refused, as the send path reports it: the request back,
+        /// unsent, when the call asked for it (`resend_refused`), else lost.
+        RefusedStream,
     }
 
     /// An endpoint that behaves as told for the first `n` attempts, then answers 200.
@@ -540,6 +544,27 @@ mod tests {
                 } else {
                     None
                 };
+                if let Some(Behaviour::RefusedStream) = behaviour {
+                    let method = format!("{method} resend_refused={}", call.resend_refused);
+                    seen.lock().push((attempt, method, Vec::new()));
+                    let error = SendError::H2 {
+                        addr,
+                        source: h2::Reason::REFUSED_STREAM.into(),
+                    };
+                    return Err(if call.resend_refused {
+                        Failure::Unsent {
+                            error,
+                            req: call.req,
+                            endpoint: Some(addr),
+                        }
+                    } else {
+                        Failure::Lost {
+                            error,
+                            refused: true,
+                            endpoint: Some(addr),
+                        }
+                    });
+                }
                 if let Some(Behaviour::Refuse) = behaviour {
                     seen.lock().push((attempt, method, Vec::new()));
                     return Err(Failure::Unsent {
@@ -700,6 +725,53 @@ mod tests {
         let seen = seen.lock();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[1].2, b"payload");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_stream_is_retried_from_the_request_the_send_path_gives_back() {
+        // The default GOFE_RETRY_ON (connect-failure, refused-stream): a bodiless
+        // request is not copied here; the send path is asked to give it back.
+        let p = policy(&[]);
+        let (retry, metrics) = layer(&p);
+        let seen = Seen::default();
+        let svc = retry.layer(endpoint(Behaviour::RefusedStream, 1, seen.clone()));
+        assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 200);
+        assert_eq!(seen.lock()[0].1, "GET resend_refused=true");
+        assert_eq!(seen.lock().len(), 2);
+        assert_eq!(
+            metrics.retries_by_reason("api:80"),
+            [(Arc::from("refused-stream"), 1)]
+        );
+
+        // A non-idempotent one too: a refused stream was never processed.
+        let seen = Seen::default();
+        let svc = retry.layer(endpoint(Behaviour::RefusedStream, 1, seen.clone()));
+        assert_eq!(status(svc, request(Method::POST, b"")).await.unwrap(), 200);
+        assert_eq!(seen.lock().len(), 2);
+
+        // When an answer could also send it again (5xx), the layer keeps its own copy
+        // and a refused stream is retried from it.
+        let p = policy(&[("GOFE_RETRY_ON", "refused-stream,5xx")]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::RefusedStream, 1, seen.clone()));
+        assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 200);
+        assert_eq!(seen.lock()[0].1, "GET resend_refused=false");
+        assert_eq!(seen.lock().len(), 2);
+
+        // A body is the replay's to keep, whatever the policy.
+        let p = policy(&[]);
+        let seen = Seen::default();
+        let svc = layer(&p)
+            .0
+            .layer(endpoint(Behaviour::RefusedStream, 1, seen.clone()));
+        assert_eq!(
+            status(svc, request(Method::PUT, b"payload")).await.unwrap(),
+            200
+        );
+        assert_eq!(seen.lock()[0].1, "PUT resend_refused=false");
+        assert_eq!(seen.lock()[1].2, b"payload");
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,7 @@
 
 use crate::addrs::well_formed;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Version};
 
@@ -66,6 +67,18 @@ impl std::ops::BitOr for Found {
     fn bitor(self, other: Found) -> Found {
         Found(self.0 | other.0)
     }
+}
+
+/// A copy of a request's head, extensions included (what its route put there: the
+/// route's retry settings, its `per_try_timeout`), for sending it again.
+pub fn copy_head<B>(r: &Request<B>) -> Parts {
+    let mut c = Request::new(());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.version_mut() = r.version();
+    *c.headers_mut() = r.headers().clone();
+    *c.extensions_mut() = r.extensions().clone();
+    c.into_parts().0
 }
 
 /// Removes hop-by-hop headers, including any the `Connection` header names. `TE:

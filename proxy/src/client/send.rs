@@ -355,18 +355,38 @@ mod tests {
         RequestBody::new(Source::boxed(http_body_util::StreamBody::new(frames)))
     }
 
+    /// Reads an origin's request body to its end, giving its window back: the bytes read.
+    async fn read_to_end(body: &mut ::h2::RecvStream) -> usize {
+        let mut read = 0;
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            read += data.len();
+            body.flow_control().release_capacity(data.len()).unwrap();
+        }
+        read
+    }
+
+    /// What an origin's connections report to the test: the first report counts.
+    type Report<T> = Arc<parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<T>>>>;
+
+    fn first_report<T>() -> (Report<T>, tokio::sync::oneshot::Receiver<T>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Arc::new(parking_lot::Mutex::new(Some(tx))), rx)
+    }
+
+    fn report<T>(to: &Report<T>, value: T) {
+        if let Some(tx) = to.lock().take() {
+            let _ = tx.send(value);
+        }
+    }
+
     #[tokio::test]
     async fn http2_bodies_larger_than_the_peers_window_go_in_full_with_their_trailers() {
         let addr = h2_origin(|_, mut conn| async move {
             while let Some(Ok((req, mut respond))) = conn.accept().await {
                 tokio::spawn(async move {
                     let mut body = req.into_body();
-                    let mut read = 0;
-                    while let Some(data) = body.data().await {
-                        let data = data.unwrap();
-                        read += data.len();
-                        body.flow_control().release_capacity(data.len()).unwrap();
-                    }
+                    let read = read_to_end(&mut body).await;
                     let trailers = body.trailers().await.unwrap().unwrap_or_default();
                     let rsp = Response::builder()
                         .header("x-read", read)
@@ -402,8 +422,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_request_given_up_before_its_answer_resets_its_stream() {
-        let (reset_tx, reset_rx) = tokio::sync::oneshot::channel();
-        let reset_tx = Arc::new(parking_lot::Mutex::new(Some(reset_tx)));
+        let (reset_tx, reset_rx) = first_report();
         let addr = h2_origin(move |_, mut conn| {
             let reset_tx = reset_tx.clone();
             async move {
@@ -418,7 +437,7 @@ mod tests {
                     let reason = std::future::poll_fn(|cx| respond.poll_reset(cx))
                         .await
                         .unwrap();
-                    let _ = reset_tx.lock().take().unwrap().send(reason);
+                    report(&reset_tx, reason);
                 });
                 while conn.accept().await.is_some() {}
             }
@@ -503,12 +522,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut out = respond.send_response(Response::new(()), false).unwrap();
                     let mut body = req.into_body();
-                    let mut read = 0;
-                    while let Some(data) = body.data().await {
-                        let data = data.unwrap();
-                        read += data.len();
-                        body.flow_control().release_capacity(data.len()).unwrap();
-                    }
+                    let read = read_to_end(&mut body).await;
                     out.send_data(bytes::Bytes::from(format!("read {read}")), true)
                         .unwrap();
                 });
@@ -551,8 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_endpoint_may_not_push() {
-        let (pushed_tx, pushed_rx) = tokio::sync::oneshot::channel();
-        let pushed_tx = Arc::new(parking_lot::Mutex::new(Some(pushed_tx)));
+        let (pushed_tx, pushed_rx) = first_report();
         let addr = h2_origin(move |_, mut conn| {
             let pushed_tx = pushed_tx.clone();
             async move {
@@ -562,9 +575,7 @@ mod tests {
                         .body(())
                         .unwrap();
                     let pushed = respond.push_request(promise).is_ok();
-                    if let Some(tx) = pushed_tx.lock().take() {
-                        let _ = tx.send(pushed);
-                    }
+                    report(&pushed_tx, pushed);
                     respond.send_response(Response::new(()), true).unwrap();
                 }
             }

@@ -632,4 +632,71 @@ mod tests {
             "unasked, a request that went out is not copied"
         );
     }
+
+    #[tokio::test]
+    async fn an_http2_answer_that_ends_the_stream_early_arrives_whole_and_stops_the_body() {
+        // The origin reads one chunk and answers; once the client has the answer's
+        // data, the origin resets the rest of the exchange with NO_ERROR (RFC 9113
+        // §8.1: it needs no more of the request).
+        let (go_reset, reset_now) = tokio::sync::oneshot::channel::<()>();
+        let reset_now = Arc::new(parking_lot::Mutex::new(Some(reset_now)));
+        let addr = h2_origin(move |_, mut conn| {
+            let reset_now = reset_now.clone();
+            async move {
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let reset_now = reset_now.lock().take().unwrap();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        body.data().await.unwrap().unwrap();
+                        let mut out = respond.send_response(Response::new(()), false).unwrap();
+                        out.send_data(bytes::Bytes::from_static(b"early"), false)
+                            .unwrap();
+                        reset_now.await.unwrap();
+                        out.send_reset(::h2::Reason::NO_ERROR);
+                    });
+                }
+            }
+        })
+        .await;
+        // One chunk, then a body that would go on for ever.
+        let (more, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(chunk))),
+                rx,
+            ))
+        });
+        more.send(b"first").await.unwrap();
+        let c = client(Duration::from_secs(60));
+        let (rsp, _) = c
+            .send(
+                Direction::Outbound,
+                addr,
+                None,
+                h2_post(streamed(frames)),
+                false,
+            )
+            .await
+            .unwrap();
+        let mut body = rsp.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the answer's data comes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.into_data().unwrap(), "early");
+        go_reset.send(()).unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the answer ends");
+        assert!(
+            end.is_none(),
+            "a reset with NO_ERROR ends the answer, it is no error: {:?}",
+            end.map(|f| f.map(|_| ()))
+        );
+        tokio::time::timeout(Duration::from_secs(5), more.closed())
+            .await
+            .expect("the pipe stops reading the request body once the stream is reset");
+    }
 }

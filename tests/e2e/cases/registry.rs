@@ -294,6 +294,13 @@ pub fn registry_a_stopping_replica_leaves_first_and_a_killed_one_expires_within_
                 )? >= 1.0)
                     .then_some(()))
             })?;
+            // Requests already in flight keep the policy they started under (no reset
+            // retries): let the load's four connections move past them first. (Under a
+            // loaded CI one such request, 59 ms long, was cut by the kill and failed.)
+            let at = served(&b)?;
+            eventually("b serves on under the new policy", CHANGE_TIMEOUT, || {
+                Ok((served(&b)? > at + 50).then_some(()))
+            })?;
             // kill -9: b's lease runs out.
             b.signal_proxy(Signal::SIGKILL)?;
             let killed = Instant::now();

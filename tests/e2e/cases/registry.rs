@@ -8,7 +8,7 @@
 //! the Host header: only the registry can route them.
 
 use super::HTTP_PORT;
-use super::resilience::{Req, by_server, count_status, endpoint_states, send, served};
+use super::resilience::{Reply, Req, by_server, count_status, endpoint_states, send, served};
 use crate::etcd::Etcd;
 use crate::harness::{Pod, World, eventually, gofe_bin};
 use anyhow::{Context, ensure};
@@ -317,13 +317,20 @@ pub fn registry_a_stopping_replica_leaves_first_and_a_killed_one_expires_within_
         gone_after <= TTL + Duration::from_secs(1),
         "a killed replica was dropped after {gone_after:?}, more than its TTL + 1 s"
     );
-    let failed: Vec<_> = replies.iter().filter(|r| r.status != 200).collect();
+    // kill -9 can also land between a response's head and the rest of its body: the
+    // client already has the head, and no proxy can send that request again. At most
+    // one such response per load connection (4) is the kill's; any other failure is
+    // the proxy's. (A full CI run at 07:56 UTC had one: "end of file before message
+    // length reached", the client sidecar's log showing the body's error.)
+    let cut_mid_body = |r: &Reply| r.status == 0 && r.proxy_error.contains("error reading a body");
+    let failed: Vec<&Reply> = replies.iter().filter(|r| r.status != 200).collect();
+    let cut = failed.iter().filter(|r| cut_mid_body(r)).count();
     ensure!(
-        failed.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
+        cut <= 4 && failed.len() == cut,
+        "{} of {} requests failed ({cut} of them cut mid-body by the kill), e.g. {:?}",
         failed.len(),
         replies.len(),
-        failed.first()
+        failed.iter().find(|r| !cut_mid_body(r)).or(failed.first())
     );
     ensure!(addresses(&client)? == vec![addr_of(&c)]);
     Ok(())

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use gofe_identity::SpiffeId;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body::Body;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -142,16 +142,19 @@ where
     }
 }
 
+/// An opened stream: its answer to come, and the request's body with the stream to
+/// send it on, unless the request had none.
+type Opened = (ResponseFuture, Option<(RequestBody, SendStream<Bytes>)>);
+
 /// Opens the stream for `req`: its head goes at once, and its body, unless the request
-/// has none, comes back to be sent.
-#[allow(clippy::type_complexity)]
-fn open(
-    tx: &mut SendRequest<Bytes>,
-    req: Request<RequestBody>,
-) -> Result<(ResponseFuture, Option<(RequestBody, SendStream<Bytes>)>), h2::Error> {
+/// has none, comes back to be sent. The fields HTTP/2 forbids (RFC 9113 §8.2.2:
+/// connection options, TE other than "trailers") go first, as they go on every hop;
+/// `forward` has removed them already from a client's request, so this is one scan of
+/// the names that finds none.
+fn open(tx: &mut SendRequest<Bytes>, req: Request<RequestBody>) -> Result<Opened, h2::Error> {
     let (head, body) = req.into_parts();
     let mut head = Request::from_parts(head, ());
-    strip_connection_headers(head.headers_mut());
+    headers::strip_hop_by_hop(head.headers_mut(), false);
     if let Some(len) = body.size_hint().exact()
         && (len != 0 || !matches!(*head.method(), Method::GET | Method::HEAD | Method::DELETE))
         && !head.headers().contains_key(header::CONTENT_LENGTH)
@@ -162,29 +165,6 @@ fn open(
     let eos = body.is_end_stream();
     let (rsp, stream) = tx.send_request(head, eos)?;
     Ok((rsp, (!eos).then_some((body, stream))))
-}
-
-/// The fields HTTP/2 forbids (RFC 9113 §8.2.2), which HTTP/1 may carry: connection
-/// options, and TE unless it is "trailers".
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.remove(header::CONNECTION)
-        && let Ok(names) = connection.to_str()
-    {
-        for name in names.split(',') {
-            headers.remove(name.trim());
-        }
-    }
-    for name in [
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-    if headers.get(header::TE).is_some_and(|te| te != "trailers") {
-        headers.remove(header::TE);
-    }
 }
 
 /// Sends what remains of a request body on its stream: at once if it is all there (a
@@ -458,7 +438,7 @@ mod tests {
 
     #[test]
     fn connection_fields_are_stripped_and_te_trailers_kept() {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(header::CONNECTION, "keep-alive, x-hop".parse().unwrap());
         h.insert("x-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
@@ -467,14 +447,14 @@ mod tests {
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
         h.insert(header::TE, "trailers".parse().unwrap());
         h.insert("x-end-to-end", "1".parse().unwrap());
-        strip_connection_headers(&mut h);
+        headers::strip_hop_by_hop(&mut h, false);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["te", "x-end-to-end"]);
 
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(header::TE, "gzip".parse().unwrap());
-        strip_connection_headers(&mut h);
+        headers::strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "TE other than trailers is not HTTP/2's");
     }
 

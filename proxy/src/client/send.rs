@@ -355,6 +355,20 @@ mod tests {
         RequestBody::new(Source::boxed(http_body_util::StreamBody::new(frames)))
     }
 
+    /// A request body fed chunk by chunk through the sender; it ends when the sender
+    /// goes.
+    fn fed_body() -> (tokio::sync::mpsc::Sender<&'static [u8]>, RequestBody) {
+        let (more, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok(http_body::Frame::data(bytes::Bytes::from_static(chunk))),
+                rx,
+            ))
+        });
+        (more, streamed(frames))
+    }
+
     /// Reads an origin's request body to its end, giving its window back: the bytes read.
     async fn read_to_end(body: &mut ::h2::RecvStream) -> usize {
         let mut read = 0;
@@ -529,25 +543,12 @@ mod tests {
             }
         })
         .await;
-        let (more, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(1);
-        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-            let chunk = rx.recv().await?;
-            Some((
-                Ok(http_body::Frame::data(bytes::Bytes::from_static(chunk))),
-                rx,
-            ))
-        });
+        let (more, body) = fed_body();
         more.send(b"first").await.unwrap();
         let c = client(Duration::from_secs(60));
         let (rsp, _) = tokio::time::timeout(
             Duration::from_secs(5),
-            c.send(
-                Direction::Outbound,
-                addr,
-                None,
-                h2_post(streamed(frames)),
-                false,
-            ),
+            c.send(Direction::Outbound, addr, None, h2_post(body), false),
         )
         .await
         .expect("the answer comes before the body ends")
@@ -659,24 +660,11 @@ mod tests {
         })
         .await;
         // One chunk, then a body that would go on for ever.
-        let (more, rx) = tokio::sync::mpsc::channel::<&'static [u8]>(1);
-        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
-            let chunk = rx.recv().await?;
-            Some((
-                Ok(http_body::Frame::data(bytes::Bytes::from_static(chunk))),
-                rx,
-            ))
-        });
+        let (more, body) = fed_body();
         more.send(b"first").await.unwrap();
         let c = client(Duration::from_secs(60));
         let (rsp, _) = c
-            .send(
-                Direction::Outbound,
-                addr,
-                None,
-                h2_post(streamed(frames)),
-                false,
-            )
+            .send(Direction::Outbound, addr, None, h2_post(body), false)
             .await
             .unwrap();
         let mut body = rsp.into_body();

@@ -2,6 +2,7 @@
 //! streaming body, or as one attempt's view of a body kept for retries; responses come
 //! back with a hook that runs once when they end.
 
+pub mod h2;
 pub mod replay;
 pub mod request;
 pub mod response;

@@ -5,10 +5,11 @@
 //! connection until it goes.
 
 use super::pool::{Checkin, StreamSlot};
+use crate::body::h2::RecvBody;
 use crate::body::source::BoxError;
 use bytes::Bytes;
 use h2::{Reason, RecvStream};
-use http::{Response, header};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
@@ -24,13 +25,7 @@ pub struct UpstreamBody {
 enum Inner {
     Done,
     Http1(Incoming),
-    Http2 {
-        stream: RecvStream,
-        /// The DATA frames have ended; trailers may follow.
-        data_done: bool,
-        /// What is left of a declared content-length.
-        left: Option<u64>,
-    },
+    Http2(RecvBody),
 }
 
 impl UpstreamBody {
@@ -47,19 +42,16 @@ impl UpstreamBody {
     /// An HTTP/2 response, its body holding `slot` (its stream's place on its
     /// connection) until the body goes.
     pub fn http2(rsp: Response<RecvStream>, slot: StreamSlot) -> Response<UpstreamBody> {
-        let left = rsp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        rsp.map(|stream| Self {
-            inner: Inner::Http2 {
-                stream,
-                data_done: false,
-                left,
+        let (head, stream) = rsp.into_parts();
+        let body = RecvBody::new(stream, &head.headers);
+        Response::from_parts(
+            head,
+            Self {
+                inner: Inner::Http2(body),
+                checkin: None,
+                _slot: Some(slot),
             },
-            checkin: None,
-            _slot: Some(slot),
-        })
+        )
     }
 
     /// No body (a CONNECT tunnel's 200).
@@ -105,38 +97,15 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Inner::Http2 {
-                stream,
-                data_done,
-                left,
-            } => {
-                if !*data_done {
-                    match ready!(stream.poll_data(cx)) {
-                        Some(Ok(data)) => {
-                            let _ = stream.flow_control().release_capacity(data.len());
-                            if let Some(left) = left {
-                                *left = left.saturating_sub(data.len() as u64);
-                            }
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
-                        // RST_STREAM NO_ERROR: the endpoint answered in full and needs
-                        // no more of the request (RFC 9113 §8.1); the body ends here.
-                        Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
-                            this.inner = Inner::Done;
-                            return Poll::Ready(None);
-                        }
-                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                        None => *data_done = true,
-                    }
+            Inner::Http2(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                // RST_STREAM NO_ERROR: the endpoint answered in full and needs no more
+                // of the request (RFC 9113 §8.1); the body ends here.
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
+                    this.inner = Inner::Done;
+                    Poll::Ready(None)
                 }
-                let trailers = ready!(stream.poll_trailers(cx));
-                this.inner = Inner::Done;
-                match trailers {
-                    Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                    Ok(None) => Poll::Ready(None),
-                    Err(e) => Poll::Ready(Some(Err(e.into()))),
-                }
-            }
+                frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            },
         }
     }
 
@@ -144,7 +113,7 @@ impl Body for UpstreamBody {
         match &self.inner {
             Inner::Done => true,
             Inner::Http1(b) => b.is_end_stream(),
-            Inner::Http2 { stream, .. } => stream.is_end_stream(),
+            Inner::Http2(b) => b.is_end_stream(),
         }
     }
 
@@ -152,7 +121,7 @@ impl Body for UpstreamBody {
         match &self.inner {
             Inner::Done => SizeHint::with_exact(0),
             Inner::Http1(b) => b.size_hint(),
-            Inner::Http2 { left, .. } => left.map_or_else(SizeHint::default, SizeHint::with_exact),
+            Inner::Http2(b) => b.size_hint(),
         }
     }
 }

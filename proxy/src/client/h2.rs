@@ -13,6 +13,7 @@
 use super::error::{SendError, SendFailure};
 use super::pool::{H2Pick, H2Sender, Peer, Pool, StreamSlot};
 use crate::addrs::EndpointAddr;
+use crate::body::h2::Pipe;
 use crate::body::request::RequestBody;
 use crate::connect::connector::Connected;
 use crate::connect::error::ConnectError;
@@ -27,7 +28,7 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::Context;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -172,12 +173,8 @@ fn open(tx: &mut SendRequest<Bytes>, req: Request<RequestBody>) -> Result<Opened
 /// resets the stream if it is dropped armed (the request was given up before its
 /// answer came).
 fn pipe(body: RequestBody, stream: SendStream<Bytes>) -> CancelGuard {
-    let mut pipe = Pipe {
-        body,
-        stream,
-        waiting: None,
-        cancel: None,
-    };
+    // A body that fails resets its stream with the client's own reason, else CANCEL.
+    let mut pipe = Pipe::new(body, stream, Reason::CANCEL);
     let waker = std::task::Waker::noop();
     if Pin::new(&mut pipe)
         .poll(&mut Context::from_waker(waker))
@@ -186,7 +183,7 @@ fn pipe(body: RequestBody, stream: SendStream<Bytes>) -> CancelGuard {
         return CancelGuard(None);
     }
     let (tx, rx) = oneshot::channel();
-    pipe.cancel = Some(rx);
+    pipe.cancelled_by(rx);
     tokio::spawn(pipe);
     CancelGuard(Some(tx))
 }
@@ -205,120 +202,6 @@ impl Drop for CancelGuard {
             let _ = tx.send(());
         }
     }
-}
-
-/// A request body going out on its stream, within the peer's window: one chunk at a
-/// time is held while the window is closed, and the body is read again only when it
-/// has gone.
-struct Pipe {
-    body: RequestBody,
-    stream: SendStream<Bytes>,
-    /// A chunk read from the body, waiting for window; whether it was the last.
-    waiting: Option<(Bytes, bool)>,
-    cancel: Option<oneshot::Receiver<()>>,
-}
-
-impl Future for Pipe {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        match this.run(cx) {
-            Poll::Ready(Err(reason)) => {
-                this.stream.send_reset(reason);
-                Poll::Ready(())
-            }
-            Poll::Ready(Ok(())) => Poll::Ready(()),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Pipe {
-    /// Ok once the body has all gone; the reason to reset the stream with if it cannot.
-    fn run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Reason>> {
-        loop {
-            if let Some(cancel) = self.cancel.as_mut() {
-                match Pin::new(cancel).poll(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Err(Reason::CANCEL)),
-                    // Disarmed: the answer came, and the body goes on.
-                    Poll::Ready(Err(_)) => self.cancel = None,
-                    Poll::Pending => {}
-                }
-            }
-            // The peer reset the stream (it answered without the rest of the body, or
-            // gave up): nothing more goes.
-            if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
-                debug!(
-                    ?reset,
-                    "the endpoint reset a stream whose body was being sent"
-                );
-                return Poll::Ready(Ok(()));
-            }
-            if let Some((_, last)) = self.waiting {
-                while self.stream.capacity() == 0 {
-                    match ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(_)) | None => return Poll::Ready(Ok(())),
-                    }
-                }
-                let (data, _) = self.waiting.take().expect("checked above");
-                if self.stream.send_data(data, last).is_err() || last {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            let frame = match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                Some(Err(error)) => {
-                    debug!(%error, "a request body failed while it was being sent");
-                    return Poll::Ready(Err(reset_reason(&*error)));
-                }
-                None => {
-                    self.stream.reserve_capacity(0);
-                    let _ = self.stream.send_data(Bytes::new(), true);
-                    return Poll::Ready(Ok(()));
-                }
-            };
-            let frame = match frame.into_data() {
-                Ok(data) => {
-                    let last = self.body.is_end_stream();
-                    if data.is_empty() {
-                        if self.stream.send_data(data, last).is_err() || last {
-                            return Poll::Ready(Ok(()));
-                        }
-                        continue;
-                    }
-                    // A claim on the window of one byte, not the chunk's length: h2
-                    // raises it to what is buffered as it sends, and a stream that
-                    // waits does not pin the connection's window (hyper #4003).
-                    self.stream.reserve_capacity(1);
-                    self.waiting = Some((data, last));
-                    continue;
-                }
-                Err(frame) => frame,
-            };
-            if let Ok(trailers) = frame.into_trailers() {
-                self.stream.reserve_capacity(0);
-                let _ = self.stream.send_trailers(trailers);
-                return Poll::Ready(Ok(()));
-            }
-        }
-    }
-}
-
-/// The reason a failed request body resets its stream with: the client's own HTTP/2
-/// reason when its stream was reset, else CANCEL.
-fn reset_reason(error: &(dyn std::error::Error + 'static)) -> Reason {
-    let mut cause = Some(error);
-    while let Some(c) = cause {
-        if let Some(reason) = c.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
-            return reason;
-        }
-        cause = c.source();
-    }
-    Reason::CANCEL
 }
 
 /// Makes a connection for the pool, once for every request waiting on it.
@@ -456,13 +339,5 @@ mod tests {
         h.insert(header::TE, "gzip".parse().unwrap());
         headers::strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "TE other than trailers is not HTTP/2's");
-    }
-
-    #[test]
-    fn a_failed_body_resets_with_the_clients_reason_or_cancel() {
-        let own: Box<dyn std::error::Error + Send + Sync> = "broken".into();
-        assert_eq!(reset_reason(&*own), Reason::CANCEL);
-        let h2: h2::Error = Reason::STREAM_CLOSED.into();
-        assert_eq!(reset_reason(&h2), Reason::STREAM_CLOSED);
     }
 }

@@ -7,7 +7,6 @@ use super::replay::ReplayBody;
 use super::source::{BoxError, ClientBody, Source};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,17 +91,11 @@ impl RequestBody {
     }
 }
 
-impl RequestBody {
-    /// A client's body: an HTTP/2 one is read to its end if the proxy drops it early
-    /// (`ClientBody`).
-    pub fn client(b: Incoming, http2: bool) -> Self {
-        Self::new(Source::Incoming(ClientBody::new(b, http2)))
-    }
-}
-
-impl From<Incoming> for RequestBody {
-    fn from(b: Incoming) -> Self {
-        Self::client(b, false)
+/// A client's body: an HTTP/2 one is read to its end if the proxy drops it early
+/// (`ClientBody`).
+impl From<ClientBody> for RequestBody {
+    fn from(b: ClientBody) -> Self {
+        Self::new(Source::Client(b))
     }
 }
 

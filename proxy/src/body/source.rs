@@ -1,8 +1,10 @@
-//! Where a request body comes from: the client's connection (hyper's `Incoming`), or,
-//! in tests and replays of other kinds, any body. A client's HTTP/2 body left unread
+//! Where a request body comes from: the client's connection (hyper's `Incoming` for
+//! HTTP/1, the stream itself for HTTP/2), or, in tests and replays of other kinds, any
+//! body. A client's HTTP/2 body left unread
 //! (the proxy answered without it) is read to its end in the background, briefly, so
 //! that its stream closes cleanly instead of being reset.
 
+use super::h2::RecvBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -23,11 +25,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const DRAIN_MAX: usize = 256 * 1024;
 
 pub enum Source {
-    Incoming(ClientBody),
+    Client(ClientBody),
     Boxed(BoxBody<Bytes, BoxError>),
 }
 
-/// The body of a client's request, as hyper hands it over.
+/// The body of a client's request.
 ///
 /// An HTTP/2 body dropped before its end (the request was answered without it: a rate
 /// limit, a shed, a fault, an upstream that answered early) would make h2 reset the
@@ -38,31 +40,36 @@ pub enum Source {
 /// ENHANCE_YOUR_CALM — on the mesh hop, every request in flight from that client's
 /// proxy fails with it. So the rest of the body is read in the background instead,
 /// within `DRAIN_TIMEOUT` and `DRAIN_MAX`, and the stream ends as the client ends it.
-pub struct ClientBody {
-    body: Option<Incoming>,
-    drain: bool,
+pub struct ClientBody(Client);
+
+enum Client {
+    Empty,
+    Http1(Incoming),
+    Http2(RecvBody),
 }
 
 impl ClientBody {
-    /// `http2`: the body of an HTTP/2 stream, read to its end when dropped early.
-    pub fn new(body: Incoming, http2: bool) -> Self {
-        Self {
-            body: Some(body),
-            drain: http2,
-        }
+    pub fn http1(body: Incoming) -> Self {
+        Self(Client::Http1(body))
     }
 
-    fn get(&mut self) -> &mut Incoming {
-        self.body.as_mut().expect("a body until dropped")
+    /// An HTTP/2 stream's body, read to its end when dropped early.
+    pub fn http2(body: RecvBody) -> Self {
+        Self(Client::Http2(body))
+    }
+
+    /// None (a CONNECT's: its stream becomes the tunnel).
+    pub fn empty() -> Self {
+        Self(Client::Empty)
     }
 }
 
 impl Drop for ClientBody {
     fn drop(&mut self) {
-        let Some(mut body) = self.body.take() else {
+        let Client::Http2(mut body) = std::mem::replace(&mut self.0, Client::Empty) else {
             return;
         };
-        if !self.drain || body.is_end_stream() {
+        if body.is_end_stream() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -80,6 +87,38 @@ impl Drop for ClientBody {
             };
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
         });
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Client::Empty => Poll::Ready(None),
+            Client::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Client::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Client::Empty => true,
+            Client::Http1(b) => b.is_end_stream(),
+            Client::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Client::Empty => SizeHint::with_exact(0),
+            Client::Http1(b) => b.size_hint(),
+            Client::Http2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -102,24 +141,21 @@ impl Body for Source {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Source::Incoming(b) => Pin::new(b.get()).poll_frame(cx).map_err(Into::into),
+            Source::Client(b) => Pin::new(b).poll_frame(cx),
             Source::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Source::Incoming(b) => b.body.as_ref().is_none_or(Body::is_end_stream),
+            Source::Client(b) => b.is_end_stream(),
             Source::Boxed(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Source::Incoming(b) => b
-                .body
-                .as_ref()
-                .map_or_else(SizeHint::default, Body::size_hint),
+            Source::Client(b) => b.size_hint(),
             Source::Boxed(b) => b.size_hint(),
         }
     }

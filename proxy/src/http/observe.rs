@@ -11,6 +11,7 @@ use super::errors::ProxyError;
 use super::request::{Forwarding, forward};
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
+use crate::body::source::ClientBody;
 use crate::call::{Answer, HttpAnswer, Permit, Routed};
 use crate::client::body::UpstreamBody;
 use crate::config::TraceTrust;
@@ -32,9 +33,10 @@ use tracing::debug;
 /// The body of every response the proxy gives a client.
 pub type HttpBody = ResponseBody<UpstreamBody, Finish>;
 
-/// Observes each request of a connection and forwards it (`request::forward`): hyper's
-/// service for the connection, called by reference, so a request costs no clone of a
-/// service and no readiness check of a stack.
+/// Observes each request of a connection and forwards it (`request::forward`): the
+/// connection's service (hyper's for HTTP/1, `h2_server`'s for HTTP/2), called by
+/// reference, so a request costs no clone of a service and no readiness check of a
+/// stack.
 pub struct Observed {
     conn: Arc<HttpConn>,
 }
@@ -43,14 +45,9 @@ impl Observed {
     pub fn new(conn: Arc<HttpConn>) -> Self {
         Self { conn }
     }
-}
 
-impl hyper::service::Service<Request<Incoming>> for Observed {
-    type Response = Response<HttpBody>;
-    type Error = Infallible;
-    type Future = ObservedFuture<Forwarding>;
-
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    /// Starts observing `req` and forwards it.
+    pub fn observe(&self, mut req: Request<ClientBody>) -> ObservedFuture<Forwarding> {
         let grpc = grpc::is_grpc(&req);
         let authority = self.conn.authority(&req);
         let observe = Observe::start(&self.conn, &req, authority.as_ref());
@@ -66,6 +63,17 @@ impl hyper::service::Service<Request<Incoming>> for Observed {
                 in_flight,
             }),
         }
+    }
+}
+
+/// HTTP/1, served by hyper.
+impl hyper::service::Service<Request<Incoming>> for Observed {
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = ObservedFuture<Forwarding>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.observe(req.map(ClientBody::http1))
     }
 }
 

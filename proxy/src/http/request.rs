@@ -11,6 +11,7 @@ use super::routed;
 use super::upgrade;
 use crate::addrs::Direction;
 use crate::body::request::RequestBody;
+use crate::body::source::ClientBody;
 use crate::call::{Call, Failure, HttpAnswer};
 use crate::endpoint::Endpoint;
 use crate::metrics::Limit;
@@ -21,7 +22,6 @@ use crate::route::destination::Destination;
 use crate::route::target::ConnTarget;
 use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Version, header};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,8 +35,9 @@ enum Target {
     Destination(Arc<Destination>),
 }
 
-/// The forwarding of one request, boxed: hyper moves the future of every HTTP/2 stream
-/// into a task, so what it holds inline is paid per request.
+/// The forwarding of one request, boxed: every HTTP/2 stream's future is allocated and
+/// moved (`h2_server`), and hyper's HTTP/1 dispatcher moves it too, so what it holds
+/// inline is paid per request.
 pub type Forwarding = Pin<Box<dyn Future<Output = Result<HttpAnswer, ProxyError>> + Send>>;
 
 /// Forwards `req`, which came on `conn`; `authority` is the request's
@@ -45,13 +46,12 @@ pub type Forwarding = Pin<Box<dyn Future<Output = Result<HttpAnswer, ProxyError>
 /// it by value (~270 bytes), twice, and move it at every step.
 pub fn forward(
     conn: Arc<HttpConn>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     authority: Option<Authority>,
 ) -> Forwarding {
-    let http2 = req.version() == Version::HTTP_2;
     if let Some(reason) = &conn.refused {
         // Its body is read to the end, not reset (`ClientBody`).
-        drop(RequestBody::client(req.into_body(), http2));
+        drop(req);
         return failed(ProxyError::Forbidden(reason.clone()));
     }
     // What below acts on, in one pass over the names instead of a lookup each.
@@ -102,7 +102,7 @@ pub fn forward(
 
     headers::strip_hop_by_hop(req.headers_mut(), false);
     conn.identify_client(req.headers_mut());
-    let mut req = Box::new(req.map(|b| RequestBody::client(b, http2)));
+    let mut req = Box::new(req.map(RequestBody::from));
     match req.version() {
         Version::HTTP_2 => {
             *req.uri_mut() = headers::absolute_form(req.uri(), authority.as_ref());

@@ -7,8 +7,10 @@
 
 use super::conn::HttpConn;
 use super::errors::ProxyError;
+use super::h2_tunnel::H2Tunnel;
 use crate::addrs::{DestKey, Direction};
 use crate::body::request::RequestBody;
+use crate::body::source::ClientBody;
 use crate::call::{Answer, Call, ConnectTo, HttpAnswer};
 use crate::client::body::UpstreamBody;
 use crate::client::error::SendError;
@@ -18,12 +20,14 @@ use crate::forward::tunnel;
 use crate::proto::headers;
 use crate::route::destination::Destination;
 use crate::route::target::ConnTarget;
+use futures_util::TryFutureExt;
 use gofe_identity::tls::{ALPN_HTTP1, ALPN_TCP};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::io;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt;
 use tracing::debug;
 
@@ -42,10 +46,10 @@ pub enum Via {
 /// proxy an application was talking to) and, if it agrees to switch, tunnels.
 pub async fn forward(
     conn: &HttpConn,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     via: Via,
 ) -> Result<HttpAnswer, ProxyError> {
-    let client_side = hyper::upgrade::on(&mut req);
+    let client_side = ClientSide::of(&mut req);
     let connect = req.method() == Method::CONNECT;
     headers::strip_hop_by_hop(req.headers_mut(), !connect);
     conn.identify_client(req.headers_mut());
@@ -71,8 +75,8 @@ pub async fn forward(
         let client = conn.client;
         let tunnel = Tunnel::of(conn);
         conn.ctx.tasks.spawn(async move {
-            match tokio::try_join!(client_side, server_side) {
-                Ok((c, s)) => tunnel.run(TokioIo::new(c), TokioIo::new(s)).await,
+            match tokio::try_join!(client_side.opened(), server_side.map_err(io::Error::other)) {
+                Ok((c, s)) => tunnel.run(c, TokioIo::new(s)).await,
                 Err(error) => debug!(%client, %error, "upgrade did not complete"),
             }
         });
@@ -122,7 +126,7 @@ async fn dedicated(
 /// authority and answers 200.
 pub async fn connect_explicit(
     conn: &HttpConn,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<HttpAnswer, ProxyError> {
     let Some(authority) = req.uri().authority().cloned() else {
         return Err(ProxyError::NoAuthority);
@@ -135,19 +139,46 @@ pub async fn connect_explicit(
         .connect_stack()
         .oneshot(Call::new(ConnectTo { alpn: ALPN_TCP }))
         .await?;
-    let client_side = hyper::upgrade::on(&mut req);
+    let client_side = ClientSide::of(&mut req);
     let client = conn.client;
     let server = connected.value.io;
     let tunnel = Tunnel::of(conn);
     conn.ctx.tasks.spawn(async move {
-        match client_side.await {
-            Ok(c) => tunnel.run(TokioIo::new(c), server).await,
+        match client_side.opened().await {
+            Ok(c) => tunnel.run(c, server).await,
             Err(error) => debug!(%client, %error, "CONNECT tunnel did not open"),
         }
     });
     let mut a = Answer::new(Response::new(UpstreamBody::empty()), connected.endpoint);
     a.peer = connected.peer;
     Ok(a)
+}
+
+/// The client's side of a tunnel, once the answer has gone: its HTTP/1.1 connection
+/// (hyper's upgrade), or its HTTP/2 CONNECT stream.
+enum ClientSide {
+    Http1(hyper::upgrade::OnUpgrade),
+    Http2(H2Tunnel),
+}
+
+/// Either side's bytes, whichever the client spoke.
+trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
+impl ClientSide {
+    fn of(req: &mut Request<ClientBody>) -> ClientSide {
+        match req.extensions_mut().remove::<H2Tunnel>() {
+            Some(t) => ClientSide::Http2(t),
+            None => ClientSide::Http1(hyper::upgrade::on(req)),
+        }
+    }
+
+    async fn opened(self) -> io::Result<Box<dyn Duplex>> {
+        Ok(match self {
+            ClientSide::Http1(up) => Box::new(TokioIo::new(up.await.map_err(io::Error::other)?)),
+            ClientSide::Http2(t) => Box::new(t.opened().await?),
+        })
+    }
 }
 
 /// What a tunnel needs once its connection has switched: its idle timeout, and where
@@ -169,8 +200,8 @@ impl Tunnel {
 
     async fn run<A, B>(self, a: A, b: B)
     where
-        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
     {
         if let tunnel::Ended::Idle = tunnel::join(a, b, self.idle).await {
             self.metrics

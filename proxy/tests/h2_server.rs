@@ -1,0 +1,204 @@
+//! The serving side of HTTP/2 in this process, as a client sees it: a CONNECT's stream
+//! becomes its tunnel, a stream the client resets gives its request up (its upstream
+//! stream is reset too), and a client
+//! that stops answering PINGs loses its connection while one that answers keeps it.
+//! Real proxies on loopback; the clients are the `h2` crate and, where a client must
+//! misbehave, raw frames.
+
+mod support;
+
+use bytes::Bytes;
+use h2::Reason;
+use http::{Method, Request, StatusCode};
+use std::future::poll_fn;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const DISABLED: (&str, &str) = ("GOFE_IDENTITY_DISABLED", "true");
+
+/// An HTTP/2 (prior knowledge) client of `addr`.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    tx.ready().await.unwrap()
+}
+
+/// The next DATA of `body`, its window given back.
+async fn next_data(body: &mut h2::RecvStream) -> Option<Bytes> {
+    let data = body.data().await?.unwrap();
+    let _ = body.flow_control().release_capacity(data.len());
+    Some(data)
+}
+
+#[tokio::test]
+async fn an_http2_connect_to_the_explicit_proxy_is_a_tunnel_both_ways() {
+    let echo = echo().await;
+    let proxy = TestProxy::start(&[DISABLED]);
+    proxy.ready().await;
+    let mut client = h2_client(proxy.addrs.outbound).await;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(echo.to_string())
+        .body(())
+        .unwrap();
+    let (rsp, mut send) = client.send_request(req, false).unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(10), rsp)
+        .await
+        .expect("the CONNECT is answered")
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    let mut recv = rsp.into_body();
+    let mut echoed = Vec::new();
+    for chunk in [&b"ping "[..], b"through ", b"the tunnel"] {
+        send.send_data(Bytes::copy_from_slice(chunk), false)
+            .unwrap();
+    }
+    let want = b"ping through the tunnel";
+    while echoed.len() < want.len() {
+        let data = tokio::time::timeout(Duration::from_secs(10), next_data(&mut recv))
+            .await
+            .expect("the echo comes back through the tunnel")
+            .expect("the tunnel is still open");
+        echoed.extend_from_slice(&data);
+    }
+    assert_eq!(&echoed, want);
+    // The client's end of the stream half-closes the tunnel; the echo server then
+    // closes its side, and the stream ends.
+    send.send_data(Bytes::new(), true).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        // (The end may come as an empty DATA frame with END_STREAM.)
+        while let Some(data) = next_data(&mut recv).await {
+            assert!(data.is_empty(), "nothing more was sent: {data:?}");
+        }
+    });
+    end.await.expect("the tunnel's end reaches the client");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_the_client_resets_gives_its_request_up_upstream() {
+    // An application (HTTP/2, as the client spoke) that takes a request, never
+    // answers, and says how its stream ended.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let (got_tx, got_rx) = oneshot::channel();
+    let (reset_tx, reset_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = app.accept().await.unwrap();
+        let mut conn = h2::server::handshake(s).await.unwrap();
+        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+        let _ = got_tx.send(req.uri().path().to_string());
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let reset = poll_fn(|cx| respond.poll_reset(cx)).await;
+        let _ = reset_tx.send(reset.map_err(|e| e.to_string()));
+    });
+    let proxy = TestProxy::start(&[DISABLED]);
+    proxy.outbound_to(app_addr);
+    proxy.ready().await;
+    let mut client = h2_client(proxy.addrs.outbound).await;
+    let req = Request::get(format!("http://app.test:{}/hang", app_addr.port()))
+        .body(())
+        .unwrap();
+    let (rsp, mut send) = client.send_request(req, true).unwrap();
+    let path = tokio::time::timeout(Duration::from_secs(10), got_rx)
+        .await
+        .expect("the request reaches the application")
+        .unwrap();
+    assert_eq!(path, "/hang");
+    send.send_reset(Reason::CANCEL);
+    let reset = tokio::time::timeout(Duration::from_secs(5), reset_rx)
+        .await
+        .expect("the reset request's upstream stream is reset too, not left to wait")
+        .unwrap();
+    assert_eq!(reset, Ok(Reason::CANCEL));
+    drop(rsp);
+    proxy.stop().await;
+}
+
+/// A frame's header: length, type, flags, stream.
+fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const ACK: u8 = 1;
+
+#[tokio::test]
+async fn a_client_that_stops_answering_pings_loses_its_connection_and_one_that_answers_keeps_it() {
+    let app = App::start().await;
+    let proxy = TestProxy::start(&[
+        DISABLED,
+        ("GOFE_HTTP2_KEEPALIVE", "1s"),
+        ("GOFE_HTTP_IDLE_TIMEOUT", "60s"),
+    ]);
+    proxy.inbound_for(app.addr);
+    proxy.ready().await;
+
+    // Raw frames: the preface and SETTINGS, the server's SETTINGS acknowledged, its
+    // PINGs never.
+    let started = Instant::now();
+    let mut raw = TcpStream::connect(proxy.addrs.inbound).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, &[]));
+    raw.write_all(&hello).await.unwrap();
+    let mut pings = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut head = [0u8; 9];
+        loop {
+            if raw.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            if raw.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            match (head[3], head[4] & ACK) {
+                (SETTINGS, 0) => {
+                    let _ = raw.write_all(&frame(SETTINGS, ACK, &[])).await;
+                }
+                (PING, 0) => pings += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection whose PINGs go unanswered is closed"
+    );
+    assert!(pings >= 1, "the proxy sent a PING before closing");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed within two PING intervals or so, not by the idle timeout: {:?}",
+        started.elapsed()
+    );
+
+    // The h2 crate answers PINGs: its connection outlives three intervals and serves.
+    let mut client = h2_client(proxy.addrs.inbound).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let req = Request::get(format!("http://app.test:{}/", app.addr.port()))
+        .body(())
+        .unwrap();
+    poll_fn(|cx| client.poll_ready(cx))
+        .await
+        .expect("the connection that answered its PINGs is still open");
+    let (rsp, _) = client.send_request(req, true).unwrap();
+    let rsp = tokio::time::timeout(Duration::from_secs(10), rsp)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rsp.status(), StatusCode::OK);
+    proxy.stop().await;
+}

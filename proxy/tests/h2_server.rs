@@ -68,6 +68,42 @@ async fn an_http2_connect_to_the_explicit_proxy_is_a_tunnel_both_ways() {
         echoed.extend_from_slice(&data);
     }
     assert_eq!(&echoed, want);
+    // 4 MiB more, past every window on the way (the client's 64 KiB, the proxy's
+    // 256 KiB a stream): it comes back whole only if each side gives its window back
+    // as it reads and waits for the other's.
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        while back.len() < 4 << 20 {
+            match next_data(&mut recv).await {
+                Some(data) => back.extend_from_slice(&data),
+                None => break,
+            }
+        }
+        (back, recv)
+    });
+    let sent = async {
+        for chunk in big.chunks(16 * 1024) {
+            send.reserve_capacity(chunk.len());
+            while send.capacity() < chunk.len() {
+                poll_fn(|cx| send.poll_capacity(cx)).await.unwrap().unwrap();
+            }
+            send.send_data(Bytes::copy_from_slice(chunk), false)
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), sent)
+        .await
+        .expect("4 MiB go into the tunnel as its windows open");
+    let (back, mut recv) = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("4 MiB come back through the tunnel")
+        .unwrap();
+    assert!(
+        back == big,
+        "the 4 MiB came back as sent ({} bytes)",
+        back.len()
+    );
     // The client's end of the stream half-closes the tunnel; the echo server then
     // closes its side, and the stream ends.
     send.send_data(Bytes::new(), true).unwrap();

@@ -107,19 +107,20 @@ impl AsyncWrite for H2Io {
         }
         this.send.reserve_capacity(buf.len());
         loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    if this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .is_ok()
-                    {
-                        return Poll::Ready(Ok(n));
-                    }
-                    break;
+            // Window already assigned is used at once: h2 reports only increases.
+            let n = this.send.capacity().min(buf.len());
+            if n > 0 {
+                if this
+                    .send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .is_ok()
+                {
+                    return Poll::Ready(Ok(n));
                 }
+                break;
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
                 Some(Err(_)) | None => break,
             }
         }

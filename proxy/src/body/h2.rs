@@ -30,9 +30,15 @@ pub struct RecvBody {
 impl RecvBody {
     /// The body of the message whose head is `headers`.
     pub fn new(stream: RecvStream, headers: &HeaderMap) -> Self {
-        let left = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
+        // A stream that ended with its HEADERS has an empty body, whatever its head
+        // says (as hyper's body said); no lookup then, the common case of a GET.
+        let left = if stream.is_end_stream() {
+            Some(0)
+        } else {
+            headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+        };
         Self {
             stream,
             data_done: false,
@@ -234,6 +240,61 @@ pub fn reset_reason(error: &(dyn std::error::Error + 'static)) -> Option<Reason>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_stream_ended_with_its_headers_is_empty_and_a_declared_length_counts_down() {
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let client = async move {
+            let (mut tx, conn) = h2::client::handshake(c).await.unwrap();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let post = |len: Option<&str>| {
+                let mut r = http::Request::post("http://test/");
+                if let Some(len) = len {
+                    r = r.header(header::CONTENT_LENGTH, len);
+                }
+                r.body(()).unwrap()
+            };
+            // No body, no content-length; then five bytes declared and sent.
+            let (a, _) = tx.send_request(post(None), true).unwrap();
+            let (b, mut send) = tx.send_request(post(Some("5")), false).unwrap();
+            send.send_data(Bytes::from_static(b"hello"), true).unwrap();
+            (a, b, tx)
+        };
+        let server = async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let mut bodies = Vec::new();
+            for _ in 0..2 {
+                let (req, reply) = conn.accept().await.unwrap().unwrap();
+                let (head, stream) = req.into_parts();
+                bodies.push((RecvBody::new(stream, &head.headers), reply));
+            }
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            bodies
+        };
+        let (_kept, mut bodies) = tokio::join!(client, server);
+        let (empty, _) = &bodies[0];
+        assert!(empty.is_end_stream());
+        assert_eq!(
+            empty.size_hint().exact(),
+            Some(0),
+            "an ended stream's body is empty"
+        );
+        let (declared, _) = &mut bodies[1];
+        assert_eq!(declared.size_hint().exact(), Some(5));
+        let data = declared
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(&data[..], b"hello");
+        assert_eq!(declared.size_hint().exact(), Some(0), "what is left of it");
+        assert!(declared.frame().await.is_none());
+    }
 
     #[test]
     fn a_failed_body_resets_with_its_own_reason_if_it_has_one() {

@@ -58,8 +58,9 @@ pub async fn serve<I: Io>(io: I, version: HttpVersion, conn: Arc<HttpConn>) {
         }
         HttpVersion::Http2 => {
             let graceful = CancellationToken::new();
-            let conn = h2_server::serve(io, svc, &limits, &graceful);
-            let result = drive(pin!(conn), &drain, timers, |_| graceful.cancel()).await;
+            // Boxed: an HTTP/1 connection's task would otherwise have room for it too.
+            let mut conn = Box::pin(h2_server::serve(io, svc, &limits, &graceful));
+            let result = drive(conn.as_mut(), &drain, timers, |_| graceful.cancel()).await;
             if let Err(error) = result {
                 if error.is_protocol_error() {
                     ctx.metrics.limit_tripped(Limit::Http2Protocol, at);

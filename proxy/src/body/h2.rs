@@ -3,6 +3,7 @@
 //! and gives its window back as it goes; `Pipe` sends a body out on one, within the
 //! peer's window.
 
+use super::BoxError;
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, header};
@@ -12,9 +13,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::sync::oneshot;
 use tracing::debug;
-
-/// (`source::BoxError`, which this leaf does not import.)
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A received stream's DATA and trailers as a body.
 pub struct RecvBody {

@@ -1,8 +1,8 @@
 //! Where a request body comes from: the client's connection (hyper's `Incoming` for
 //! HTTP/1, the stream itself for HTTP/2), or, in tests and replays of other kinds, any
-//! body. A client's HTTP/2 body left unread
-//! (the proxy answered without it) is read to its end in the background, briefly, so
-//! that its stream closes cleanly instead of being reset.
+//! body. A client's HTTP/2 body left unread (the proxy answered without it) is read to
+//! its end in the background, briefly, so that its stream closes cleanly instead of
+//! being reset.
 
 use super::h2::RecvBody;
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::BoxError;
 
 /// How long an unread HTTP/2 request body is still read after it was dropped: the rest
 /// of a small body (a gRPC message, a form) is on the wire by then, and h2 itself

@@ -314,30 +314,3 @@ async fn keepalive(mut ping: h2::PingPong, interval: Duration, mut dead: oneshot
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_fields_are_stripped_and_te_trailers_kept() {
-        let mut h = http::HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, x-hop".parse().unwrap());
-        h.insert("x-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        h.insert(header::UPGRADE, "websocket".parse().unwrap());
-        h.insert("proxy-connection", "keep-alive".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
-        h.insert("x-end-to-end", "1".parse().unwrap());
-        headers::strip_hop_by_hop(&mut h, false);
-        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["te", "x-end-to-end"]);
-
-        let mut h = http::HeaderMap::new();
-        h.insert(header::TE, "gzip".parse().unwrap());
-        headers::strip_hop_by_hop(&mut h, false);
-        assert!(h.is_empty(), "TE other than trailers is not HTTP/2's");
-    }
-}

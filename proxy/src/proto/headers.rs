@@ -302,6 +302,30 @@ mod tests {
         assert!(!h.contains_key("te"));
     }
 
+    /// Both HTTP/2 sides (`client::h2::open`, `http::h2_server`) rely on this: h2
+    /// refuses to send a head that still has any of these (RFC 9113 §8.2.2).
+    #[test]
+    fn the_fields_http2_forbids_all_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "TE other than trailers is not HTTP/2's");
+    }
+
     #[test]
     fn upgrade_headers_survive_when_asked() {
         let mut h = HeaderMap::new();

@@ -330,8 +330,8 @@ pub fn a_split_follows_its_weights_and_sticky_users_stay_put_when_weights_change
     }
     let on_v2 = users.iter().filter(|(_, b)| b == "v2").count();
     ensure!(
-        (70..=130).contains(&on_v2),
-        "{on_v2} of 1000 users on v2 (10% ± 3)"
+        (62..=138).contains(&on_v2),
+        "{on_v2} of 1000 users on v2 (10% +- 4 sigma, as below)"
     );
 
     // 10 -> 20 at run time: 8-12% of users move, all of them to v2, none failing.
@@ -348,9 +348,12 @@ pub fn a_split_follows_its_weights_and_sticky_users_stay_put_when_weights_change
         .zip(&users)
         .filter(|(g, (_, first))| &g.served_by != first)
         .collect();
+    // Which users move depends on their random cookies, so the count is binomial
+    // (n = 1000, p = 0.1: mean 100, sigma 9.5). A window of +-4 sigma fails by chance
+    // in one run of 16,000; the old +-2.1 sigma (80-120) failed one run in 28.
     ensure!(
-        (80..=120).contains(&moved.len()),
-        "{} of 1000 users moved",
+        (62..=138).contains(&moved.len()),
+        "{} of 1000 users moved (10% +- 4 sigma)",
         moved.len()
     );
     ensure!(

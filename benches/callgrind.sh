@@ -13,7 +13,10 @@
 # PROXIES (default "gofe haproxy") and PROTOCOLS (default "h1 h2") choose what is
 # measured. GOFE_LISTENER=outbound measures gofe's outbound listener as an explicit
 # proxy (the client names the origin as its authority; the destination's whole stack:
-# retries, balancer, per-try timeout) instead of the inbound one.
+# retries, balancer, per-try timeout) instead of the inbound one. LOAD_ARGS adds h2load
+# arguments for another request shape (`-d FILE` POSTs FILE as each request's body,
+# `-H name:value` adds a field), LOAD_PATH another path (default `/`; under /read-body the
+# origin reads request bodies, see benches/common.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gofe=$(realpath "${1:-target/release/gofe}")
@@ -43,9 +46,11 @@ measure() {
   [ "$proto" = h2 ] && h2=(-m 16)
   [ "$proto" = h1 ] && h2=(--h1)
   [ -n "$authority" ] && h2+=(-H ":authority: $authority")
+  # shellcheck disable=SC2206 # LOAD_ARGS is split into words on purpose
+  h2+=(${LOAD_ARGS:-})
   # Warm-up (pools, buffers), then the measured requests.
-  h2load "${h2[@]}" -n 500 -c 4 "http://127.0.0.1:$listen/" >/dev/null
-  h2load "${h2[@]}" -n "$n" -c 4 "http://127.0.0.1:$listen/" >"$work/h2load.txt"
+  h2load "${h2[@]}" -n 500 -c 4 "http://127.0.0.1:$listen${LOAD_PATH:-/}" >/dev/null
+  h2load "${h2[@]}" -n "$n" -c 4 "http://127.0.0.1:$listen${LOAD_PATH:-/}" >"$work/h2load.txt"
   grep -q " $n succeeded, 0 failed, 0 errored" "$work/h2load.txt" \
     || { echo "benches/callgrind.sh: requests failed: $(cat "$work/h2load.txt")" >&2; exit 1; }
   kill -TERM "$pid" 2>/dev/null || true

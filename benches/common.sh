@@ -27,7 +27,10 @@ wait_port() {
 
 # start_origin H1_PORT H2_PORT [COMMAND PREFIX...]: nginx answering every request with
 # 32 bytes, HTTP/1.1 on H1_PORT and HTTP/2 (prior knowledge) on H2_PORT; its pid file
-# is $work/nginx.pid. A prefix (`taskset -c 1`) runs nginx under it.
+# is $work/nginx.pid. A prefix (`taskset -c 1`) runs nginx under it. Under /read-body
+# it reads a request's body before answering (by passing the request on to `/`):
+# answering an HTTP/2 POST at once, without reading its body, nginx closes the
+# connection under load (GOAWAY), failing the streams in flight on it.
 start_origin() {
   local h1=$1 h2=$2
   shift 2
@@ -37,11 +40,15 @@ daemon on; worker_processes 1; pid $work/nginx.pid; error_log $work/nginx/error.
 events { worker_connections 1024; }
 http {
   access_log off;
+  # Request bodies in memory: the worker (nobody) may not write temporary files in $work.
+  client_body_buffer_size 1m;
   client_body_temp_path $work/nginx; proxy_temp_path $work/nginx;
   fastcgi_temp_path $work/nginx; uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
   keepalive_requests 100000000;
-  server { listen 127.0.0.1:$h1; location / { return 200 "0123456789abcdef0123456789abcdef"; } }
-  server { listen 127.0.0.1:$h2 http2; location / { return 200 "0123456789abcdef0123456789abcdef"; } }
+  server { listen 127.0.0.1:$h1; location / { return 200 "0123456789abcdef0123456789abcdef"; }
+    location /read-body { proxy_pass http://127.0.0.1:$h1/; } }
+  server { listen 127.0.0.1:$h2 http2; location / { return 200 "0123456789abcdef0123456789abcdef"; }
+    location /read-body { proxy_pass http://127.0.0.1:$h1/; } }
 }
 CONF
   "$@" nginx -c "$work/nginx.conf"

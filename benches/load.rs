@@ -1,7 +1,8 @@
 //! Load benchmark: one hop on loopback, direct vs through `gofe proxy` vs through
 //! HAProxy and nginx (when installed), for HTTP/1.1 keep-alive and HTTP/2.
 //!
-//! `cargo bench --bench load [-- --quick] [-- --out FILE] [-- --baseline GOFE_BINARY]`
+//! `cargo bench --bench load [-- --quick] [-- --out FILE] [-- --baseline GOFE_BINARY]
+//! [-- --binary GOFE_BINARY]`
 //!
 //! With `--baseline`, an earlier build of gofe is measured beside this one, on the
 //! same targets and interleaved with them: a before/after in one run.
@@ -177,7 +178,14 @@ fn main() -> anyhow::Result<()> {
         .position(|a| a == "--baseline")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
+    // `--binary`: another build measured as "gofe" (a PGO build: benches/pgo.sh).
+    let binary = args
+        .iter()
+        .position(|a| a == "--binary")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gofe")), PathBuf::from);
     let env = Env {
+        binary,
         baseline: baseline.clone(),
         origin,
         dir: dir.clone(),
@@ -213,7 +221,13 @@ fn main() -> anyhow::Result<()> {
             Err(e) => eprintln!("!! {} not measured: {e:#}", proto.name()),
         }
     }
-    let report = report(&rows, &settings, pinned, quick);
+    // The command as given (cargo adds `--bench` to a bench's arguments).
+    let given: Vec<&str> = args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--bench")
+        .collect();
+    let report = report(&rows, &settings, pinned, &given.join(" "));
     println!("{report}");
     if let Some(out) = out {
         std::fs::write(&out, &report)?;
@@ -271,6 +285,8 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// What every measurement shares.
 struct Env {
+    /// The gofe under test: this build's, or `--binary`'s.
+    binary: PathBuf,
     /// An earlier gofe binary, measured beside this one.
     baseline: Option<PathBuf>,
     origin: SocketAddr,
@@ -484,7 +500,10 @@ fn start_target(target: Target, proto: Proto, env: &Env) -> anyhow::Result<Optio
         authority: origin.to_string(),
         admins,
     };
-    let this = env!("CARGO_BIN_EXE_gofe");
+    let this = env
+        .binary
+        .to_str()
+        .context("a gofe binary's path in UTF-8")?;
     let baseline = env
         .baseline
         .as_ref()
@@ -924,7 +943,7 @@ async fn latency(
     Ok(h)
 }
 
-fn report(rows: &[Row], s: &Settings, pinned: bool, quick: bool) -> String {
+fn report(rows: &[Row], s: &Settings, pinned: bool, given: &str) -> String {
     let mut out = String::new();
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -940,8 +959,8 @@ fn report(rows: &[Row], s: &Settings, pinned: bool, quick: bool) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "Run {date}: `cargo bench --bench load{}` on {cpu}",
-        if quick { " -- --quick" } else { "" }
+        "Run {date}: `cargo bench --bench load{}{given}` on {cpu}",
+        if given.is_empty() { "" } else { " -- " }
     );
     let _ = writeln!(
         out,

@@ -6,8 +6,9 @@
 # (protobuf-compiler), which the etcd client's build needs for etcd's API; for the attack
 # suite, slowhttptest and the Python h2 library (python3-h2, with hyperframe and hpack,
 # which write HTTP/2 frame by frame); and cargo-fuzz for the fuzz smoke. The benchmarks also
-# use haproxy and nginx when they are present, and the shell ones valgrind (callgrind.sh)
-# and perf (syscalls.sh, flame.sh): GOFE_SETUP_BENCH=1 installs them.
+# use haproxy and nginx when they are present, the shell ones valgrind (callgrind.sh)
+# and perf (syscalls.sh, flame.sh), and pgo.sh rustup's llvm-tools (llvm-profdata):
+# GOFE_SETUP_BENCH=1 installs them.
 set -euo pipefail
 need=()
 command -v ip >/dev/null || need+=(iproute2)
@@ -47,6 +48,9 @@ fi
 if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+fi
+if [ "${GOFE_SETUP_BENCH:-0}" = 1 ] && ! [ -x "$(rustc --print sysroot)/lib/rustlib/x86_64-unknown-linux-gnu/bin/llvm-profdata" ]; then
+  rustup component add llvm-tools
 fi
 # cargo-fuzz (crates.io) builds and runs fuzz/'s targets.
 if ! command -v cargo-fuzz >/dev/null; then

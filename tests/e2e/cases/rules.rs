@@ -334,7 +334,7 @@ pub fn a_split_follows_its_weights_and_sticky_users_stay_put_when_weights_change
         "{on_v2} of 1000 users on v2 (10% +- 4 sigma, as below)"
     );
 
-    // 10 -> 20 at run time: 8-12% of users move, all of them to v2, none failing.
+    // 10 -> 20 at run time: about 10% of users move, all of them to v2, none failing.
     write_file(&file, &split_file(v1, v2, 80, 20))?;
     reloaded(&client, &file.display().to_string(), 1.0)?;
     let asks: Vec<Ask> = users

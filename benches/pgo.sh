@@ -17,10 +17,12 @@
 #   bash benches/pgo.sh --use      # step 3's build only, from the profile in the tree
 #
 # The profile is kept in the tree, compressed, so that a PGO build needs no training
-# run (and no nginx or h2load); k8s/Dockerfile builds the image with it. A profile
-# older than the code still works: functions whose code changed since are built without
-# it (LLVM's warnings for them are turned off), the rest with it. Train again when the
-# request path changes much: BENCHMARKS.md says what a fresh profile gives.
+# run (and no nginx or h2load). A profile older than the code still works: functions
+# whose code changed since are built without it (LLVM's warnings for them are turned
+# off), the rest with it. Train again when the request path changes much: BENCHMARKS.md
+# says what a fresh profile gives. The profile fits this target only: with another
+# --target (the image's musl), cargo names every symbol differently, and the profile,
+# keyed by those names, applies to nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 me=benches/pgo.sh

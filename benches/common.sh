@@ -1,7 +1,7 @@
-# Shared by the shell benchmarks (callgrind.sh, syscalls.sh, flame.sh): free ports, waiting
-# for a listener, the nginx origin and a one-hop HAProxy. Source it after setting
-# `work` (a scratch directory the caller removes) and `me` (the script's name, for
-# messages).
+# Shared by the shell benchmarks (callgrind.sh, syscalls.sh, flame.sh, pgo.sh): free
+# ports, waiting for a listener or for a gofe to be ready, the nginx origin and a one-hop
+# HAProxy. Source it after setting `work` (a scratch directory the caller removes) and
+# `me` (the script's name, for messages).
 
 # Background processes to stop on exit (callers append), and the exit handler that
 # stops them and the origin and removes $work (kept with KEEP=1).
@@ -22,6 +22,18 @@ wait_port() {
     sleep 0.05
   done
   echo "$me: nothing listens on $1" >&2
+  exit 1
+}
+
+# wait_ready ADMIN_PORT: returns once the gofe with that admin port answers /ready (20 s
+# at most); otherwise keeps $work (its logs) and exits.
+wait_ready() {
+  for _ in $(seq 1 400); do
+    curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "$me: the sidecar with admin port $1 did not become ready (see $work/*.log)" >&2
+  KEEP=1
   exit 1
 }
 

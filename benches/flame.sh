@@ -47,15 +47,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-wait_ready() {
-  for _ in $(seq 1 400); do
-    curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "benches/flame.sh: the sidecar with admin port $1 did not become ready (see $work/*.log)" >&2
-  KEEP=1
-  exit 1
-}
 started=$(date +%s)
 
 # The origin: nginx, HTTP/2 prior knowledge (the server sidecar speaks to the

@@ -80,16 +80,6 @@ pids+=($!)
 issuer_pid=$!
 wait_port "$issuer"
 
-wait_ready() {
-  for _ in $(seq 1 400); do
-    curl -fsS "http://127.0.0.1:$1/ready" >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "$me: the sidecar with admin port $1 did not become ready (see $work/*.log)" >&2
-  KEEP=1
-  exit 1
-}
-
 # sidecar NAME ORIGIN: a sidecar whose inbound listener forwards to ORIGIN; its ports
 # are in NAME_out, NAME_in and NAME_admin, its pid in NAME_pid.
 sidecar() {

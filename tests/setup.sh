@@ -3,12 +3,12 @@
 # for the pods, curl and h2load (nghttp2-client) as real clients, promtool (Debian's
 # prometheus package) to check the metrics exposition, kubernetes-validate for the
 # manifests, etcd (Debian's etcd-server) for the registry's tests, protoc
-# (protobuf-compiler), which the etcd client's build needs for etcd's API; for the attack
-# suite, slowhttptest and the Python h2 library (python3-h2, with hyperframe and hpack,
-# which write HTTP/2 frame by frame); and cargo-fuzz for the fuzz smoke. The benchmarks also
-# use haproxy and nginx when they are present, the shell ones valgrind (callgrind.sh)
-# and perf (syscalls.sh, flame.sh), and pgo.sh rustup's llvm-tools (llvm-profdata):
-# GOFE_SETUP_BENCH=1 installs them.
+# (protobuf-compiler, and libprotobuf-dev for its well-known types), which the etcd
+# client's build needs for etcd's API; for the attack suite, slowhttptest and the Python
+# h2 library (python3-h2, with hyperframe and hpack, which write HTTP/2 frame by frame);
+# and cargo-fuzz for the fuzz smoke. The benchmarks also use haproxy and nginx when they
+# are present, the shell ones valgrind (callgrind.sh) and perf (syscalls.sh, flame.sh),
+# and pgo.sh rustup's llvm-tools (llvm-profdata): GOFE_SETUP_BENCH=1 installs them.
 set -euo pipefail
 need=()
 command -v ip >/dev/null || need+=(iproute2)
@@ -18,6 +18,9 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, which etcd's API imports)
+# are in libprotobuf-dev, only a recommendation of protobuf-compiler's.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v slowhttptest >/dev/null || need+=(slowhttptest)
 if [ "${GOFE_SETUP_BENCH:-0}" = 1 ]; then
   command -v haproxy >/dev/null || need+=(haproxy)

@@ -45,6 +45,15 @@ impl RetryOn {
         Ok(on)
     }
 
+    /// Whether any gRPC status is retried (when none is, a response's `grpc-status`
+    /// is not looked up).
+    pub fn any_grpc(&self) -> bool {
+        self.grpc_unavailable
+            || self.grpc_cancelled
+            || self.grpc_deadline_exceeded
+            || self.grpc_resource_exhausted
+    }
+
     /// Whether a gRPC status code (from a trailers-only response) is retried.
     pub fn grpc(&self, status: u16) -> bool {
         match status {

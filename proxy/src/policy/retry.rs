@@ -26,7 +26,7 @@ use crate::config::policy::{Policy, RetryPolicy, RouteRetry};
 use crate::metrics::Metrics;
 use crate::proto::{grpc, headers};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -35,7 +35,9 @@ use std::time::Duration;
 use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 
-pub const ATTEMPT_HEADER: &str = "gofe-attempt";
+/// Parsed once: a name given as text is parsed (and checked) at every insert, about
+/// 800 instructions a request.
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("gofe-attempt");
 
 /// A destination's retry budget.
 pub fn budget(p: &RetryPolicy) -> RetryBudget {
@@ -268,7 +270,8 @@ fn judge<B>(
             }
             let status = a.value.status().as_u16();
             // A trailers-only gRPC response has its status in the headers.
-            if let Some(g) = grpc::status(a.value.headers())
+            if on.any_grpc()
+                && let Some(g) = grpc::status(a.value.headers())
                 && on.grpc(g)
             {
                 return verdict(grpc_name(g).into(), true);
@@ -367,13 +370,7 @@ where
         // `judge` decides: a refused stream whatever the method, the rest when safe).
         let sent_again_by_answer = on.status_5xx
             || (safe
-                && (on.gateway_error
-                    || on.reset
-                    || on.retriable_status_codes
-                    || on.grpc_cancelled
-                    || on.grpc_deadline_exceeded
-                    || on.grpc_resource_exhausted
-                    || on.grpc_unavailable));
+                && (on.gateway_error || on.reset || on.retriable_status_codes || on.any_grpc()));
         let sent_again_possible = p.limit > 0 && (on.refused_stream || sent_again_by_answer);
         // The request stays in its box.
         let mut req = call.req;
@@ -510,6 +507,8 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Behaviour {
         Status(u16),
+        /// A trailers-only gRPC response: 200, its `grpc-status` in the headers.
+        Grpc(u16),
         Refuse,
         Reset,
         /// An HTTP/2 stream refused, as the send path reports it: the request back,
@@ -587,6 +586,12 @@ mod tests {
                         *rsp.status_mut() = StatusCode::from_u16(s).unwrap();
                         Ok(Answer::new(rsp, Some(addr)))
                     }
+                    Some(Behaviour::Grpc(g)) => {
+                        let mut rsp = Response::new(());
+                        rsp.headers_mut()
+                            .insert("grpc-status", HeaderValue::from(g));
+                        Ok(Answer::new(rsp, Some(addr)))
+                    }
                     Some(Behaviour::Reset) => Err(Failure::Lost {
                         error: SendError::Connect(ConnectError::Refused { addr }),
                         refused: false,
@@ -661,6 +666,31 @@ mod tests {
         assert_eq!(status(svc, request(Method::GET, b"")).await.unwrap(), 200);
         let attempts: Vec<String> = seen.lock().iter().map(|s| s.0.clone()).collect();
         assert_eq!(attempts, ["1", "2", "3"]);
+    }
+
+    /// A trailers-only gRPC answer is retried when GOFE_RETRY_ON names its status, and
+    /// only then: not for another status, nor when no gRPC condition is on (then
+    /// `grpc-status` is not even looked up). gRPC calls are POSTs: retried after an
+    /// answer only when the destination is marked retryable.
+    #[tokio::test(start_paused = true)]
+    async fn a_grpc_status_is_retried_when_its_condition_is_on() {
+        let attempts = |on: &'static str, g: u16| async move {
+            let p = policy(&[("GOFE_RETRY_ON", on), ("GOFE_RETRYABLE", "true")]);
+            let seen = Seen::default();
+            let svc = layer(&p)
+                .0
+                .layer(endpoint(Behaviour::Grpc(g), 1, seen.clone()));
+            assert_eq!(status(svc, request(Method::POST, b"")).await.unwrap(), 200);
+            seen.lock().len()
+        };
+        assert_eq!(attempts("unavailable", 14).await, 2, "UNAVAILABLE retried");
+        assert_eq!(attempts("cancelled,resource-exhausted", 8).await, 2);
+        assert_eq!(
+            attempts("unavailable", 8).await,
+            1,
+            "RESOURCE_EXHAUSTED is not named"
+        );
+        assert_eq!(attempts("5xx", 14).await, 1, "no gRPC condition is on");
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,15 +73,16 @@ impl<S> Layer<S> for LimitLayer {
     fn layer(&self, inner: S) -> Limit<S> {
         Limit {
             inner,
-            cfg: self.clone(),
+            cfg: Arc::new(self.clone()),
         }
     }
 }
 
+/// The settings in one `Arc`: the stack is cloned for every request.
 #[derive(Clone)]
 pub struct Limit<S> {
     inner: S,
-    cfg: LimitLayer,
+    cfg: Arc<LimitLayer>,
 }
 
 impl<S, T> Service<HttpCall> for Limit<S>

@@ -246,15 +246,16 @@ impl<S> Layer<S> for RateLimitLayer {
     fn layer(&self, inner: S) -> RateLimited<S> {
         RateLimited {
             inner,
-            cfg: self.clone(),
+            cfg: Arc::new(self.clone()),
         }
     }
 }
 
+/// The settings in one `Arc`: the stack is cloned for every request.
 #[derive(Clone)]
 pub struct RateLimited<S> {
     inner: S,
-    cfg: RateLimitLayer,
+    cfg: Arc<RateLimitLayer>,
 }
 
 impl<S, R, T> Service<Call<R>> for RateLimited<S>

@@ -46,6 +46,14 @@ pub struct Balancer {
     ejecting: Mutex<()>,
 }
 
+/// What `Balancer::next_now` could decide at once.
+pub enum Next {
+    /// The endpoint (None: discovery names none there is to pick).
+    Now(Option<Chosen>),
+    /// Discovery's first answer is needed: `Balancer::next` waits for it.
+    Wait,
+}
+
 /// The endpoint for an attempt, and whether the balancer chose it from discovery's
 /// endpoints (rather than taking the request's original destination).
 pub struct Chosen {
@@ -77,30 +85,47 @@ impl Balancer {
         lb: Lb,
         tried: &[EndpointAddr],
     ) -> Option<Chosen> {
+        match self.next_now(orig_dst, lb, tried) {
+            Next::Now(chosen) => chosen,
+            Next::Wait => self.first_answer(wait, lb, tried).await,
+        }
+    }
+
+    /// As `next`, without waiting: `Next::Wait` when only discovery's first answer
+    /// can tell (no original destination, and discovery has not answered yet). Every
+    /// request once discovery has answered is decided here, so the balancing layer
+    /// needs no future of its own for it.
+    pub fn next_now(&self, orig_dst: Option<OrigDstAddr>, lb: Lb, tried: &[EndpointAddr]) -> Next {
         let set = self.feed.borrow().clone();
-        let set = match (set.source.knows(), orig_dst) {
-            (true, _) => set,
+        match (set.source.knows(), orig_dst) {
+            (true, _) => {}
             (false, Some(orig)) => {
                 // Discovery may have known endpoints before: they are gone.
                 if set.source != Source::Pending {
                     self.sync(&set);
                 }
-                return Some(Chosen {
+                return Next::Now(Some(Chosen {
                     endpoint: self.fallback(orig),
                     balanced: false,
-                });
+                }));
             }
-            (false, None) if set.source == Source::Pending => {
-                let mut rx = self.feed.clone();
-                // Boxed: the wait and its timer are 250 bytes every request's future
-                // would carry (and move) for the few that come before discovery answers.
-                let first = rx.wait_for(|s| s.source != Source::Pending);
-                match Box::pin(tokio::time::timeout(wait, first)).await {
-                    Ok(Ok(set)) => set.clone(),
-                    _ => return None,
-                }
-            }
-            (false, None) => set,
+            (false, None) if set.source == Source::Pending => return Next::Wait,
+            (false, None) => {}
+        }
+        self.sync(&set);
+        Next::Now(self.pick(lb, tried).map(|endpoint| Chosen {
+            endpoint,
+            balanced: true,
+        }))
+    }
+
+    /// Waits up to `wait` for discovery's first answer, then picks from it.
+    async fn first_answer(&self, wait: Duration, lb: Lb, tried: &[EndpointAddr]) -> Option<Chosen> {
+        let mut rx = self.feed.clone();
+        let first = rx.wait_for(|s| s.source != Source::Pending);
+        let set = match tokio::time::timeout(wait, first).await {
+            Ok(Ok(set)) => set.clone(),
+            _ => return None,
         };
         self.sync(&set);
         self.pick(lb, tried).map(|endpoint| Chosen {

@@ -1,6 +1,7 @@
 //! The serving side of HTTP/2 in this process, as a client sees it: a CONNECT's stream
 //! becomes its tunnel, a stream the client resets gives its request up (its upstream
-//! stream is reset too), and a client
+//! stream is reset too), a stream the application refused is refused to the client
+//! (and a meshed client's sidecar sends it again), and a client
 //! that stops answering PINGs loses its connection while one that answers keeps it.
 //! Real proxies on loopback; the clients are the `h2` crate and, where a client must
 //! misbehave, raw frames.
@@ -237,4 +238,126 @@ async fn a_client_that_stops_answering_pings_loses_its_connection_and_one_that_a
         .unwrap();
     assert_eq!(rsp.status(), StatusCode::OK);
     proxy.stop().await;
+}
+
+/// An HTTP/2 application that refuses the first stream of each method on every
+/// connection (RST_STREAM REFUSED_STREAM, as a server at its stream limit does) and
+/// answers the others 200 with the body it read; every stream it took is reported as
+/// (path, gofe-attempt, body), a refused one's body as "(refused)".
+async fn refusing_app() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String, Vec<u8>)>,
+) {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = app.accept().await else {
+                return;
+            };
+            let seen = seen_tx.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(s).await.unwrap();
+                let mut refused = std::collections::HashSet::new();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let attempt = req
+                        .headers()
+                        .get("gofe-attempt")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let path = req.uri().path().to_string();
+                    if refused.insert(req.method().clone()) {
+                        let _ = seen.send((path, attempt, b"(refused)".to_vec()));
+                        respond.send_reset(Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(data) = next_data(&mut body).await {
+                            got.extend_from_slice(&data);
+                        }
+                        let _ = seen.send((path, attempt, got.clone()));
+                        let rsp = http::Response::new(());
+                        let mut send = respond.send_response(rsp, false).unwrap();
+                        send.send_data(Bytes::from(got), true).unwrap();
+                    });
+                }
+            });
+        }
+    });
+    (addr, seen_rx)
+}
+
+/// A stream the application refused was never processed (RFC 9113 §8.7): the proxy
+/// refuses the client's stream in turn rather than answering 502, so that whoever
+/// sent it may send it again. Through two sidecars, the client's sidecar does: the
+/// request arrives whole on its second attempt, a GET and a POST with its body alike,
+/// and the client sees only the answer.
+#[tokio::test]
+async fn a_stream_the_application_refused_is_refused_to_the_client_and_a_sidecar_sends_it_again() {
+    // One hop: a client of the inbound listener sees the refusal itself.
+    let (app, mut seen) = refusing_app().await;
+    let proxy = TestProxy::start(&[DISABLED]);
+    proxy.inbound_for(app);
+    proxy.ready().await;
+    let mut client = h2_client(proxy.addrs.inbound).await;
+    let req = Request::get(format!("http://{app}/once")).body(()).unwrap();
+    let (rsp, _) = client.send_request(req, true).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), rsp)
+        .await
+        .expect("an answer or a reset")
+        .expect_err("refused, not answered");
+    assert_eq!(refused.reason(), Some(Reason::REFUSED_STREAM), "{refused}");
+    assert_eq!(seen.recv().await.unwrap().0, "/once");
+    proxy.stop().await;
+
+    // Two hops over mTLS: the client's sidecar sends the refused stream again.
+    let (app, mut seen) = refusing_app().await;
+    let issuer = Issuer::start().await;
+    let server = TestProxy::start(&pairs(&issuer.vars("api")));
+    server.inbound_for(app);
+    let sidecar = TestProxy::start(&pairs(&issuer.vars("web")));
+    sidecar.outbound_to(server.addrs.inbound);
+    server.ready().await;
+    sidecar.ready().await;
+    let mut client = h2_client(sidecar.addrs.outbound).await;
+    for (method, body) in [(Method::GET, &b""[..]), (Method::POST, &b"order 66"[..])] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://api.test:{}/twice", app.port()))
+            .body(())
+            .unwrap();
+        let (rsp, mut send) = client.send_request(req, body.is_empty()).unwrap();
+        if !body.is_empty() {
+            send.send_data(Bytes::from_static(body), true).unwrap();
+        }
+        let rsp = tokio::time::timeout(Duration::from_secs(10), rsp)
+            .await
+            .expect("answered in time")
+            .unwrap_or_else(|e| panic!("{method}: answered, not {e}"));
+        assert_eq!(rsp.status(), StatusCode::OK, "{method}");
+        let mut answer = rsp.into_body();
+        let mut got = Vec::new();
+        while let Some(data) = next_data(&mut answer).await {
+            got.extend_from_slice(&data);
+        }
+        assert_eq!(got, body, "{method}: the answer echoes the body");
+        let first = seen.recv().await.unwrap();
+        let second = seen.recv().await.unwrap();
+        assert_eq!(
+            (first.1.as_str(), first.2.as_slice()),
+            ("1", &b"(refused)"[..]),
+            "{method}: the first attempt was refused"
+        );
+        assert_eq!(
+            (second.0.as_str(), second.1.as_str(), second.2.as_slice()),
+            ("/twice", "2", body),
+            "{method}: sent again, whole"
+        );
+    }
+    sidecar.stop().await;
+    server.stop().await;
 }

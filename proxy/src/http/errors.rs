@@ -45,6 +45,14 @@ pub enum ProxyError {
     },
 }
 
+/// Marks the answer to a request its upstream refused unprocessed
+/// (`ProxyError::is_refused_stream`): an HTTP/2 client's stream is reset with
+/// REFUSED_STREAM instead (RFC 9113 §8.7), which tells it (a meshed client's sidecar,
+/// a gRPC client) that sending it again is safe; an HTTP/1 client, which has no such
+/// word, gets the answer (502).
+#[derive(Clone, Copy, Debug)]
+pub struct RefuseStream;
+
 /// A failure's status, whatever was attempted.
 fn failure_status<R: std::fmt::Debug>(f: &Failure<R>) -> StatusCode {
     match f {
@@ -105,6 +113,18 @@ impl ProxyError {
             ProxyError::Connect(f) => failure_status(f),
             ProxyError::Fault { status, .. } => *status,
             ProxyError::Routed { .. } => unreachable!("unrouted"),
+        }
+    }
+
+    /// Whether the upstream refused the request unprocessed (an HTTP/2 stream refused,
+    /// or cut by a graceful GOAWAY past its last stream id): whoever sent it may send
+    /// it again, and an HTTP/2 client is told so (`RefuseStream`).
+    pub fn is_refused_stream(&self) -> bool {
+        match self.unrouted() {
+            ProxyError::Send(e) => e.is_refused_stream(),
+            ProxyError::Call(Failure::Lost { refused, .. }) => *refused,
+            ProxyError::Call(Failure::Unsent { error, .. }) => error.is_refused_stream(),
+            _ => false,
         }
     }
 

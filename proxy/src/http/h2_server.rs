@@ -9,6 +9,7 @@
 //! hyper pinned for us are pinned here (`settings`); PINGs keep an idle connection
 //! honest; a graceful shutdown is a GOAWAY, and the streams already taken finish.
 
+use super::errors::RefuseStream;
 use super::h2_tunnel::{H2Io, H2Tunnel};
 use super::observe::{HttpBody, Observed, ObservedFuture};
 use super::request::Forwarding;
@@ -208,6 +209,12 @@ impl Stream {
         connect: Option<(oneshot::Sender<H2Io>, RecvStream)>,
     ) -> Option<Pipe<HttpBody>> {
         let (mut head, body) = rsp.into_parts();
+        if head.extensions.get::<RefuseStream>().is_some() {
+            // Refused upstream, unprocessed: the client may send it again. The answer's
+            // body goes unsent, and the request is counted as its status says.
+            self.reply.send_reset(Reason::REFUSED_STREAM);
+            return None;
+        }
         // Taken off already on the way in (`request::hop_by_hop_off`); h2 refuses to
         // send a response that has any, so one scan of the names makes sure.
         headers::strip_hop_by_hop(&mut head.headers, false);

@@ -7,7 +7,7 @@
 
 use super::activity::InFlight;
 use super::conn::HttpConn;
-use super::errors::ProxyError;
+use super::errors::{ProxyError, RefuseStream};
 use super::request::{Forwarding, forward};
 use crate::addrs::{Direction, EndpointAddr};
 use crate::body::response::{EndHook, Ended, OnEnd, ResponseBody};
@@ -163,6 +163,9 @@ fn fail(r: Observing, error: ProxyError) -> Response<HttpBody> {
     let mut rsp = Response::new(ResponseBody::full(body, Some(on_end)));
     *rsp.status_mut() = status;
     *rsp.headers_mut() = headers;
+    if error.is_refused_stream() {
+        rsp.extensions_mut().insert(RefuseStream);
+    }
     rsp
 }
 

@@ -20,9 +20,10 @@
 # run (and no nginx or h2load). A profile older than the code still works: functions
 # whose code changed since are built without it (LLVM's warnings for them are turned
 # off), the rest with it. Train again when the request path changes much: BENCHMARKS.md
-# says what a fresh profile gives. The profile fits this target only: with another
-# --target (the image's musl), cargo names every symbol differently, and the profile,
-# keyed by those names, applies to nothing.
+# says what a fresh profile gives. The profile fits this target and this toolchain
+# only: with another --target (musl, say) or another rustc, cargo names every symbol
+# differently, and the profile, keyed by those names, applies to nothing. The image
+# (k8s/Dockerfile) builds with `--use`, on the toolchain it pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 me=benches/pgo.sh

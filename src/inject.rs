@@ -54,7 +54,7 @@ pub struct InjectArgs {
     /// there injects every pod not disabled itself.
     #[arg(long = "namespace-annotations", value_delimiter = ',')]
     pub namespace_annotations: Vec<String>,
-    /// The gofe image for the proxy container (static, on scratch).
+    /// The gofe image for the proxy container (k8s/Dockerfile: distroless).
     #[arg(long, default_value = "ghcr.io/gofe/gofe:0.1.0")]
     pub image: String,
     /// The image for the `gofe init` container: gofe with iptables (k8s/Dockerfile's

@@ -29,12 +29,21 @@ cd "$(dirname "$0")/.."
 me=benches/pgo.sh
 triple=x86_64-unknown-linux-gnu
 profile=benches/pgo/gofe.profdata.xz
+# The rustc that trained the profile (`rustc -V`): the profile is keyed by symbol names,
+# which carry a hash of the compiler's version, so no other rustc can use it.
+trained=benches/pgo/rustc.txt
 sysroot=$(rustc --print sysroot)
 profdata="$sysroot/lib/rustlib/$triple/bin/llvm-profdata"
 cargo=${PGO_CARGO:-cargo}
 
 use_profile() {
   [ -f "$profile" ] || { echo "$me: no profile at $profile (run $me without --use)" >&2; exit 1; }
+  # Another rustc would build a binary the profile applies nothing to, without a word
+  # from LLVM: refused (PGO_ANY_RUSTC=1 builds anyway).
+  if [ -f "$trained" ] && [ "$(rustc -V)" != "$(cat "$trained")" ] && [ "${PGO_ANY_RUSTC:-0}" != 1 ]; then
+    echo "$me: $profile was trained with $(cat "$trained"), this is $(rustc -V): its symbol names differ, so the profile would apply to nothing; use that toolchain, or train again (bash $me)" >&2
+    exit 1
+  fi
   # Named by its content: cargo rebuilds when RUSTFLAGS change, not when a file they
   # name does.
   local plain
@@ -186,5 +195,6 @@ ls "$profraw"/*.profraw >/dev/null
 mkdir -p benches/pgo
 "$profdata" merge -o "$work/gofe.profdata" "$profraw"/*.profraw
 xz -9 -c "$work/gofe.profdata" >"$profile"
+rustc -V >"$trained"
 echo "$me: wrote $profile ($(du -h "$profile" | cut -f1)) from $(ls "$profraw" | wc -l) files" >&2
 use_profile

@@ -909,6 +909,31 @@ fn tempdir(name: &str) -> TempDir {
     TempDir(d)
 }
 
+/// The image is built with the profile in the tree (`benches/pgo.sh --use`) on the
+/// toolchain that profile was trained with (`benches/pgo/rustc.txt`, which `pgo.sh`
+/// writes when it trains): with any other rustc every symbol name, which keys the
+/// profile, differs, and the image would silently be built without it.
+#[test]
+fn the_image_is_built_with_the_profile_on_the_toolchain_it_was_trained_with() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/k8s/Dockerfile")).unwrap();
+    let trained = std::fs::read_to_string(format!("{root}/benches/pgo/rustc.txt")).unwrap();
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let version = trained.split_whitespace().nth(1).expect("rustc's version");
+    let from = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a rust build stage");
+    assert!(
+        from.starts_with(&format!("{version}-")),
+        "k8s/Dockerfile builds on rust:{from}, the profile was trained with {version}"
+    );
+    assert!(
+        dockerfile.contains("bash benches/pgo.sh --use"),
+        "{dockerfile}"
+    );
+}
+
 /// Every manifest in k8s/ against the schemas of a current Kubernetes.
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {

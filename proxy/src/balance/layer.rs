@@ -210,7 +210,11 @@ impl Attempt {
 
 pin_project_lite::pin_project! {
     /// An attempt's answer on its way, then recorded (`Attempt::settle`); or the
-    /// failure to pick an endpoint for it.
+    /// failure to pick an endpoint for it. The failure is held as itself rather than
+    /// as the limit layer's `Either<Ready<Result>, _>`: a `Ready` holds room for a
+    /// whole answer inline, and this future lives inside the retry layer's, which is
+    /// moved for every request (tried: +345 instructions a request on HTTP/1.1, +1,165
+    /// on HTTP/2, outbound, callgrind).
     pub struct Balanced<F, R: Debug> {
         #[pin]
         answer: Option<F>,
